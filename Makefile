@@ -1,0 +1,25 @@
+# Two commands do everything on a fresh machine (see README.md):
+#   make demo   set up .venv/, then run the main job on the bundled default
+#   make test   set up .venv/, then run the test suite
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.splitq-setup-stamp
+
+.PHONY: demo test setup clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup_env.sh scripts/torchvision_cpu_fix.py
+	bash scripts/setup_env.sh
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+# pytest from the venv's script (not `python -m pytest`, which would put the repo root, and with
+# it a top-level `kernels/` folder, on sys.path).
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+clean-venv:
+	rm -rf $(VENV)

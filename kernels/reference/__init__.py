@@ -1,0 +1,42 @@
+"""The plain-torch reference of SplitQ: the single definition every other path is tested against."""
+
+from .forward import (
+    QuantizedInput,
+    int_linear,
+    int_matmul,
+    mac_row_mask,
+    quantize_input,
+    splitq_gemm,
+    splitq_linear,
+    splitq_linear_fake,
+)
+from .layer import SplitQFloatLinear, SplitQLinear, concat_outputs, quantize_linear, split_outputs
+from .quantizer import QuantizedTensor, fake_quantize, qrange, quantize, round_ste
+from .scheme import SplitQScheme
+from .transforms import fold_dense_weight, fold_main_weight, kron_apply, main_transform
+
+__all__ = [
+    "QuantizedInput",
+    "QuantizedTensor",
+    "SplitQFloatLinear",
+    "SplitQLinear",
+    "SplitQScheme",
+    "concat_outputs",
+    "fake_quantize",
+    "fold_dense_weight",
+    "fold_main_weight",
+    "int_linear",
+    "int_matmul",
+    "kron_apply",
+    "mac_row_mask",
+    "main_transform",
+    "qrange",
+    "quantize",
+    "quantize_input",
+    "quantize_linear",
+    "round_ste",
+    "split_outputs",
+    "splitq_gemm",
+    "splitq_linear",
+    "splitq_linear_fake",
+]

@@ -1,0 +1,178 @@
+"""The SplitQ linear forward (Algorithm 1, Eq. 13-19): the one definition of what a layer computes.
+
+Two forms of the same function:
+- `splitq_linear`: integer form, staged like the kernels. `quantize_input` is kernel (a): gather
+  the three channel sets, transform, quantize per token, form the MAC residual. `splitq_gemm` is
+  kernel (b): exact integer products of codes, rescaled per token and per output channel, plus the
+  low-rank branches, MAC on the masked rows only, and bias.
+- `splitq_linear_fake`: differentiable fake-quant form on a SplitQFloatLinear, with
+  straight-through rounding, for calibration. quantize_linear(float layer) run through the
+  integer form gives the same output.
+
+Arithmetic: float32 unless the input is float64; integer products are exact (float64 holds the
+sums of products of codes exactly for any realistic K: |code| <= 255, so K < 2^37).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layer import SplitQFloatLinear, SplitQLinear
+from .quantizer import QuantizedTensor, fake_quantize, quantize
+from .scheme import SplitQScheme
+from .transforms import main_transform
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def mac_row_mask(text_mask: torch.Tensor, mac_rows: str) -> torch.Tensor:
+    """Rows that receive the MAC compensation: text rows (the paper), vision rows, or all."""
+    if mac_rows == "text":
+        return text_mask
+    if mac_rows == "vision":
+        return ~text_mask
+    return torch.ones_like(text_mask)
+
+
+def _flatten(x: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = x.reshape(-1, x.shape[-1])
+    if text_mask is None:  # no image rows: every decoded or text-only token is text
+        return x2, torch.ones(x2.shape[0], dtype=torch.bool, device=x.device)
+    mask = text_mask.reshape(-1).to(torch.bool)
+    if mask.numel() != x2.shape[0]:
+        raise ValueError(f"text_mask has {mask.numel()} rows, input has {x2.shape[0]}")
+    return x2, mask
+
+
+def _act_clip(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return v.to(dtype).reshape(())
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer form
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedInput:
+    """Per-token quantized activations of one layer input (kernel (a)'s outputs)."""
+
+    main: QuantizedTensor  # Q(X_m P_m), act_bits
+    text: QuantizedTensor | None  # Q(X_t P_t), aux_act_bits
+    vision: QuantizedTensor | None  # Q(X_v P_v), aux_act_bits
+    mac: QuantizedTensor | None  # Q(X_m P_m - X^_m), aux_act_bits; None when MAC is off
+
+
+def quantize_input(x: torch.Tensor, layer: SplitQLinear, scheme: SplitQScheme) -> QuantizedInput:
+    """Kernel (a): channel split, online transforms, per-token quantization, MAC residual."""
+    dt = compute_dtype(x)
+    x = x.reshape(-1, x.shape[-1]).to(dt)
+    sym, ab, aab = scheme.act_symmetric, scheme.act_bits, scheme.aux_act_bits
+    xm = main_transform(x[:, layer.idx_main], layer.main_smooth.to(dt), layer.main_p1.to(dt), layer.main_p2.to(dt))
+    main = quantize(xm, ab, sym, clip=_act_clip(layer.main_act_clip, dt))
+
+    def outlier(idx: torch.Tensor, p: torch.Tensor | None, clip: torch.Tensor) -> QuantizedTensor | None:
+        if idx.numel() == 0:
+            return None
+        return quantize(x[:, idx] @ p.to(dt), aab, sym, clip=_act_clip(clip, dt))
+
+    mac = None
+    if layer.mac_down is not None:
+        mac = quantize(xm - main.dequantize(dt), aab, sym, clip=_act_clip(layer.mac_act_clip, dt))
+    return QuantizedInput(
+        main=main,
+        text=outlier(layer.idx_text, layer.text_p, layer.text_act_clip),
+        vision=outlier(layer.idx_vision, layer.vision_p, layer.vision_act_clip),
+        mac=mac,
+    )
+
+
+def int_matmul(a: QuantizedTensor, w: QuantizedTensor) -> torch.Tensor:
+    """Exact sum_k (a_code - a_zero) * w_code per (row, output), as float64 integers."""
+    return a.centered() @ w.centered().transpose(0, 1)
+
+
+def int_linear(a: QuantizedTensor, w: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantized product: exact integer accumulation, then per-token x per-channel scales."""
+    acc = int_matmul(a, w)
+    return (acc * a.scale.to(torch.float64) * w.scale.to(torch.float64).transpose(0, 1)).to(dtype)
+
+
+def splitq_gemm(
+    qin: QuantizedInput, text_mask: torch.Tensor, layer: SplitQLinear, scheme: SplitQScheme, dtype: torch.dtype
+) -> torch.Tensor:
+    """Kernel (b): Y = Y_m (+ CWS) + Y_t + Y_v (+ MAC on masked rows) + bias."""
+    y = int_linear(qin.main, layer.main_w, dtype)
+    if qin.text is not None:
+        y = y + int_linear(qin.text, layer.text_w, dtype)
+    if qin.vision is not None:
+        y = y + int_linear(qin.vision, layer.vision_w, dtype)
+    if layer.cws_down is not None:
+        y = y + int_linear(qin.main, layer.cws_down, dtype) @ layer.cws_up.dequantize(dtype).transpose(0, 1)
+    if qin.mac is not None:
+        comp = int_linear(qin.mac, layer.mac_down, dtype) @ layer.mac_up.dequantize(dtype).transpose(0, 1)
+        rows = mac_row_mask(text_mask, scheme.mac_rows)
+        y = y + torch.where(rows[:, None], comp, torch.zeros((), dtype=dtype, device=comp.device))
+    if layer.bias is not None:
+        y = y + layer.bias.to(dtype)
+    return y
+
+
+def splitq_linear(
+    x: torch.Tensor, text_mask: torch.Tensor | None, layer: SplitQLinear, scheme: SplitQScheme
+) -> torch.Tensor:
+    """The SplitQ linear layer, integer form. x: (..., D_in); text_mask: (...) bool, True = text
+    row (None: all rows are text). Returns (..., D_out) in x's dtype."""
+    x2, mask = _flatten(x, text_mask)
+    dt = compute_dtype(x)
+    y = splitq_gemm(quantize_input(x2, layer, scheme), mask, layer, scheme, dt)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake-quant (differentiable) form
+# ---------------------------------------------------------------------------------------------
+
+
+def _fq_weight(w: torch.Tensor, bits: int, clip: torch.Tensor | None) -> torch.Tensor:
+    return fake_quantize(w, bits, symmetric=True, dim=1, clip=1.0 if clip is None else clip)
+
+
+def splitq_linear_fake(
+    x: torch.Tensor, text_mask: torch.Tensor | None, layer: SplitQFloatLinear, scheme: SplitQScheme
+) -> torch.Tensor:
+    """The SplitQ linear layer, fake-quant form with straight-through rounding (for training)."""
+    x2, mask = _flatten(x, text_mask)
+    dt = compute_dtype(x)
+    x2 = x2.to(dt)
+    sym, ab, aab = scheme.act_symmetric, scheme.act_bits, scheme.aux_act_bits
+    wb, awb = scheme.weight_bits, scheme.aux_weight_bits
+
+    xm = main_transform(x2[:, layer.idx_main], layer.main_smooth.to(dt), layer.main_p1.to(dt), layer.main_p2.to(dt))
+    xm_hat = fake_quantize(xm, ab, sym, clip=_act_clip(layer.main_act_clip, dt))
+    y = xm_hat @ _fq_weight(layer.main_residual_weight().to(dt), wb, layer.main_weight_clip).transpose(0, 1)
+
+    for idx, p, w, wclip, aclip in (
+        (layer.idx_text, layer.text_p, layer.text_weight, layer.text_weight_clip, layer.text_act_clip),
+        (layer.idx_vision, layer.vision_p, layer.vision_weight, layer.vision_weight_clip, layer.vision_act_clip),
+    ):
+        if idx.numel():
+            xo = fake_quantize(x2[:, idx] @ p.to(dt), aab, sym, clip=_act_clip(aclip, dt))
+            y = y + xo @ _fq_weight(w.to(dt), awb, wclip).transpose(0, 1)
+
+    if layer.cws_down is not None:
+        h = xm_hat @ _fq_weight(layer.cws_down.to(dt), awb, None).transpose(0, 1)
+        y = y + h @ _fq_weight(layer.cws_up.to(dt), awb, None).transpose(0, 1)
+    if layer.mac_down is not None:
+        r = fake_quantize(xm - xm_hat, aab, sym, clip=_act_clip(layer.mac_act_clip, dt))
+        h = r @ _fq_weight(layer.mac_down.to(dt), awb, None).transpose(0, 1)
+        comp = h @ _fq_weight(layer.mac_up.to(dt), awb, None).transpose(0, 1)
+        rows = mac_row_mask(mask, scheme.mac_rows)
+        y = y + torch.where(rows[:, None], comp, torch.zeros((), dtype=dt, device=comp.device))
+    if layer.bias is not None:
+        y = y + layer.bias.to(dt)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])

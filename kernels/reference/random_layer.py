@@ -12,7 +12,7 @@ def _well_conditioned(n: int, gen: torch.Generator, dtype: torch.dtype) -> torch
     """A random invertible matrix: orthogonal times a mild diagonal, like a trained transform."""
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     d = torch.empty(n, dtype=torch.float64).uniform_(0.5, 2.0, generator=gen)
-    return (q * d).to(dtype)
+    return (q * d).to(dtype).contiguous()
 
 
 def random_float_layer(

@@ -1,0 +1,123 @@
+"""Write a SplitQ checkpoint directory atomically (a temporary directory, renamed at the end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from splitq_kernels.reference import SplitQLinear
+
+from .config import SplitQConfig
+from .tensors import layer_dims, layer_to_tensors
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        # clone: layers of one group share input-side tensors, and safetensors refuses aliases
+        shards[-1][name] = t.detach().to("cpu").contiguous().clone()
+        size += nbytes
+    return shards
+
+
+def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the processor, tokenizer, chat template and generation files of a model directory
+    (everything but weights and config.json), so the output is servable on its own."""
+    copied = []
+    for p in sorted(Path(src).iterdir()):
+        if p.is_file() and p.name not in SKIP_FILES and not p.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(p, Path(dst) / p.name)
+            copied.append(p.name)
+    return copied
+
+
+def write_checkpoint(
+    output_dir: str | os.PathLike,
+    *,
+    model_config: Mapping[str, Any],
+    quant_config: SplitQConfig,
+    layers: Mapping[str, SplitQLinear],
+    tensors: Mapping[str, torch.Tensor],
+    groups: Mapping[str, str] | None = None,
+    side_files_from: str | os.PathLike | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write `output_dir` as a SplitQ checkpoint.
+
+    model_config: the model's config.json contents (quantization_config is added).
+    quant_config: scheme, ignore list, calibration metadata (its `layers` are filled in here).
+    layers: quantized linears by their HF module name.
+    tensors: every unquantized tensor (embeddings, norms, vision tower, lm_head) by HF name.
+    groups: layer name -> input group name, for layers that share an input (q/k/v, gate/up);
+        layers not listed form a group of their own.
+    side_files_from: a model directory whose processor/tokenizer files are copied.
+    Nothing appears at `output_dir` until everything is written.
+    """
+    out = Path(output_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    groups = dict(groups or {})
+    all_tensors: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if any(name.startswith(layer + ".") for layer in layers):
+            raise ValueError(f"tensor {name} belongs to quantized layer; pass the layer, not its tensors")
+        all_tensors[name] = t
+    dims = {}
+    for name, layer in layers.items():
+        dims[name] = layer_dims(layer, groups.get(name, name))
+        for suffix, t in layer_to_tensors(layer, quant_config.scheme).items():
+            all_tensors[f"{name}.{suffix}"] = t
+    quant_config.layers = dims
+    config = dict(model_config)
+    config["quantization_config"] = quant_config.to_dict()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        shards = _shards(all_tensors, max_shard_bytes)
+        meta = {"format": "pt", "quant_method": "splitq"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in all_tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if side_files_from is not None:
+            copy_side_files(side_files_from, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

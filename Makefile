@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh scripts/torchvision_cpu_fix.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	cd /tmp && VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(abspath $(PY)) $(abspath examples/demo.py)
 
 # pytest from the venv's script (not `python -m pytest`, which would put the repo root, and with
 # it a top-level `kernels/` folder, on sys.path).

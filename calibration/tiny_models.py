@@ -1,0 +1,306 @@
+"""Tiny random vision-language models, built fully offline, that transformers and vLLM both load.
+
+A directory written here looks like a Hugging Face model repo: config.json, safetensors weights,
+a byte-level BPE tokenizer trained on the spot, the image processor, the chat template and a
+generation config. Same arguments and seed give byte-identical files. They exist for tests and
+for the demo until the trained model lands; the sizes respect vLLM's CPU limits (head_dim >= 32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+# The tokenizer's training text: plain words of the kind test prompts use, so prompts are a few
+# dozen tokens instead of one token per byte.
+DEFAULT_CORPUS = [
+    "You are a helpful assistant.",
+    "What is in this image? Describe the picture in one sentence.",
+    "What colour is the shape? How many circles are there? Which side is the square on?",
+    "red green blue yellow black white orange purple circle square triangle star left right top bottom",
+    "one two three four five six seven eight nine ten zero 0 1 2 3 4 5 6 7 8 9",
+    "The image shows a red circle on the left and a blue square on the right.",
+    "Hello! Tell me a short story about a cat. The answer is yes. The answer is no.",
+    "Compare the two images. What is the difference between them?",
+]
+
+# Chat templates: every piece of output text is a {{ '...' }} expression, so whitespace control
+# on the tags cannot eat the newlines. Content may be a string or a list of typed parts (what
+# vLLM's OpenAI front end and transformers' processors pass).
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+LLAVA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
+    "{%- else -%}{{- message['role'] | upper + ': ' -}}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}{{- '<image>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- '</s>' -}}{%- endif -%}"
+    "{{- ' ' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+def train_bpe_tokenizer(special_tokens: list[str], corpus: list[str] | None = None, vocab_size: int = 512):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `corpus` (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus or DEFAULT_CORPUS, trainer=trainer)
+    return tok
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass
+class TinySize:
+    """Language-model and vision-tower sizes of a tiny model."""
+
+    hidden: int = 128
+    intermediate: int = 320
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_intermediate: int = 128
+    vision_depth: int = 2
+    vision_heads: int = 2
+
+
+def _save_generation_config(path: Path, eos: int, bos: int | None, pad: int) -> None:
+    cfg = {"eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
+    if bos is not None:
+        cfg["bos_token_id"] = bos
+    (path / "generation_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def build_tiny_qwen25vl(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+) -> Path:
+    """Write a random-weight Qwen2.5-VL (the real transformers/vLLM architecture) to `output_dir`."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2TokenizerFast,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = train_bpe_tokenizer(QWEN_SPECIAL_TOKENS, corpus, vocab_size)
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=raw,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        errors="replace",
+    )
+    ids = {t: raw.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
+    vocab = _round_up(raw.get_vocab_size(), 64)
+    head_dim = size.hidden // size.heads
+    if head_dim < 32 or head_dim % 4:
+        raise ValueError(f"head_dim {head_dim}: vLLM's CPU attention needs >= 32 (and a multiple of 4 for M-RoPE)")
+    half = head_dim // 2  # M-RoPE sections (temporal, height, width) sum to head_dim / 2
+    mrope = [half // 4, (half - half // 4) // 2]
+    mrope.append(half - sum(mrope))
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=size.vision_depth,
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_intermediate,
+            num_heads=size.vision_heads,
+            out_hidden_size=size.hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[size.vision_depth - 1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    model.save_pretrained(out)
+    pixels = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2),
+        video_processor=Qwen2VLVideoProcessor(size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    _save_generation_config(out, ids["<|im_end|>"], None, ids["<|endoftext|>"])
+    return out
+
+
+def build_tiny_llava(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    image_size: int = 56,
+) -> Path:
+    """Write a random-weight LLaVA-1.5 (CLIP tower, Llama LM) with llava-hf's tensor names."""
+    from safetensors.torch import load_file, save_file
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    size = size or TinySize(kv_heads=4)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = train_bpe_tokenizer(LLAVA_SPECIAL_TOKENS, corpus, vocab_size)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    ids = {t: raw.token_to_id(t) for t in LLAVA_SPECIAL_TOKENS}
+    if size.hidden // size.heads < 32:
+        raise ValueError("head_dim must be >= 32 for vLLM's CPU attention")
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_intermediate,
+            num_hidden_layers=size.vision_depth + 1,  # LLaVA reads the second-to-last layer
+            num_attention_heads=size.vision_heads,
+            image_size=image_size,
+            patch_size=14,
+            projection_dim=size.vision_hidden,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=_round_up(raw.get_vocab_size(), 64),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+            pad_token_id=ids["<pad>"],
+        ),
+        image_token_index=ids["<image>"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.save_pretrained(out)
+    # transformers 5 saves the CLIP tower as `vision_tower.encoder...`; llava-hf checkpoints (and
+    # vLLM) use `vision_tower.vision_model.encoder...`, which transformers also reads.
+    def rename(k: str) -> str:
+        return "vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k
+
+    for f in out.glob("*.safetensors"):
+        save_file({rename(k): v for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            do_center_crop=True,
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    _save_generation_config(out, ids["</s>"], ids["<s>"], ids["<pad>"])
+    return out

@@ -1,0 +1,74 @@
+"""Run the real vLLM engine from tests: offline `vllm.LLM.chat` in a subprocess.
+
+A subprocess per engine keeps tests independent (vLLM's CPU engine spawns worker processes and
+holds global state) and starts Python in a temporary directory, so the repository's top-level
+`kernels/` folder is never on sys.path.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RUNNER = Path(__file__).with_name("vllm_offline_chat.py")
+
+
+def vllm_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; otherwise vLLM reserves most of the RAM
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.pop("PYTHONPATH", None)
+    env.update(extra or {})
+    return env
+
+
+def image_part(png: bytes) -> dict[str, Any]:
+    """An OpenAI-style image content part carrying a PNG as a data URL."""
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+
+
+def offline_chat(
+    model: str | os.PathLike,
+    conversations: list[list[dict[str, Any]]],
+    max_tokens: int = 8,
+    logprobs: int | None = None,
+    llm_kwargs: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> list[dict[str, Any]]:
+    """Greedy chat completions from vllm.LLM for each conversation: text, token ids, logprobs."""
+    spec = {
+        "model": str(model),
+        "conversations": conversations,
+        "max_tokens": max_tokens,
+        "logprobs": logprobs,
+        "llm_kwargs": {
+            "enforce_eager": True,
+            "max_model_len": 1024,
+            "max_num_seqs": 8,
+            "seed": 0,
+            "limit_mm_per_prompt": {"image": 2},
+            **(llm_kwargs or {}),
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        out_path = Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [sys.executable, str(RUNNER), str(spec_path), str(out_path)],
+            cwd=tmp,
+            env=vllm_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        return json.loads(out_path.read_text())

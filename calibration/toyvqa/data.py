@@ -61,6 +61,8 @@ GRID = 4
 OUTLINE, OUTLINE_WIDTH, WORD_STROKE = (20, 20, 20), 2, 1
 CELL = IMAGE_SIZE // GRID  # 28 px
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+MAX_SHAPES = 3  # shapes per picture: 1..MAX_SHAPES
+QUESTION_FIRST = False  # user turn layout: question then picture (True) or picture then question
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Question kinds and how often each is drawn (weights). Image kinds first, text-only after.
@@ -233,7 +235,7 @@ def draw_scene_for(kind: str, rng: random.Random) -> tuple[Image.Image, list[dic
         if kind in WORD_KINDS:
             img, scene = draw_word_scene(rng)
         else:
-            img, scene = draw_shapes_scene(rng, rng.randint(1, 4))
+            img, scene = draw_shapes_scene(rng, rng.randint(1, MAX_SHAPES))
         qa = ask_about_scene(kind, scene, rng)
         if qa is not None:
             return img, scene, qa
@@ -323,7 +325,7 @@ def make_picture(index: int, seed: int = DEFAULT_SEED, word_p: float | None = No
         word_p = sum(IMAGE_KINDS[k] for k in WORD_KINDS) / sum(IMAGE_KINDS.values())
     if rng.random() < word_p:
         return draw_word_scene(rng)
-    return draw_shapes_scene(rng, rng.randint(1, 4))
+    return draw_shapes_scene(rng, rng.randint(1, MAX_SHAPES))
 
 
 def iter_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, start: int = 0) -> Iterator[Sample]:
@@ -347,10 +349,10 @@ def chat_messages(question: str, image: Any = None) -> list[dict[str, Any]]:
     separately, so the PIL object is only a marker here) or an OpenAI-style content part
     ({"type": "image_url", ...}) which is passed through as is.
     """
-    content: list[dict[str, Any]] = []
+    content: list[dict[str, Any]] = [{"type": "text", "text": question}]
     if image is not None:
-        content.append(image if isinstance(image, dict) else {"type": "image"})
-    content.append({"type": "text", "text": question})
+        part = image if isinstance(image, dict) else {"type": "image"}
+        content.insert(len(content) if QUESTION_FIRST else 0, part)
     return [{"role": "user", "content": content}]
 
 

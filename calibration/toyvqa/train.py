@@ -359,7 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-n", type=int, default=512)
     ap.add_argument("--test-n", type=int, default=None, help="test samples scored at the end (default: all)")
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"))
+    ap.add_argument("--max-shapes", type=int, default=data.MAX_SHAPES)
+    ap.add_argument("--question-first", action="store_true")
+    ap.add_argument("--freeze-vision", action="store_true", help="stage 2 trains only the merger of the vision tower")
     args = ap.parse_args(argv)
+    data.MAX_SHAPES, data.QUESTION_FIRST = args.max_shapes, args.question_first
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -381,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
         model, processor, args.vision_steps, args.vision_batch_size, args.lr, args.weight_decay, args.data_seed
     )
     vision_s = time.time() - t_start
+    if args.freeze_vision:
+        for n, p in model.model.visual.named_parameters():
+            p.requires_grad_(n.startswith("merger."))
     val = data.load_split("validation", args.val_n, args.data_seed)
     history = []
     loss_avg = None

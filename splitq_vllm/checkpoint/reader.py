@@ -22,7 +22,7 @@ from splitq_kernels.reference import SplitQLinear
 from .config import CheckpointError, LayerDims, SplitQConfig
 from .tensors import layer_tensor_specs, tensors_to_layer
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -93,7 +93,7 @@ class SplitQCheckpoint:
     def tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         with safe_open(str(self.path / self.weight_map[name]), "pt") as fh:
             sl = fh.get_slice(name)
-            return tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype(), sl.get_dtype())
+            return tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype())
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:

@@ -10,15 +10,14 @@ keeps the names of the files, so vLLM's and transformers' own name mappings keep
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
+
+from splitq_vllm.checkpoint.reader import tensor_files
 
 # (sub-module, group kind, members): members of one group read the same input.
 GROUP_SPECS = (
@@ -51,18 +50,7 @@ class LinearGroup:
 
 def source_tensor_files(model_dir: str | os.PathLike) -> dict[str, str]:
     """Tensor name -> safetensors file name for a Hugging Face model directory."""
-    path = Path(model_dir)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no .safetensors weights (only safetensors checkpoints are supported)")
-    out = {}
-    for f in files:
-        with safe_open(str(f), "pt") as fh:
-            out.update({k: f.name for k in fh.keys()})
-    return out
+    return tensor_files(model_dir)
 
 
 def language_model_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

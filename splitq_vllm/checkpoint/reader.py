@@ -53,7 +53,9 @@ def read_model_config(path: str | os.PathLike) -> tuple[dict[str, Any], SplitQCo
     return config, SplitQConfig.from_dict(qc, source=f"{cfg_path}: quantization_config")
 
 
-def _weight_map(path: Path) -> dict[str, str]:
+def tensor_files(path: str | os.PathLike) -> dict[str, str]:
+    """Tensor name -> safetensors file name of a model directory (index file or the files' headers)."""
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -81,7 +83,7 @@ class SplitQCheckpoint:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.model_config, self.quant_config = read_model_config(self.path)
-        self.weight_map = _weight_map(self.path)
+        self.weight_map = tensor_files(self.path)
 
     @property
     def scheme(self):

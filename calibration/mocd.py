@@ -108,13 +108,16 @@ def text_row_plan(text_masks: list[torch.Tensor], max_tokens: int, seed: int) ->
 
 
 def percentile_ranks(absx: torch.Tensor) -> torch.Tensor:
-    """Eq. 9: r_ic = |{j : a_ij <= a_ic}| / C for a (N, C) matrix of magnitudes (per row)."""
+    """Eq. 9: r_ic = |{j : a_ij <= a_ic}| / C for a (N, C) matrix of magnitudes (per row).
+
+    float64, so the ranks are the exact fractions the equation defines (k-means assignments at
+    a midpoint between two centres would otherwise depend on float32 rounding)."""
     n, c = absx.shape
-    out = torch.empty(n, c, dtype=torch.float32, device=absx.device)
+    out = torch.empty(n, c, dtype=torch.float64, device=absx.device)
     for s in range(0, n, _ROW_CHUNK):
         rows = absx[s : s + _ROW_CHUNK].float().contiguous()
         srt = rows.sort(dim=1).values
-        out[s : s + _ROW_CHUNK] = torch.searchsorted(srt, rows, right=True).float() / c
+        out[s : s + _ROW_CHUNK] = torch.searchsorted(srt, rows, right=True).to(torch.float64) / c
     return out
 
 

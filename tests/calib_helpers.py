@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from conftest import draw_image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 210, 20)}
@@ -59,3 +62,13 @@ def write_folder(folder: Path, n: int = 4, sidecar: bool = True) -> Path:
     if not sidecar:
         (folder / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The tiny models' ops are microseconds long: on a shared 2-core machine, torch's thread pool
+    costs more than it gives (a calibration run takes ~5x longer with 2 threads under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,7 +11,7 @@ from splitq_calibration.cli import calibrate_main
 from splitq_calibration.data import CalibrationDataError, prepare_samples
 from splitq_calibration.model_layout import vision_token_ids
 
-from calib_helpers import captioned_images, write_folder, write_sharegpt
+from calib_helpers import single_thread, captioned_images, write_folder, write_sharegpt
 from conftest import draw_image
 
 

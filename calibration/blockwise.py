@@ -434,6 +434,7 @@ def calibrate_layer(
         "%s: initial loss %.4e (relative %.3e; %d samples, groups %s)", where, init_loss, init_loss / max(power, 1e-30), n, ", ".join(kinds)
     )
     main_params, clip_params = [], []
+    epoch_seconds: list[float] = []
     for r in runners.values():
         a, b = r.params.param_groups()
         main_params += a
@@ -451,12 +452,14 @@ def calibrate_layer(
             te = time.perf_counter()
             loss = epoch_loss(True, order, optimizer, scheduler)
             losses.append(loss)
+            epoch_seconds.append(time.perf_counter() - te)
             if (epoch + 1) % cfg.log_every == 0 or epoch + 1 == cfg.epochs:
                 log.info(
                     "%s epoch %d/%d: loss %.4e (relative %.3e, lr %.2e, %.1f s)",
                     where, epoch + 1, cfg.epochs, loss, loss / max(power, 1e-30), optimizer.param_groups[0]["lr"],
                     time.perf_counter() - te,
                 )
+        losses.append(epoch_loss(False, order))  # the loss after training (epoch losses are running averages)
     # (d) fold and quantize
     quantized = {}
     with torch.no_grad():
@@ -466,7 +469,8 @@ def calibrate_layer(
         init_loss=init_loss,
         final_loss=losses[-1],
         output_power=power,
-        epoch_losses=losses[1:],
+        epoch_losses=losses[1:-1] if len(losses) > 1 else [],
+        epoch_seconds=epoch_seconds,
         seconds=time.perf_counter() - t0,
         **peak_memory_mb(device),
     )

@@ -383,9 +383,9 @@ def calibrate_layer(
             k_t = k_v = 0
         else:
             k_t, k_v = outlier_counts(d, cfg.text_ratio, cfg.vision_ratio)
-        idx_t, idx_v = select_channels(st, cfg.selection, k_t, k_v, cfg.mocd_k, generator=gen)
-        w, b = _fused_weight(mods)
-        params = GroupParams(w.cpu(), None if b is None else b.cpu(), idx_t, idx_v, st, cfg, gen).to(device)
+        idx_t, idx_v = select_channels(st, cfg.selection, k_t, k_v, cfg.mocd_k, generator=gen, device=device)
+        w, b = _fused_weight(mods)  # on the device: the SVD of Eq. 20 runs there
+        params = GroupParams(w, b, idx_t, idx_v, st, cfg, gen)
         runners[kind] = GroupRunner(params, scheme, mask)
         for m in mods:
             m.runner = runners[kind]

@@ -12,9 +12,9 @@ MOCD, vectorised over channels:
 
 Choices the paper leaves open, fixed here so results are reproducible:
 - k-means: centres start at the (j + 1/2)/k quantiles of the channel's ranks (the order
-  statistic floor((j + 1/2) N / k), no randomness); Lloyd iterations until no assignment changes (at most
-  `max_iter`); a token goes to the nearest centre, ties to the lower centre index; an empty
-  cluster keeps its centre.
+  statistic floor((j + 1/2) N / k), no randomness); Lloyd iterations until no assignment changes
+  (at most `max_iter`); a token goes to the nearest centre, ties to the lower centre index; an
+  empty cluster keeps its centre. Computed exactly (see kmeans_within_variance).
 - Top-K ties go to the lower channel index (stable sort).
 - The text statistics use at most `mocd_max_tokens` text tokens (a seeded sample of the
   calibration set's text tokens, the same for every layer); the vision maximum uses every vision
@@ -107,46 +107,83 @@ def text_row_plan(text_masks: list[torch.Tensor], max_tokens: int, seed: int) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def percentile_ranks(absx: torch.Tensor) -> torch.Tensor:
-    """Eq. 9: r_ic = |{j : a_ij <= a_ic}| / C for a (N, C) matrix of magnitudes (per row).
-
-    float64, so the ranks are the exact fractions the equation defines (k-means assignments at
-    a midpoint between two centres would otherwise depend on float32 rounding)."""
+def rank_counts(absx: torch.Tensor) -> torch.Tensor:
+    """|{j : a_ij <= a_ic}| for a (N, C) matrix of magnitudes, per row (int64). Eq. 9's rank is
+    this count divided by C."""
     n, c = absx.shape
-    out = torch.empty(n, c, dtype=torch.float64, device=absx.device)
+    out = torch.empty(n, c, dtype=torch.int64, device=absx.device)
     for s in range(0, n, _ROW_CHUNK):
         rows = absx[s : s + _ROW_CHUNK].float().contiguous()
         srt = rows.sort(dim=1).values
-        out[s : s + _ROW_CHUNK] = torch.searchsorted(srt, rows, right=True).to(torch.float64) / c
+        out[s : s + _ROW_CHUNK] = torch.searchsorted(srt, rows, right=True)
     return out
 
 
-def kmeans_within_variance(r: torch.Tensor, k: int, max_iter: int = KMEANS_MAX_ITER) -> torch.Tensor:
-    """Eq. 10 for every column of r (N tokens, C channels): 1-D k-means of the column, then the
-    mean squared distance of each value to its cluster centre. Returns (C,) float64."""
-    n, c = r.shape
+def percentile_ranks(absx: torch.Tensor) -> torch.Tensor:
+    """Eq. 9: r_ic = |{j : a_ij <= a_ic}| / C (float64)."""
+    return rank_counts(absx).to(torch.float64) / absx.shape[1]
+
+
+def kmeans_within_variance(values: torch.Tensor, k: int, max_iter: int = KMEANS_MAX_ITER) -> torch.Tensor:
+    """Eq. 10 for every column of `values` (N tokens, C channels): 1-D k-means (Lloyd) of the
+    column, then the mean squared distance of each value to its cluster centre. (C,) float64.
+
+    Exact 1-D k-means, vectorised over channels: each column is sorted once; with sorted centres
+    a cluster is a contiguous run of the sorted values, found by binary search of the midpoints
+    between neighbouring centres, and its sum comes from prefix sums, so an iteration costs
+    O(k log N) per channel. A value goes to the nearest centre, a tie (a value exactly at a
+    midpoint, or several equal centres) to the lowest centre index. Midpoint ties are decided
+    with a tolerance of 1/(4 N^2): for integer-valued data (MOCD passes rank counts, Eq. 9's ranks
+    times |C'|, which k-means treats identically up to scale) a value off a midpoint is at least
+    2/N^2 away from it, so the assignments are those of exact rational arithmetic.
+    """
+    n, c = values.shape
     if n == 0:
         raise ChannelSelectionError("MOCD needs text tokens, the calibration data has none")
-    out = torch.empty(c, dtype=torch.float64, device=r.device)
-    qidx = torch.tensor([min(n - 1, int((j + 0.5) / k * n)) for j in range(k)], device=r.device)
+    out = torch.empty(c, dtype=torch.float64, device=values.device)
+    qidx = torch.tensor([min(n - 1, int((j + 0.5) / k * n)) for j in range(k)], device=values.device)
+    tol = 0.25 / (n * n)
     chunk = max(1, _KMEANS_ELEMENTS // (n * k))
+    ar = torch.arange(k, device=values.device)
     for s in range(0, c, chunk):
-        x = r[:, s : s + chunk].to(torch.float64)  # (N, c')
-        centres = x.sort(dim=0).values[qidx].transpose(0, 1).contiguous()  # (c', k)
-        assign = None
+        xs = values[:, s : s + chunk].transpose(0, 1).to(torch.float64).sort(dim=1).values.contiguous()  # (c', N)
+        m = xs.shape[0]
+        prefix = torch.cat([torch.zeros(m, 1, dtype=torch.float64, device=xs.device), xs.cumsum(1)], 1)
+        centres = xs[:, qidx]  # (c', k), ascending (and they stay sorted under Lloyd in 1-D)
+        zero = torch.zeros(m, 1, dtype=torch.int64, device=xs.device)
+        full = torch.full((m, 1), n, dtype=torch.int64, device=xs.device)
+        state = None
         for _ in range(max_iter):
-            dist = (x.unsqueeze(-1) - centres.unsqueeze(0)).abs()  # (N, c', k)
-            new = dist.argmin(dim=-1)  # first minimum: ties to the lower centre
-            if assign is not None and torch.equal(new, assign):
+            first, bounds = _segments(xs, centres, tol, ar)
+            if state is not None and torch.equal(first, state[0]) and torch.equal(bounds, state[1]):
                 break
-            assign = new
-            onehot = torch.nn.functional.one_hot(assign, k).to(torch.float64)  # (N, c', k)
-            counts = onehot.sum(0)
-            sums = (onehot * x.unsqueeze(-1)).sum(0)
+            state = (first, bounds)
+            edges = torch.cat([zero, bounds, full], 1)  # segment j = sorted positions [edges_j, edges_j+1)
+            seg_counts = (edges[:, 1:] - edges[:, :-1]).to(torch.float64)
+            seg_sums = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
+            counts = torch.zeros_like(seg_counts).scatter_add_(1, first, seg_counts)  # segments of equal
+            sums = torch.zeros_like(seg_sums).scatter_add_(1, first, seg_sums)  # centres -> lowest index
             centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
-        mu = centres.gather(1, assign.transpose(0, 1)).transpose(0, 1)  # (N, c')
-        out[s : s + chunk] = ((x - mu) ** 2).mean(0)
+        first, bounds = state
+        pos = torch.arange(n, device=xs.device)
+        seg = (pos[None, None, :] >= bounds[:, :, None]).sum(1)  # (c', N) segment of each sorted value
+        mu = centres.gather(1, first.gather(1, seg))
+        out[s : s + m] = ((xs - mu) ** 2).mean(1)
     return out
+
+
+def _segments(xs: torch.Tensor, centres: torch.Tensor, tol: float, ar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-centre assignment of sorted values to sorted centres, ties to the lower index.
+
+    Returns (first, bounds): segment j of the sorted values (bounded by the midpoints between
+    centres j-1, j and j, j+1) goes to cluster first[j], the lowest index whose centre equals
+    centre j; bounds[:, i] = how many values lie at or below the i-th midpoint (+ tol)."""
+    mids = (centres[:, :-1] + centres[:, 1:]) / 2 + tol
+    bounds = torch.searchsorted(xs, mids.contiguous(), right=True)
+    new = torch.ones_like(centres, dtype=torch.bool)
+    new[:, 1:] = centres[:, 1:] != centres[:, :-1]
+    first = torch.where(new, ar.expand_as(centres), torch.zeros_like(ar).expand_as(centres)).cummax(1).values
+    return first, bounds
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -155,9 +192,16 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def mocd_select(
-    vision_absmax: torch.Tensor, text_abs_rows: torch.Tensor, k_text: int, k_vision: int, k: int = 3, n_vision: int = 1
+    vision_absmax: torch.Tensor,
+    text_abs_rows: torch.Tensor,
+    k_text: int,
+    k_vision: int,
+    k: int = 3,
+    n_vision: int = 1,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. 7-12. Returns (idx_text, idx_vision) sorted, and the scores (s_v over C, s_t over C')."""
+    """Eq. 7-12. Returns (idx_text, idx_vision) sorted, and the scores (s_v over C, s_t over C').
+    The rank statistics run on `device` (the accelerator, when there is one)."""
     d = vision_absmax.numel()
     if k_vision and n_vision == 0:
         raise ChannelSelectionError("MOCD needs vision tokens to pick vision outlier channels; the calibration data has none")
@@ -167,8 +211,8 @@ def mocd_select(
     rest = torch.nonzero(keep).reshape(-1)  # C' in channel order
     s_t = torch.full((d,), float("nan"), dtype=torch.float64)
     if k_text:
-        r = percentile_ranks(text_abs_rows[:, rest])
-        s_rest = kmeans_within_variance(r, k)
+        counts = rank_counts(text_abs_rows[:, rest].to(device))
+        s_rest = kmeans_within_variance(counts, k).cpu() / float(rest.numel()) ** 2  # back to Eq. 9's rank scale
         s_t[rest] = s_rest.cpu()
         idx_t = rest[_top(s_rest.cpu(), k_text)]
     else:
@@ -177,7 +221,13 @@ def mocd_select(
 
 
 def select_channels(
-    stats: ChannelStats, rule: str, k_text: int, k_vision: int, k: int = 3, generator: torch.Generator | None = None
+    stats: ChannelStats,
+    rule: str,
+    k_text: int,
+    k_vision: int,
+    k: int = 3,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx_text, idx_vision), sorted int64, by one of the rules of Table 4."""
     d = stats.absmax.numel()
@@ -185,7 +235,7 @@ def select_channels(
         z = torch.zeros(0, dtype=torch.long)
         return z, z.clone()
     if rule == "mocd":
-        idx_t, idx_v, _ = mocd_select(stats.vision_absmax, stats.text_matrix(), k_text, k_vision, k, stats.n_vision)
+        idx_t, idx_v, _ = mocd_select(stats.vision_absmax, stats.text_matrix(), k_text, k_vision, k, stats.n_vision, device)
         return idx_t, idx_v
     if rule == "random":
         order = torch.randperm(d, generator=generator)

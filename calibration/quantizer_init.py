@@ -63,14 +63,17 @@ class GroupParams(nn.Module):
         super().__init__()
         cfg = config
         out_f, in_f = weight.shape
+        dev = weight.device
         w = weight.detach().to(torch.float32)
-        taken = torch.zeros(in_f, dtype=torch.bool)
+        idx_text, idx_vision = idx_text.to(dev, torch.long), idx_vision.to(dev, torch.long)
+        taken = torch.zeros(in_f, dtype=torch.bool, device=dev)
         taken[idx_text] = True
         taken[idx_vision] = True
         idx_main = torch.nonzero(~taken).reshape(-1)
+        absmax = stats.absmax.to(dev)
         self.register_buffer("idx_main", idx_main)
-        self.register_buffer("idx_text", idx_text.to(torch.long))
-        self.register_buffer("idx_vision", idx_vision.to(torch.long))
+        self.register_buffer("idx_text", idx_text)
+        self.register_buffer("idx_vision", idx_vision)
         self.register_buffer("w_main", w[:, idx_main].contiguous())
         self.register_buffer("w_text", w[:, idx_text].contiguous())
         self.register_buffer("w_vision", w[:, idx_vision].contiguous())
@@ -79,14 +82,14 @@ class GroupParams(nn.Module):
 
         def smooth_for(idx: torch.Tensor) -> torch.Tensor:
             if cfg.smooth_init == "none" or idx.numel() == 0:
-                return torch.ones(idx.numel(), dtype=torch.float64)
+                return torch.ones(idx.numel(), dtype=torch.float64, device=dev)
             alpha = cfg.smoothquant_alpha if cfg.smooth_init == "smoothquant" else cfg.smooth_alpha
-            return smooth_scale(w[:, idx], stats.absmax[idx], alpha)
+            return smooth_scale(w[:, idx], absmax[idx], alpha)
 
         def rotation(n: int) -> torch.Tensor:
             if cfg.transform_init == "identity":
-                return torch.eye(n, dtype=torch.float64)
-            return random_orthogonal(n, gen)
+                return torch.eye(n, dtype=torch.float64, device=dev)
+            return random_orthogonal(n, gen).to(dev)  # drawn on the CPU: the same on every device
 
         n1, n2 = kron_factors(idx_main.numel())
         f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
@@ -103,7 +106,7 @@ class GroupParams(nn.Module):
         def clip_param(shape, on: bool) -> nn.Parameter | None:
             if not (train and on):
                 return None
-            return nn.Parameter(torch.full(shape, float(cfg.clip_init)), requires_grad=True)
+            return nn.Parameter(torch.full(shape, float(cfg.clip_init), device=dev), requires_grad=True)
 
         self.wclip_main = clip_param((out_f, 1), cfg.weight_clip)
         self.wclip_text = clip_param((out_f, 1), cfg.weight_clip and idx_text.numel() > 0)
@@ -125,9 +128,9 @@ class GroupParams(nn.Module):
             self.register_buffer("svd_v", f32(v))
         self.gate_cws = self.gate_mac = None
         if self.cws_rank:
-            self.gate_cws = nn.Parameter(torch.ones(self.cws_rank), requires_grad=train and cfg.cws_lowrank == "learnable")
+            self.gate_cws = nn.Parameter(torch.ones(self.cws_rank, device=dev), requires_grad=train and cfg.cws_lowrank == "learnable")
         if self.mac_rank:
-            self.gate_mac = nn.Parameter(torch.ones(self.mac_rank), requires_grad=train and cfg.mac_lowrank == "learnable")
+            self.gate_mac = nn.Parameter(torch.ones(self.mac_rank, device=dev), requires_grad=train and cfg.mac_lowrank == "learnable")
         self.aclip_mac = clip_param((), cfg.act_clip and self.mac_rank > 0)
 
     # ------------------------------------------------------------------------------------------

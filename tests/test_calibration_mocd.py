@@ -2,6 +2,7 @@
 planted data: vision outliers by magnitude, text outliers by unstable per-token ranks."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -41,7 +42,9 @@ def planted(seed: int = 0):
 # ---- a direct implementation of Eq. 7-12, written to be read, not to be fast ------------------
 
 
-def direct_kmeans_variance(values: list[float], k: int) -> float:
+def direct_kmeans_variance(values: list, k: int) -> Fraction:
+    """Lloyd's k-means of one channel in exact rational arithmetic; ties to the lower centre."""
+    values = [Fraction(v) for v in values]
     n = len(values)
     srt = sorted(values)
     centres = [srt[min(n - 1, int((j + 0.5) / k * n))] for j in range(k)]
@@ -59,7 +62,7 @@ def direct_kmeans_variance(values: list[float], k: int) -> float:
         assign = new
         for j in range(k):
             members = [v for v, a in zip(values, assign) if a == j]
-            if members:
+            if members:  # an empty cluster keeps its centre
                 centres[j] = sum(members) / len(members)
     return sum((v - centres[a]) ** 2 for v, a in zip(values, assign)) / n
 
@@ -75,7 +78,7 @@ def direct_mocd(x: torch.Tensor, text_mask: torch.Tensor, k_t: int, k_v: int, k:
     c_v = sorted(channels, key=lambda c: (-s_v[c], c))[:k_v]
     rest = [c for c in channels if c not in c_v]
     # Eq. 9: r_ic = (1/|C'|) sum_{j in C'} 1(|x_ij| <= |x_ic|)
-    ranks = {c: [sum(1 for j in rest if r[j] <= r[c]) / len(rest) for r in text_rows] for c in rest}
+    ranks = {c: [Fraction(sum(1 for j in rest if r[j] <= r[c]), len(rest)) for r in text_rows] for c in rest}
     # Eq. 10: within-cluster variance of the k-means clustering of each channel's ranks
     s_t = {c: direct_kmeans_variance(ranks[c], k) for c in rest}
     # Eq. 11-12
@@ -96,7 +99,7 @@ def test_mocd_matches_the_equations_and_finds_the_planted_channels(k):
     for c, v in s_v.items():
         assert math.isclose(float(scores["s_v"][c]), v, rel_tol=1e-6)
     for c, v in s_t.items():
-        assert math.isclose(float(scores["s_t"][c]), v, rel_tol=1e-9, abs_tol=1e-12), c
+        assert math.isclose(float(scores["s_t"][c]), float(v), rel_tol=1e-9, abs_tol=1e-15), c
     assert all(math.isnan(float(scores["s_t"][c])) for c in VISION_OUTLIERS)  # C_t is chosen from C' only
     # through the rule dispatcher as calibration calls it
     t2, v2 = select_channels(st, "mocd", k_t, k_v, k)
@@ -119,12 +122,16 @@ def test_vectorised_pieces_against_direct_formulas():
     for i in range(7):
         for c in range(9):
             assert r[i, c] == sum(1 for j in range(9) if a[i, j] <= a[i, c]) / 9
-    vals = torch.rand(50, 6, generator=g, dtype=torch.float64)
-    kv = kmeans_within_variance(vals, 3)
-    for c in range(6):
-        assert math.isclose(float(kv[c]), direct_kmeans_variance(vals[:, c].tolist(), 3), rel_tol=1e-12, abs_tol=1e-15)
+    # k-means against exact arithmetic on integer data with many ties (MOCD passes rank counts)
+    vals = torch.randint(0, 7, (40, 30), generator=g)
+    vals[:, :5] = torch.randint(0, 2, (40, 5), generator=g)  # two values: centres collide
+    for k in (1, 2, 3, 5):
+        kv = kmeans_within_variance(vals, k)
+        for c in range(30):
+            assert math.isclose(float(kv[c]), float(direct_kmeans_variance(vals[:, c].tolist(), k)), rel_tol=1e-12, abs_tol=1e-15), (k, c)
     # k = 1 is the plain (population) variance
-    assert torch.allclose(kmeans_within_variance(vals, 1), vals.var(0, unbiased=False))
+    fl = torch.rand(50, 6, generator=g, dtype=torch.float64)
+    assert torch.allclose(kmeans_within_variance(fl, 1), fl.var(0, unbiased=False))
 
 
 def test_other_rules_and_counts():

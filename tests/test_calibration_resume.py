@@ -50,7 +50,7 @@ def test_killed_run_resumes_to_an_identical_checkpoint(tmp_path):
     finished = sorted(p.name for p in work.glob("layer_*.safetensors"))
     assert proc.returncode == -signal.SIGKILL
     assert "layer_00003.safetensors" not in finished, "killed too late to test anything"
-    assert not out.exists() and not list(work.glob("*.tmp"))
+    assert not out.exists()  # (a kill during a layer's write may leave a .tmp file: ignored on resume)
 
     # other settings refuse to reuse the unfinished run
     other = subprocess.run(_cmd(model, data, out, "--epochs", "2"), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)

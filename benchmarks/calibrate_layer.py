@@ -93,7 +93,9 @@ def synthetic_inputs(hidden: int, samples: int, tokens: int, vision_frac: float,
         pos = torch.arange(tokens).view(1, 1, -1).expand(3, 1, -1)
         cos, sin = rotary(x[None], pos)
         hs.append(x[None].contiguous())
-        kws.append({"attention_mask": None, "position_ids": None, "position_embeddings": (cos, sin), "use_cache": False})
+        kws.append(
+            {"attention_mask": None, "position_ids": None, "position_embeddings": (cos, sin), "use_cache": False}
+        )
         masks.append(mask)
     return LayerInputs(hs, kws, masks)
 
@@ -135,9 +137,16 @@ def main(argv: list[str] | None = None) -> dict:
     n_layers = shapes["num_hidden_layers"]
     info = result.info
     out = {
-        "what": "one Qwen2.5-VL-7B decoder layer (random weights)" if not args.quick else "quick CPU mode (reduced shapes)",
+        "what": "one Qwen2.5-VL-7B decoder layer (random weights)"
+        if not args.quick
+        else "quick CPU mode (reduced shapes)",
         "shapes": {k: v for k, v in shapes.items() if k != "rope_parameters"},
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "device": str(device)
+        + (
+            f" ({torch.cuda.get_device_name(device)})"
+            if device.type == "cuda"
+            else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        ),
         "torch": torch.__version__,
         "samples": samples,
         "tokens_per_sample": tokens,

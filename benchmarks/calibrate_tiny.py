@@ -39,8 +39,10 @@ def write_data(folder: Path, n: int) -> Path:
         else:
             d.polygon([(56, 28), (28, 84), (84, 84)], fill=colours[colour])
         img.save(folder / "images" / f"{i:03d}.png")
-        conv = [{"from": "human", "value": "<image>\nDescribe the picture."},
-                {"from": "gpt", "value": f"A {colour} {kind} on a white background."}]
+        conv = [
+            {"from": "human", "value": "<image>\nDescribe the picture."},
+            {"from": "gpt", "value": f"A {colour} {kind} on a white background."},
+        ]
         lines.append(json.dumps({"id": str(i), "image": f"images/{i:03d}.png", "conversations": conv}))
     (folder / "calib.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "calib.jsonl"
@@ -64,9 +66,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name, build in (("tiny-qwen25vl", build_tiny_qwen25vl), ("tiny-llava", build_tiny_llava)):
         model = build(work / name)
         report = work / f"{name}-report.json"
-        cmd = [cli, "--model", str(model), "--data", str(data), "--output", str(work / f"{name}-{args.scheme}"),
-               "--scheme", args.scheme, "--method", args.method, "--num-samples", str(args.samples),
-               "--epochs", str(args.epochs), "--report", str(report), "--overwrite", "-q"]
+        cmd = [
+            cli,
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--output",
+            str(work / f"{name}-{args.scheme}"),
+            "--scheme",
+            args.scheme,
+            "--method",
+            args.method,
+            "--num-samples",
+            str(args.samples),
+            "--epochs",
+            str(args.epochs),
+            "--report",
+            str(report),
+            "--overwrite",
+            "-q",
+        ]
         t = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=work, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         wall = time.perf_counter() - t
@@ -80,12 +100,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "epochs": args.epochs,
             "layer_s": [round(layers[i]["seconds"], 2) for i in sorted(layers)],
             "epoch_s_mean": round(
-                sum(sum(v["epoch_seconds"]) for v in layers.values()) / max(sum(len(v["epoch_seconds"]) for v in layers.values()), 1), 3
+                sum(sum(v["epoch_seconds"]) for v in layers.values())
+                / max(sum(len(v["epoch_seconds"]) for v in layers.values()), 1),
+                3,
             ),
             "run_s": round(rep["seconds"], 1),
             "wall_s_with_imports": round(wall, 1),
             "cpu_peak_rss_mb": round(rep["cpu_peak_rss_mb"], 0),
-            "loss_init_final": [(f"{layers[i]['init_loss']:.3e}", f"{layers[i]['final_loss']:.3e}") for i in sorted(layers)],
+            "loss_init_final": [
+                (f"{layers[i]['init_loss']:.3e}", f"{layers[i]['final_loss']:.3e}") for i in sorted(layers)
+            ],
             "threads": os.environ.get("OMP_NUM_THREADS", "default"),
         }
         results.append(row)

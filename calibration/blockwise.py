@@ -59,7 +59,7 @@ from .data import CalibSample, prepare_samples
 from .dims import outlier_counts
 from .export import export_checkpoint
 from .mocd import ChannelStats, select_channels, text_row_plan
-from .model_layout import GROUP_SPECS, LinearGroup, group_weight, language_model_layers, linear_groups, source_tensor_files
+from .model_layout import GROUP_SPECS, LinearGroup, language_model_layers, linear_groups, source_tensor_files
 from .quantizer_init import GroupParams
 from .recipe import CalibrationConfig, load_recipe
 
@@ -281,7 +281,9 @@ def collect_stats(
                 for mods in calib.values():
                     mods[0].keep_rows = text_rows[i]
                 y = _run_sample(work, mask, inputs, i, device)
-                targets.append(y.to("cpu", offload_dtype) if device.type != "cpu" or offload_dtype != torch.float32 else y)
+                targets.append(
+                    y.to("cpu", offload_dtype) if device.type != "cpu" or offload_dtype != torch.float32 else y
+                )
     finally:
         for mods in calib.values():
             mods[0].stats = None
@@ -326,7 +328,10 @@ def _fused_weight(mods: list[CalibLinear]) -> tuple[torch.Tensor, torch.Tensor |
     if all(m.linear.bias is None for m in mods):
         return w, None
     return w, torch.cat(
-        [m.linear.bias.detach() if m.linear.bias is not None else torch.zeros(m.out_features, device=w.device) for m in mods]
+        [
+            m.linear.bias.detach() if m.linear.bias is not None else torch.zeros(m.out_features, device=w.device)
+            for m in mods
+        ]
     )
 
 
@@ -431,7 +436,12 @@ def calibrate_layer(
     init_loss = epoch_loss(False, order)
     losses = [init_loss]
     log.info(
-        "%s: initial loss %.4e (relative %.3e; %d samples, groups %s)", where, init_loss, init_loss / max(power, 1e-30), n, ", ".join(kinds)
+        "%s: initial loss %.4e (relative %.3e; %d samples, groups %s)",
+        where,
+        init_loss,
+        init_loss / max(power, 1e-30),
+        n,
+        ", ".join(kinds),
     )
     main_params, clip_params = [], []
     epoch_seconds: list[float] = []
@@ -456,7 +466,12 @@ def calibrate_layer(
             if (epoch + 1) % cfg.log_every == 0 or epoch + 1 == cfg.epochs:
                 log.info(
                     "%s epoch %d/%d: loss %.4e (relative %.3e, lr %.2e, %.1f s)",
-                    where, epoch + 1, cfg.epochs, loss, loss / max(power, 1e-30), optimizer.param_groups[0]["lr"],
+                    where,
+                    epoch + 1,
+                    cfg.epochs,
+                    loss,
+                    loss / max(power, 1e-30),
+                    optimizer.param_groups[0]["lr"],
                     time.perf_counter() - te,
                 )
         losses.append(epoch_loss(False, order))  # the loss after training (epoch losses are running averages)
@@ -475,11 +490,12 @@ def calibrate_layer(
         **peak_memory_mb(device),
     )
     log.info("%s done in %.1f s: loss %.4e -> %.4e", where, info["seconds"], init_loss, losses[-1])
-    del work, runners
     return LayerResult(quantized, info), (targets if want_outputs else None)
 
 
-def fp_layer_forward(layer: nn.Module, inputs: LayerInputs, device: torch.device, offload_dtype: torch.dtype) -> list[torch.Tensor]:
+def fp_layer_forward(
+    layer: nn.Module, inputs: LayerInputs, device: torch.device, offload_dtype: torch.dtype
+) -> list[torch.Tensor]:
     """The FP outputs of one decoder layer (float32 copy on `device`), as calibrate_layer computes them."""
     work = copy.deepcopy(layer).to(device=device, dtype=torch.float32).eval()
     out = []
@@ -501,7 +517,9 @@ def _layer_file(work_dir: Path, layer: int) -> Path:
     return work_dir / f"layer_{layer:05d}.safetensors"
 
 
-def save_layer_state(path: Path, quantized: dict[str, tuple[LinearGroup, SplitQLinear]], scheme: SplitQScheme, info: dict) -> None:
+def save_layer_state(
+    path: Path, quantized: dict[str, tuple[LinearGroup, SplitQLinear]], scheme: SplitQScheme, info: dict
+) -> None:
     tensors, dims = {}, {}
     for gname, (group, q) in quantized.items():
         for suffix, t in layer_to_tensors(q, scheme).items():
@@ -620,7 +638,9 @@ def oneshot(
 
 
 class Calibrator:
-    def __init__(self, model_dir: str | os.PathLike, data: Any, output: str | os.PathLike, config: CalibrationConfig) -> None:
+    def __init__(
+        self, model_dir: str | os.PathLike, data: Any, output: str | os.PathLike, config: CalibrationConfig
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.data = data
         self.output = Path(output)
@@ -637,10 +657,15 @@ class Calibrator:
             old = json.loads(run_file.read_text())
             if old.get("fingerprint") != fingerprint:
                 diff = sorted(
-                    k for k in set(old.get("fingerprint", {}).get("config", {})) | set(fingerprint["config"])
+                    k
+                    for k in set(old.get("fingerprint", {}).get("config", {})) | set(fingerprint["config"])
                     if old.get("fingerprint", {}).get("config", {}).get(k) != fingerprint["config"].get(k)
                 )
-                other = [k for k in ("model", "samples", "state_version") if old.get("fingerprint", {}).get(k) != fingerprint.get(k)]
+                other = [
+                    k
+                    for k in ("model", "samples", "state_version")
+                    if old.get("fingerprint", {}).get(k) != fingerprint.get(k)
+                ]
                 raise CalibrationError(
                     f"{self.work_dir} holds an unfinished run with different settings ({', '.join(diff + other)}); "
                     "rerun with the same arguments to resume it, or pass --restart to discard it"
@@ -707,7 +732,15 @@ class Calibrator:
                     continue
                 kinds = [g.kind for g in by_layer.get(i, [])]
                 result, outputs = calibrate_layer(
-                    layers[i], i, inputs, kinds, cfg, self.device, self.offload_dtype, text_rows, num_layers,
+                    layers[i],
+                    i,
+                    inputs,
+                    kinds,
+                    cfg,
+                    self.device,
+                    self.offload_dtype,
+                    text_rows,
+                    num_layers,
                     want_outputs=i < num_layers - 1,
                 )
                 by_kind = {g.kind: g for g in by_layer.get(i, [])}
@@ -732,7 +765,9 @@ class Calibrator:
         metadata = {
             "method": cfg.method,
             "tool": "splitq-calibrate",
-            "data": str(self.data) if not isinstance(self.data, (list, tuple)) else f"python list of {len(self.data)} samples",
+            "data": str(self.data)
+            if not isinstance(self.data, (list, tuple))
+            else f"python list of {len(self.data)} samples",
             "samples": len(samples),
             "tokens": n_tok,
             "vision_tokens": n_vis,
@@ -742,7 +777,13 @@ class Calibrator:
         }
         del model
         path = export_checkpoint(
-            self.model_dir, self.output, quantized, scheme, ignore=list(cfg.ignore), calibration=metadata, overwrite=cfg.overwrite
+            self.model_dir,
+            self.output,
+            quantized,
+            scheme,
+            ignore=list(cfg.ignore),
+            calibration=metadata,
+            overwrite=cfg.overwrite,
         )
         report["seconds"] = time.perf_counter() - t_start
         report.update(peak_memory_mb(self.device))

@@ -14,7 +14,6 @@ import typing
 from pathlib import Path
 
 from .recipe import (
-    LOWRANK_MODES,
     METHODS,
     ON_BAD_SAMPLE,
     SELECTIONS,
@@ -93,7 +92,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
     logging.getLogger("splitq_calibration").setLevel(level)
 
 
@@ -114,7 +115,11 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         cfg = load_recipe(args.recipe) if args.recipe else CalibrationConfig()
-        overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(CalibrationConfig) if getattr(args, f.name) is not None}
+        overrides = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(CalibrationConfig)
+            if getattr(args, f.name) is not None
+        }
         cfg = cfg.updated(**overrides).resolved()
     except RecipeError as e:
         p.error(str(e))
@@ -145,7 +150,9 @@ def inspect_main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="Hugging Face model directory (the FP source model)")
     p.add_argument("--data", required=True, help="calibration data (as for splitq-calibrate)")
     p.add_argument("--layer", type=int, required=True, help="decoder layer index (0-based)")
-    p.add_argument("--group", default="qkv", choices=["qkv", "o", "gate_up", "down"], help="which linear input (default qkv)")
+    p.add_argument(
+        "--group", default="qkv", choices=["qkv", "o", "gate_up", "down"], help="which linear input (default qkv)"
+    )
     p.add_argument("--output", required=True, help="PNG file to write")
     p.add_argument("--checkpoint", help="mark the channels stored in this SplitQ checkpoint instead of running MOCD")
     p.add_argument("--recipe", help="YAML recipe (channel ratios, k, data settings)")
@@ -155,7 +162,11 @@ def inspect_main(argv: list[str] | None = None) -> int:
     _setup_logging(False, args.quiet)
     try:
         cfg = load_recipe(args.recipe) if args.recipe else CalibrationConfig()
-        overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(CalibrationConfig) if getattr(args, f.name) is not None}
+        overrides = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(CalibrationConfig)
+            if getattr(args, f.name) is not None
+        }
         cfg = cfg.updated(**overrides).resolved()
     except RecipeError as e:
         p.error(str(e))
@@ -164,7 +175,9 @@ def inspect_main(argv: list[str] | None = None) -> int:
     from .inspect_channels import inspect_layer
 
     try:
-        result = inspect_layer(args.model, args.data, args.layer, args.group, args.output, cfg, checkpoint=args.checkpoint)
+        result = inspect_layer(
+            args.model, args.data, args.layer, args.group, args.output, cfg, checkpoint=args.checkpoint
+        )
     except (CalibrationDataError, CalibrationError, ValueError) as e:
         print(f"splitq-inspect: error: {e}", file=sys.stderr)
         return 2
@@ -190,11 +203,20 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     from .evaluate import score_questions
 
-    result = score_questions(args.model, args.questions, image_dir=args.image_dir, max_new_tokens=args.max_new_tokens, device=args.device)
+    result = score_questions(
+        args.model, args.questions, image_dir=args.image_dir, max_new_tokens=args.max_new_tokens, device=args.device
+    )
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
     for r in result["answers"]:
-        print(f"[{r['id']}] Q: {r['question']}\n    A: {r['prediction']!r}" + (f"  (expected {r['answer']!r}: {'ok' if r['correct'] else 'wrong'})" if r.get("answer") is not None else ""))
+        print(
+            f"[{r['id']}] Q: {r['question']}\n    A: {r['prediction']!r}"
+            + (
+                f"  (expected {r['answer']!r}: {'ok' if r['correct'] else 'wrong'})"
+                if r.get("answer") is not None
+                else ""
+            )
+        )
     if result.get("accuracy") is not None:
         print(f"accuracy {result['accuracy']:.3f} on {result['scored']} questions")
     return 0

@@ -222,7 +222,9 @@ def _from_folder(folder: Path, prompt: str) -> list[RawSample]:
     return samples
 
 
-def load_raw_samples(data: Any, image_dir: str | os.PathLike | None = None, prompt: str = "Describe this image in detail.") -> list[RawSample]:
+def load_raw_samples(
+    data: Any, image_dir: str | os.PathLike | None = None, prompt: str = "Describe this image in detail."
+) -> list[RawSample]:
     """Raw samples from a JSON/JSONL file, a folder of captioned images, or a Python list."""
     if isinstance(data, (list, tuple)):
         return _from_records(list(data), "the given list", Path(image_dir) if image_dir else None, prompt)
@@ -232,7 +234,9 @@ def load_raw_samples(data: Any, image_dir: str | os.PathLike | None = None, prom
     if not path.is_file():
         raise CalibrationDataError(f"data {path}: no such file or folder")
     if path.suffix not in (".json", ".jsonl"):
-        raise CalibrationDataError(f"data {path}: expected a .json or .jsonl file (ShareGPT4V layout) or a folder of images")
+        raise CalibrationDataError(
+            f"data {path}: expected a .json or .jsonl file (ShareGPT4V layout) or a folder of images"
+        )
     base = Path(image_dir) if image_dir else path.parent
     return _from_records(_records_from_file(path), str(path), base, prompt)
 
@@ -282,7 +286,9 @@ def process_sample(raw: RawSample, processor, vision_ids: list[int], max_seq_len
         )
     text_mask = ~torch.isin(ids[0], torch.tensor(vision_ids))
     if images and bool(text_mask.all()):
-        raise CalibrationDataError(f"{label}: has images but no image tokens after processing (chat template without image parts?)")
+        raise CalibrationDataError(
+            f"{label}: has images but no image tokens after processing (chat template without image parts?)"
+        )
     return CalibSample(id=raw.id, inputs=dict(inputs), text_mask=text_mask)
 
 
@@ -327,5 +333,11 @@ def prepare_samples(
     if not out:
         raise CalibrationDataError(f"data {where}: no usable samples ({skipped} skipped)")
     if len(out) < num_samples:
-        log.warning("using %d calibration samples (%d requested, %d in the data, %d skipped)", len(out), num_samples, len(raws), skipped)
+        log.warning(
+            "using %d calibration samples (%d requested, %d in the data, %d skipped)",
+            len(out),
+            num_samples,
+            len(raws),
+            skipped,
+        )
     return out

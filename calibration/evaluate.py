@@ -46,7 +46,9 @@ def _layer_outputs(model, sample: CalibSample, device) -> tuple[list[torch.Tenso
     _, layers = language_model_layers(model)
     outs: list[torch.Tensor] = []
     hooks = [
-        layer.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).detach().float().cpu()))
+        layer.register_forward_hook(
+            lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).detach().float().cpu())
+        )
         for layer in layers
     ]
     try:
@@ -124,12 +126,16 @@ def score_questions(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Greedy answers of `model` (a SplitQ checkpoint or an FP model) to image questions."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     m, processor = load_any_model(model, dev)
     results = []
     for q in load_questions(questions, image_dir):
         content = ([{"type": "image"}] if q["image"] is not None else []) + [{"type": "text", "text": q["question"]}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
         kwargs = {"text": [text], "return_tensors": "pt"}
         if q["image"] is not None:
             kwargs["images"] = [_open_image(q["image"], f"question {q['id']!r}")]

@@ -44,7 +44,15 @@ def layer_input_stats(
     if not 0 <= layer < len(layers):
         raise CalibrationError(f"layer {layer}: the model has decoder layers 0..{len(layers) - 1}")
     samples = prepare_samples(
-        data, processor, model.config, cfg.num_samples, cfg.max_seq_len, cfg.seed, cfg.image_dir, cfg.prompt, cfg.on_bad_sample
+        data,
+        processor,
+        model.config,
+        cfg.num_samples,
+        cfg.max_seq_len,
+        cfg.seed,
+        cfg.image_dir,
+        cfg.prompt,
+        cfg.on_bad_sample,
     )
     inputs = capture_layer0_inputs(model, samples, device, offload)
     for i in range(layer):
@@ -76,7 +84,11 @@ def inspect_layer(
         from splitq_vllm.checkpoint import read_checkpoint
 
         ckpt = read_checkpoint(checkpoint)
-        g = next(g for g in linear_groups(model, list(source_tensor_files(model_dir))) if g.layer == layer and g.kind == group)
+        g = next(
+            g
+            for g in linear_groups(model, list(source_tensor_files(model_dir)))
+            if g.layer == layer and g.kind == group
+        )
         q = ckpt.layer(g.names[0])
         idx_t, idx_v = q.idx_text, q.idx_vision
         source = f"checkpoint {Path(checkpoint).name}"
@@ -97,7 +109,9 @@ def inspect_layer(
     }
 
 
-def plot_channels(st: ChannelStats, idx_t: torch.Tensor, idx_v: torch.Tensor, png: str | os.PathLike, title: str) -> None:
+def plot_channels(
+    st: ChannelStats, idx_t: torch.Tensor, idx_v: torch.Tensor, png: str | os.PathLike, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,10 +127,20 @@ def plot_channels(st: ChannelStats, idx_t: torch.Tensor, idx_v: torch.Tensor, pn
     for ax, values, label, color in panels:
         ax.bar(ch.numpy(), values.numpy(), width=1.0, color=color, alpha=0.75, label=f"max |x| over {label}")
         top = float(values.max()) if values.numel() else 1.0
-        for idx, mcolor, name in ((idx_t, "tab:orange", "text outlier set C_t"), (idx_v, "tab:red", "vision outlier set C_v")):
+        for idx, mcolor, name in (
+            (idx_t, "tab:orange", "text outlier set C_t"),
+            (idx_v, "tab:red", "vision outlier set C_v"),
+        ):
             if idx.numel():
-                ax.scatter(idx.numpy(), values[idx].numpy(), marker="v", s=36, color=mcolor, zorder=3,
-                           label=f"{name} ({idx.numel()})")
+                ax.scatter(
+                    idx.numpy(),
+                    values[idx].numpy(),
+                    marker="v",
+                    s=36,
+                    color=mcolor,
+                    zorder=3,
+                    label=f"{name} ({idx.numel()})",
+                )
                 for c in idx.tolist():
                     ax.axvline(c, color=mcolor, alpha=0.25, linewidth=0.8)
         ax.set_ylabel("max |activation|")

@@ -172,7 +172,9 @@ def kmeans_within_variance(values: torch.Tensor, k: int, max_iter: int = KMEANS_
     return out
 
 
-def _segments(xs: torch.Tensor, centres: torch.Tensor, tol: float, ar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _segments(
+    xs: torch.Tensor, centres: torch.Tensor, tol: float, ar: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest-centre assignment of sorted values to sorted centres, ties to the lower index.
 
     Returns (first, bounds): segment j of the sorted values (bounded by the midpoints between
@@ -204,7 +206,9 @@ def mocd_select(
     The rank statistics run on `device` (the accelerator, when there is one)."""
     d = vision_absmax.numel()
     if k_vision and n_vision == 0:
-        raise ChannelSelectionError("MOCD needs vision tokens to pick vision outlier channels; the calibration data has none")
+        raise ChannelSelectionError(
+            "MOCD needs vision tokens to pick vision outlier channels; the calibration data has none"
+        )
     idx_v = _top(vision_absmax, k_vision)
     keep = torch.ones(d, dtype=torch.bool)
     keep[idx_v] = False
@@ -235,7 +239,9 @@ def select_channels(
         z = torch.zeros(0, dtype=torch.long)
         return z, z.clone()
     if rule == "mocd":
-        idx_t, idx_v, _ = mocd_select(stats.vision_absmax, stats.text_matrix(), k_text, k_vision, k, stats.n_vision, device)
+        idx_t, idx_v, _ = mocd_select(
+            stats.vision_absmax, stats.text_matrix(), k_text, k_vision, k, stats.n_vision, device
+        )
         return idx_t, idx_v
     if rule == "random":
         order = torch.randperm(d, generator=generator)

@@ -98,9 +98,13 @@ class GroupParams(nn.Module):
         self.p2 = nn.Parameter(f32(rotation(n2)), requires_grad=train)
         self.p_text = self.p_vision = None
         if idx_text.numel():
-            self.p_text = nn.Parameter(f32(smooth_for(idx_text)[:, None] * rotation(idx_text.numel())), requires_grad=train)
+            self.p_text = nn.Parameter(
+                f32(smooth_for(idx_text)[:, None] * rotation(idx_text.numel())), requires_grad=train
+            )
         if idx_vision.numel():
-            self.p_vision = nn.Parameter(f32(smooth_for(idx_vision)[:, None] * rotation(idx_vision.numel())), requires_grad=train)
+            self.p_vision = nn.Parameter(
+                f32(smooth_for(idx_vision)[:, None] * rotation(idx_vision.numel())), requires_grad=train
+            )
 
         # clipping: sigmoid(param); only when trained (RTN / SmoothQuant use the full range)
         def clip_param(shape, on: bool) -> nn.Parameter | None:
@@ -128,9 +132,13 @@ class GroupParams(nn.Module):
             self.register_buffer("svd_v", f32(v))
         self.gate_cws = self.gate_mac = None
         if self.cws_rank:
-            self.gate_cws = nn.Parameter(torch.ones(self.cws_rank, device=dev), requires_grad=train and cfg.cws_lowrank == "learnable")
+            self.gate_cws = nn.Parameter(
+                torch.ones(self.cws_rank, device=dev), requires_grad=train and cfg.cws_lowrank == "learnable"
+            )
         if self.mac_rank:
-            self.gate_mac = nn.Parameter(torch.ones(self.mac_rank, device=dev), requires_grad=train and cfg.mac_lowrank == "learnable")
+            self.gate_mac = nn.Parameter(
+                torch.ones(self.mac_rank, device=dev), requires_grad=train and cfg.mac_lowrank == "learnable"
+            )
         self.aclip_mac = clip_param((), cfg.act_clip and self.mac_rank > 0)
 
     # ------------------------------------------------------------------------------------------

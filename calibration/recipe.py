@@ -43,12 +43,39 @@ ON_BAD_SAMPLE = ("error", "skip")
 
 # method -> values for the fields the user left unset
 PRESETS: dict[str, dict[str, Any]] = {
-    "splitq": dict(selection="mocd", cws_ratio=0.02, mac_ratio=0.03, train=True, transform_init="orthogonal", smooth_init="flatquant"),
-    "mocd_cws": dict(selection="mocd", cws_ratio=0.02, mac_ratio=0.0, train=True, transform_init="orthogonal", smooth_init="flatquant"),
-    "mocd": dict(selection="mocd", cws_ratio=0.0, mac_ratio=0.0, train=True, transform_init="orthogonal", smooth_init="flatquant"),
-    "flatquant": dict(selection="none", cws_ratio=0.0, mac_ratio=0.0, train=True, transform_init="orthogonal", smooth_init="flatquant"),
-    "smoothquant": dict(selection="none", cws_ratio=0.0, mac_ratio=0.0, train=False, transform_init="identity", smooth_init="smoothquant"),
-    "rtn": dict(selection="none", cws_ratio=0.0, mac_ratio=0.0, train=False, transform_init="identity", smooth_init="none"),
+    "splitq": dict(
+        selection="mocd",
+        cws_ratio=0.02,
+        mac_ratio=0.03,
+        train=True,
+        transform_init="orthogonal",
+        smooth_init="flatquant",
+    ),
+    "mocd_cws": dict(
+        selection="mocd",
+        cws_ratio=0.02,
+        mac_ratio=0.0,
+        train=True,
+        transform_init="orthogonal",
+        smooth_init="flatquant",
+    ),
+    "mocd": dict(
+        selection="mocd", cws_ratio=0.0, mac_ratio=0.0, train=True, transform_init="orthogonal", smooth_init="flatquant"
+    ),
+    "flatquant": dict(
+        selection="none", cws_ratio=0.0, mac_ratio=0.0, train=True, transform_init="orthogonal", smooth_init="flatquant"
+    ),
+    "smoothquant": dict(
+        selection="none",
+        cws_ratio=0.0,
+        mac_ratio=0.0,
+        train=False,
+        transform_init="identity",
+        smooth_init="smoothquant",
+    ),
+    "rtn": dict(
+        selection="none", cws_ratio=0.0, mac_ratio=0.0, train=False, transform_init="identity", smooth_init="none"
+    ),
 }
 
 # Settings that do not change the checkpoint: a resumed run may differ in these.
@@ -127,7 +154,9 @@ class CalibrationConfig:
     def validate(self) -> None:
         def choice(name: str, options) -> None:
             if getattr(self, name) not in options:
-                raise RecipeError(f"{name}: expected one of {', '.join(map(str, options))}, got {getattr(self, name)!r}")
+                raise RecipeError(
+                    f"{name}: expected one of {', '.join(map(str, options))}, got {getattr(self, name)!r}"
+                )
 
         try:
             SplitQScheme.from_name(self.scheme)

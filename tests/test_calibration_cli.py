@@ -13,7 +13,7 @@ from splitq_calibration.cli import calibrate_main
 from splitq_calibration.quantized_model import SplitQLinearModule, load_quantized_model
 from splitq_vllm.checkpoint import read_checkpoint
 
-from calib_helpers import single_thread, captioned_images, write_sharegpt
+from calib_helpers import single_thread, captioned_images, write_sharegpt  # noqa: F401 (autouse fixture)
 from conftest import draw_image
 
 FAST = ["--num-samples", "4", "--batch-size", "2", "-q"]
@@ -96,21 +96,62 @@ def test_every_table_row_is_one_invocation(tiny_qwen_dir, data, tmp_path):
     # Table 4: channel selection rules (on MOCD-only); k of MOCD
     picked = {}
     for rule in ("none", "random", "text_max", "vision_max", "multi_max", "multi_mean", "mocd"):
-        ckpt = run_cli(tiny_qwen_dir, data, tmp_path / f"sel-{rule}", "--method", "mocd", "--selection", rule, "--scheme", "w3a3", "--epochs", "0")
+        ckpt = run_cli(
+            tiny_qwen_dir,
+            data,
+            tmp_path / f"sel-{rule}",
+            "--method",
+            "mocd",
+            "--selection",
+            rule,
+            "--scheme",
+            "w3a3",
+            "--epochs",
+            "0",
+        )
         q = _layer(ckpt)
         picked[rule] = (tuple(q.idx_text.tolist()), tuple(q.idx_vision.tolist()))
         assert ckpt.quant_config.calibration["settings"]["selection"] == rule
     assert picked["none"] == ((), ())
     assert len({v for k, v in picked.items() if k != "none"}) >= 5  # the rules pick different channels
-    k5 = _layer(run_cli(tiny_qwen_dir, data, tmp_path / "k5", "--method", "mocd", "--mocd-k", "1", "--scheme", "w3a3", "--epochs", "0"))
+    k5 = _layer(
+        run_cli(
+            tiny_qwen_dir,
+            data,
+            tmp_path / "k5",
+            "--method",
+            "mocd",
+            "--mocd-k",
+            "1",
+            "--scheme",
+            "w3a3",
+            "--epochs",
+            "0",
+        )
+    )
     assert tuple(k5.idx_vision.tolist()) == picked["mocd"][1]  # k only changes the text set
     # Table 5: MAC target rows
     for rows in ("vision", "all"):
-        ckpt = run_cli(tiny_qwen_dir, data, tmp_path / f"mac-{rows}", "--mac-rows", rows, "--scheme", "w3a2", "--epochs", "0")
+        ckpt = run_cli(
+            tiny_qwen_dir, data, tmp_path / f"mac-{rows}", "--mac-rows", rows, "--scheme", "w3a2", "--epochs", "0"
+        )
         assert ckpt.quant_config.scheme.mac_rows == rows
     # Tables 8-9: ranks; Tables 10-11: fixed low-rank branches
-    ckpt = run_cli(tiny_qwen_dir, data, tmp_path / "ranks", "--cws-ratio", "0.05", "--mac-ratio", "0.1", "--cws-lowrank", "fixed",
-                   "--mac-lowrank", "fixed", "--epochs", "0")
+    ckpt = run_cli(
+        tiny_qwen_dir,
+        data,
+        tmp_path / "ranks",
+        "--cws-ratio",
+        "0.05",
+        "--mac-ratio",
+        "0.1",
+        "--cws-lowrank",
+        "fixed",
+        "--mac-lowrank",
+        "fixed",
+        "--epochs",
+        "0",
+    )
     d = ckpt.quant_config.layers["model.layers.0.self_attn.q_proj"]
     assert (d.cws_rank, d.mac_rank) == (6, 13)  # 5% and 10% of rank 128
     assert ckpt.quant_config.calibration["settings"]["cws_lowrank"] == "fixed"
@@ -138,12 +179,25 @@ def test_fixed_low_rank_keeps_the_gates_and_learnable_trains_them(tiny_qwen_dir,
 
 def test_yaml_recipe_holds_the_same_settings(tiny_qwen_dir, data, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"splitq": {"method": "mocd_cws", "scheme": "w3a3", "epochs": 0, "num_samples": 3, "seed": 7}}))
+    recipe.write_text(
+        yaml.safe_dump({"splitq": {"method": "mocd_cws", "scheme": "w3a3", "epochs": 0, "num_samples": 3, "seed": 7}})
+    )
     cfg = load_recipe(recipe)
     assert (cfg.method, cfg.scheme, cfg.epochs) == ("mocd_cws", "w3a3", 0)
     a = run_cli(tiny_qwen_dir, data, tmp_path / "from-recipe", "--recipe", str(recipe))
-    b = run_cli(tiny_qwen_dir, data, tmp_path / "from-flags", "--method", "mocd_cws", "--scheme", "w3a3", "--epochs", "0",
-                "--seed", "7")
+    b = run_cli(
+        tiny_qwen_dir,
+        data,
+        tmp_path / "from-flags",
+        "--method",
+        "mocd_cws",
+        "--scheme",
+        "w3a3",
+        "--epochs",
+        "0",
+        "--seed",
+        "7",
+    )
     assert a.quant_config.calibration == b.quant_config.calibration
     assert a.quant_config.calibration["settings"]["num_samples"] == 4  # FAST's --num-samples 4 wins over the recipe
     # --dump-recipe prints the effective settings, which load back unchanged
@@ -167,8 +221,14 @@ def test_python_api(tiny_qwen_dir, tmp_path):
     ckpt = read_checkpoint(out)
     assert ckpt.quant_config.scheme.name == "w4a8"
     assert ckpt.quant_config.calibration["data"] == "python list of 3 samples"
-    out2 = oneshot(model=tiny_qwen_dir, dataset=samples, output_dir=tmp_path / "oneshot",
-                   recipe={"method": "rtn", "scheme": "w4a4"}, num_calibration_samples=2, max_seq_length=512)
+    out2 = oneshot(
+        model=tiny_qwen_dir,
+        dataset=samples,
+        output_dir=tmp_path / "oneshot",
+        recipe={"method": "rtn", "scheme": "w4a4"},
+        num_calibration_samples=2,
+        max_seq_length=512,
+    )
     settings = read_checkpoint(out2).quant_config.calibration["settings"]
     assert (settings["method"], settings["num_samples"], settings["max_seq_len"]) == ("rtn", 2, 512)
     with pytest.raises(FileExistsError):
@@ -178,10 +238,33 @@ def test_python_api(tiny_qwen_dir, tmp_path):
 
 
 def test_ignore_list_keeps_layers_in_16_bits(tiny_qwen_dir, data, tmp_path):
-    ckpt = run_cli(tiny_qwen_dir, data, tmp_path / "ign", "--method", "rtn", "--ignore", "lm_head", "re:.*visual.*", r"re:.*layers\.1\.mlp\..*")
+    ckpt = run_cli(
+        tiny_qwen_dir,
+        data,
+        tmp_path / "ign",
+        "--method",
+        "rtn",
+        "--ignore",
+        "lm_head",
+        "re:.*visual.*",
+        r"re:.*layers\.1\.mlp\..*",
+    )
     names = set(ckpt.quant_config.layers)
-    assert "model.layers.1.mlp.down_proj" not in names and "model.layers.1.self_attn.q_proj" in names and len(names) == 11
+    assert (
+        "model.layers.1.mlp.down_proj" not in names and "model.layers.1.self_attn.q_proj" in names and len(names) == 11
+    )
     assert ckpt.tensor("model.layers.1.mlp.down_proj.weight").dtype == torch.bfloat16
-    rc = calibrate_main(["--model", str(tiny_qwen_dir), "--data", str(data), "--output", str(tmp_path / "bad"), *FAST,
-                         "--ignore", "k_proj"])
+    rc = calibrate_main(
+        [
+            "--model",
+            str(tiny_qwen_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "bad"),
+            *FAST,
+            "--ignore",
+            "k_proj",
+        ]
+    )
     assert rc == 2  # one member of the q/k/v group: refused with a message

@@ -2,6 +2,7 @@
 mask, and a clear message (naming the sample) for every kind of broken input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from splitq_calibration.cli import calibrate_main
 from splitq_calibration.data import CalibrationDataError, prepare_samples
 from splitq_calibration.model_layout import vision_token_ids
 
-from calib_helpers import single_thread, captioned_images, write_folder, write_sharegpt
+from calib_helpers import single_thread, captioned_images, write_folder, write_sharegpt  # noqa: F401 (autouse fixture)
 from conftest import draw_image
 
 
@@ -70,10 +71,14 @@ def test_python_list_of_samples(model, tmp_path):
     (_, img, cap), (_, img2, _) = captioned_images(2)
     data = [
         {"id": "pil", "image": img, "caption": cap},
-        {"id": "msgs", "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
-        ], "images": [img2]},
+        {
+            "id": "msgs",
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+            ],
+            "images": [img2],
+        },
         {"id": "text-only", "prompt": "Hello!", "caption": "The answer is yes."},
     ]
     samples = {s.id: s for s in _prep(model, data)}
@@ -84,7 +89,7 @@ def test_python_list_of_samples(model, tmp_path):
 # ---- broken input --------------------------------------------------------------------------
 
 
-def _one_bad(tmp_path, bad: dict) -> "Path":
+def _one_bad(tmp_path, bad: dict) -> Path:
     data = write_sharegpt(tmp_path, n=2)
     lines = data.read_text().splitlines() + [json.dumps(bad)]
     data.write_text("\n".join(lines) + "\n")
@@ -92,12 +97,18 @@ def _one_bad(tmp_path, bad: dict) -> "Path":
 
 
 def _bad_record(image: str, sid: str = "bad-one") -> dict:
-    return {"id": sid, "image": image, "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "x"}]}
+    return {
+        "id": sid,
+        "image": image,
+        "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "x"}],
+    }
 
 
 def test_missing_image_names_the_sample(model, tmp_path):
     data = _one_bad(tmp_path, _bad_record("images/nope.png"))
-    with pytest.raises(CalibrationDataError, match=r"sample 2 \(id 'bad-one' in .*calib.jsonl\): image file .*nope.png not found"):
+    with pytest.raises(
+        CalibrationDataError, match=r"sample 2 \(id 'bad-one' in .*calib.jsonl\): image file .*nope.png not found"
+    ):
         _prep(model, data)
 
 
@@ -128,8 +139,14 @@ def test_too_long_sample_names_the_sample(model, tmp_path):
 
 
 def test_malformed_records(model, tmp_path):
-    data = _one_bad(tmp_path, {"id": "two-tags", "image": "images/img00.png",
-                               "conversations": [{"from": "human", "value": "<image><image>Hi"}, {"from": "gpt", "value": "x"}]})
+    data = _one_bad(
+        tmp_path,
+        {
+            "id": "two-tags",
+            "image": "images/img00.png",
+            "conversations": [{"from": "human", "value": "<image><image>Hi"}, {"from": "gpt", "value": "x"}],
+        },
+    )
     with pytest.raises(CalibrationDataError, match="two-tags.*2 <image> tag"):
         _prep(model, data)
     folder = write_folder(tmp_path / "f", n=2)

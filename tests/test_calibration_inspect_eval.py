@@ -23,13 +23,33 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_qwen_dir, data, tmp_path_factory):
-    return calibrate(tiny_qwen_dir, data, tmp_path_factory.mktemp("ck") / "w4a4", method="mocd", epochs=0, num_samples=6)
+    return calibrate(
+        tiny_qwen_dir, data, tmp_path_factory.mktemp("ck") / "w4a4", method="mocd", epochs=0, num_samples=6
+    )
 
 
 def test_inspect_plots_and_marks_the_channels_calibration_picks(tiny_qwen_dir, data, ckpt, tmp_path, capsys):
     png = tmp_path / "fig2.png"
-    assert inspect_main(["--model", str(tiny_qwen_dir), "--data", str(data), "--layer", "1", "--group", "gate_up",
-                         "--output", str(png), "--num-samples", "6", "-q"]) == 0
+    assert (
+        inspect_main(
+            [
+                "--model",
+                str(tiny_qwen_dir),
+                "--data",
+                str(data),
+                "--layer",
+                "1",
+                "--group",
+                "gate_up",
+                "--output",
+                str(png),
+                "--num-samples",
+                "6",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(png)
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > 800 and im.size[1] > 500
@@ -47,10 +67,15 @@ def test_inspect_plots_and_marks_the_channels_calibration_picks(tiny_qwen_dir, d
 
 def test_score_questions_on_checkpoint_and_fp(tiny_qwen_dir, data, ckpt, tmp_path, capsys):
     qs = tmp_path / "questions.jsonl"
-    qs.write_text("".join(json.dumps(q) + "\n" for q in [
-        {"id": "q1", "image": "images/img00.png", "question": "What colour is the shape?", "answer": "red"},
-        {"id": "q2", "image": "images/img01.png", "question": "What shape is it?"},
-    ]))
+    qs.write_text(
+        "".join(
+            json.dumps(q) + "\n"
+            for q in [
+                {"id": "q1", "image": "images/img00.png", "question": "What colour is the shape?", "answer": "red"},
+                {"id": "q2", "image": "images/img01.png", "question": "What shape is it?"},
+            ]
+        )
+    )
     (tmp_path / "images").symlink_to(data.parent / "images")
     for model in (ckpt, tiny_qwen_dir):
         result = score_questions(model, qs, max_new_tokens=4, device="cpu")
@@ -59,7 +84,10 @@ def test_score_questions_on_checkpoint_and_fp(tiny_qwen_dir, data, ckpt, tmp_pat
         assert result["scored"] == 1 and result["accuracy"] in (0.0, 1.0)
         assert "correct" not in result["answers"][1]
     out = tmp_path / "answers.json"
-    assert eval_main(["--model", str(ckpt), "--questions", str(qs), "--max-new-tokens", "3", "--output", str(out), "-q"]) == 0
+    assert (
+        eval_main(["--model", str(ckpt), "--questions", str(qs), "--max-new-tokens", "3", "--output", str(out), "-q"])
+        == 0
+    )
     assert "accuracy" in capsys.readouterr().out and json.loads(out.read_text())["scored"] == 1
 
 

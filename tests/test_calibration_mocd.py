@@ -128,7 +128,9 @@ def test_vectorised_pieces_against_direct_formulas():
     for k in (1, 2, 3, 5):
         kv = kmeans_within_variance(vals, k)
         for c in range(30):
-            assert math.isclose(float(kv[c]), float(direct_kmeans_variance(vals[:, c].tolist(), k)), rel_tol=1e-12, abs_tol=1e-15), (k, c)
+            assert math.isclose(
+                float(kv[c]), float(direct_kmeans_variance(vals[:, c].tolist(), k)), rel_tol=1e-12, abs_tol=1e-15
+            ), (k, c)
     # k = 1 is the plain (population) variance
     fl = torch.rand(50, 6, generator=g, dtype=torch.float64)
     assert torch.allclose(kmeans_within_variance(fl, 1), fl.var(0, unbiased=False))

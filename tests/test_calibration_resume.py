@@ -24,8 +24,24 @@ def _env():
 
 
 def _cmd(model, data, out, *extra):
-    return [CLI, "--model", str(model), "--data", str(data), "--output", str(out), "--scheme", "w3a3",
-            "--num-samples", "6", "--batch-size", "2", "--epochs", "4", *extra]
+    return [
+        CLI,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--scheme",
+        "w3a3",
+        "--num-samples",
+        "6",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "4",
+        *extra,
+    ]
 
 
 def test_killed_run_resumes_to_an_identical_checkpoint(tmp_path):
@@ -53,7 +69,9 @@ def test_killed_run_resumes_to_an_identical_checkpoint(tmp_path):
     assert not out.exists()  # (a kill during a layer's write may leave a .tmp file: ignored on resume)
 
     # other settings refuse to reuse the unfinished run
-    other = subprocess.run(_cmd(model, data, out, "--epochs", "2"), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    other = subprocess.run(
+        _cmd(model, data, out, "--epochs", "2"), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert other.returncode == 2 and "different settings (epochs)" in other.stderr and "--restart" in other.stderr
 
     again = subprocess.run(_cmd(model, data, out), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)

@@ -124,7 +124,9 @@ def write_checkpoint(
     try:
         # One shard in memory at a time: `tensors` may be a lazy mapping over the source files.
         plan = _plan_shards(all_tensors, max_shard_bytes)
-        meta = {"format": "pt", "quant_method": "splitq"}
+        # One metadata key: safetensors writes several in a per-process random order, and a
+        # checkpoint should be byte-identical when its tensors are.
+        meta = {"format": "pt"}
         weight_map = {}
         for i, names in enumerate(plan, 1):
             fname = "model.safetensors" if len(plan) == 1 else f"model-{i:05d}-of-{len(plan):05d}.safetensors"

@@ -80,6 +80,16 @@ def _lowrank(h_ptr, u_ptr, uscale_ptr, R, RP: tl.constexpr, RB: tl.constexpr, ro
 
 
 @triton.jit
+def _round_to_bf16(y):
+    """float32 -> bfloat16 rounded to nearest even, done on the bit pattern so the cast that
+    follows is exact. Compiled Triton already rounds this way; Triton 3.9's CPU interpreter
+    truncates (even with fp_downcast_rounding="rtne"), and the tests run there."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+
+@triton.jit
 def _epilogue(y, rows, rvalid, cols, cvalid, N,
               hc_ptr, uc_ptr, uc_scale_ptr, RS, hm_ptr, um_ptr, um_scale_ptr, RC, bias_ptr, out_ptr, stride_o,
               BM: tl.constexpr, BN: tl.constexpr, RSP: tl.constexpr, RCP: tl.constexpr,
@@ -92,8 +102,11 @@ def _epilogue(y, rows, rvalid, cols, cvalid, N,
         y += _lowrank(hm_ptr, um_ptr, um_scale_ptr, RC, RCP, RBC, rows64, rvalid, cols, cvalid, N, BM, BN, PREC)
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=cvalid, other=0.0)[None, :]
-    tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=rvalid[:, None] & cvalid[None, :])
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        out = _round_to_bf16(y)
+    else:
+        out = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], out, mask=rvalid[:, None] & cvalid[None, :])
 
 
 @triton.jit

@@ -45,11 +45,10 @@ class MismatchError(AssertionError):
 
 def _to_reference(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool) -> QuantizedTensor:
     if sym:
-        return QuantizedTensor(codes.to(torch.int8).cpu(), scale.reshape(-1, 1).float().cpu(), None, bits)
+        return QuantizedTensor(codes.to(torch.int8), scale.reshape(-1, 1).float(), None, bits)
     off = 1 << (bits - 1)
     return QuantizedTensor(
-        (codes.to(torch.int16) + off).cpu(), scale.reshape(-1, 1).float().cpu(),
-        (zero.to(torch.int16) + off).reshape(-1, 1).cpu(), bits,
+        codes.to(torch.int16) + off, scale.reshape(-1, 1).float(), (zero.to(torch.int16) + off).reshape(-1, 1), bits,
     )
 
 
@@ -77,10 +76,11 @@ def reference_to_activations(
     """The reference's QuantizedInput in kernel (b)'s input layout, with the down products computed
     the reference's way (exact integer sums rescaled in float64, rounded to float32)."""
     T = qin.main.codes.shape[0]
+    src = qin.main.codes.device
     off_t, off_v, width = code_offsets(kl)
-    codes = torch.zeros(T, width, dtype=torch.int8)
-    scale = torch.ones(T, 4, dtype=torch.float32)
-    zero = torch.zeros(T, 4, dtype=torch.int32)
+    codes = torch.zeros(T, width, dtype=torch.int8, device=src)
+    scale = torch.ones(T, 4, dtype=torch.float32, device=src)
+    zero = torch.zeros(T, 4, dtype=torch.int32, device=src)
 
     def put(q: QuantizedTensor | None, col: int | None, slot: int, bits: int) -> None:
         if q is None:
@@ -98,7 +98,7 @@ def reference_to_activations(
     put(qin.mac, None, 3, scheme.aux_act_bits)  # the GEMM only needs h_mac; scale/zero for completeness
 
     def hpad(h: torch.Tensor, rp: int) -> torch.Tensor:
-        out = torch.zeros(T, rp, dtype=torch.float32)
+        out = torch.zeros(T, rp, dtype=torch.float32, device=src)
         out[:, : h.shape[1]] = h
         return out
 
@@ -107,8 +107,8 @@ def reference_to_activations(
         h_cws = hpad(int_linear(qin.main, layer.cws_down, torch.float32), kl.cws_rank_padded)
     if layer.mac_down is not None:
         h = int_linear(qin.mac, layer.mac_down, torch.float32)
-        rows = mac_row_mask(text_mask.cpu(), scheme.mac_rows)
-        h_mac = hpad(torch.where(rows[:, None], h, torch.zeros(())), kl.mac_rank_padded)
+        rows = mac_row_mask(text_mask.to(h.device), scheme.mac_rows)
+        h_mac = hpad(torch.where(rows[:, None], h, torch.zeros((), device=src)), kl.mac_rank_padded)
     dev = torch.device(device)
     return QuantizedActivations(
         codes.to(dev), scale.to(dev), zero.to(dev),
@@ -143,10 +143,10 @@ def check_outputs(actual: torch.Tensor, expected: torch.Tensor, rows: torch.Tens
     """|actual - expected| <= output_tolerance on the selected rows (default: all). `expected` is
     the reference in float32 (before its own cast to actual.dtype). Returns the worst ratio of
     error to tolerance (<= 1 passes)."""
-    a = actual.detach().cpu()
-    e = expected.detach().cpu().double()
+    e = expected.detach().double()
+    a = actual.detach().to(e.device)
     if rows is not None:
-        a, e = a[rows.cpu()], e[rows.cpu()]
+        a, e = a[rows.to(e.device)], e[rows.to(e.device)]
     if a.numel() == 0:
         return 0.0
     tol = output_tolerance(e, a, actual.dtype)
@@ -170,7 +170,7 @@ def check_gemm(
     `kernel_gemm(act, kl, out_dtype) -> y`."""
     act = reference_to_activations(qin, text_mask, layer, scheme, kl, device)
     y = kernel_gemm(act, kl, out_dtype)
-    expected = splitq_gemm(qin, text_mask.cpu(), layer, scheme, torch.float32)
+    expected = splitq_gemm(qin, text_mask.to(layer.idx_main.device), layer, scheme, torch.float32)
     return check_outputs(y, expected, what="gemm")
 
 
@@ -221,7 +221,7 @@ def _compare_path(
     s_got = got.scale.double().reshape(-1)
     qmin, qmax = qrange(bits, sym)
     # scale: hi (and lo) move by at most the largest element bound; s by clip * that / qmax
-    row_bound = bound.amax(dim=1) if bound.numel() else torch.zeros(T, dtype=torch.float64)
+    row_bound = bound.amax(dim=1) if bound.numel() else torch.zeros(T, dtype=torch.float64, device=pre.device)
     ds = clip * row_bound * (1 if sym else 2) / qmax + 4 * EPS32 * s_ref
     flipped: set[int] = set()
     bad_scale = (s_got - s_ref).abs() > ds
@@ -274,8 +274,9 @@ def check_quantized_input(
 ) -> QuantizeReport:
     """Criterion 2 (see module doc), plus: the down products equal those of the kernel's own codes
     (exact integer sums; float32 rescaling only). Needs act.mac_codes when MAC is on."""
-    x = x.detach().cpu().reshape(-1, layer.in_features)
-    mask = text_mask.detach().cpu().reshape(-1)
+    dev = layer.idx_main.device  # the reference runs where the layer is (CPU in tests, GPU in benchmarks)
+    x = x.detach().to(dev).reshape(-1, layer.in_features)
+    mask = text_mask.detach().to(dev).reshape(-1)
     T = x.shape[0]
     ref = quantize_input(x, layer, scheme)
     got = activations_to_reference(act, kl)
@@ -315,8 +316,8 @@ def check_quantized_input(
         r = w.codes.shape[0]
         exact = int_linear(qa, w, torch.float64)
         if sel is not None:
-            exact = torch.where(sel[:, None], exact, torch.zeros((), dtype=torch.float64))
-        hk = h.detach().cpu().double()
+            exact = torch.where(sel[:, None], exact, torch.zeros((), dtype=torch.float64, device=exact.device))
+        hk = h.detach().to(dev).double()
         if bool(hk[:, r:].ne(0).any()):
             raise MismatchError(f"{name}: padding columns are not zero")
         err = (hk[:, :r] - exact).abs()
@@ -336,13 +337,15 @@ def check_linear(
     applied to the kernel's own quantized input (all rows, criterion 3); (c) y against the full
     reference splitq_linear on every row whose codes all match (criterion 3). Returns the report
     and the worst error/tolerance ratios of (b) and (c)."""
-    mask = text_mask.detach().cpu().reshape(-1)
+    dev = layer.idx_main.device
+    x = x.detach().to(dev)
+    mask = text_mask.detach().to(dev).reshape(-1)
     report = check_quantized_input(act, x, mask, layer, scheme, kl)
     own = splitq_gemm(activations_to_reference(act, kl), mask, layer, scheme, torch.float32)
     r_own = check_outputs(y, own, what="output vs reference GEMM on the kernel's codes")
-    full = splitq_gemm(quantize_input(x.detach().cpu().reshape(-1, layer.in_features), layer, scheme), mask, layer,
+    full = splitq_gemm(quantize_input(x.reshape(-1, layer.in_features), layer, scheme), mask, layer,
                        scheme, torch.float32)
-    keep = torch.ones(y.shape[0], dtype=torch.bool)
+    keep = torch.ones(y.shape[0], dtype=torch.bool, device=dev)
     for r in report.rows_with_flips():
         keep[r] = False
     r_full = check_outputs(y, full, rows=keep, what="output vs reference")

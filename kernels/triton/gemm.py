@@ -5,7 +5,8 @@ main (weight_bits codes) then text and vision outliers (aux_weight_bits). Weight
 from packed words in registers (layout.pack_words): a [WORD_SUB, BN] word tile becomes one
 [G * WORD_SUB, BN] int8 tile and one tl.dot with int32 accumulation (exact). Per range, y += (acc - z * colsum(w)) * s_x * s_w (the zero-point term only for asymmetric
 activations). The epilogue adds h_cws @ up_cws and h_mac @ up_mac (h_mac is already zero on rows
-MAC does not target, see kernel (a)), then the bias, in the reference's order, and writes x's dtype.
+MAC does not target, see kernel (a)), then the bias, in the reference's order, and writes x's dtype
+(bfloat16 rounded to nearest even explicitly).
 
 Decode (T <= BM = 16): the K ranges are split over SPLIT_K programs per output tile so that enough
 programs stream the weights. Partial int32 sums go to a zeroed workspace with atomic adds (exact
@@ -66,17 +67,17 @@ def _rescale(acc, s_ptr, z_ptr, SLOT: tl.constexpr, rows, rvalid, colsum_ptr, ws
 
 
 @triton.jit
-def _lowrank(h_ptr, u_ptr, uscale_ptr, R, RP: tl.constexpr, RB: tl.constexpr, rows64, rvalid, cols, cvalid, N,
-             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """(h @ up_codes) * up_scale: the low-rank "up" product of one branch."""
-    lr = tl.zeros([BM, BN], tl.float32)
+def _lowrank(y, h_ptr, u_ptr, uscale_ptr, R, RP: tl.constexpr, RB: tl.constexpr, rows64, rvalid, cols, cvalid, N,
+             PREC: tl.constexpr):
+    """y + h @ deq(up): the low-rank "up" product of one branch, accumulated into y by the dot
+    itself (no second [BM, BN] accumulator); deq(up) = codes * scale as the reference forms it."""
+    us = tl.load(uscale_ptr + cols, mask=cvalid, other=0.0)
     for r0 in range(0, R, RB):
         r = r0 + tl.arange(0, RB)
         h = tl.load(h_ptr + rows64[:, None] * RP + r[None, :], mask=rvalid[:, None], other=0.0)
         u = tl.load(u_ptr + r.to(tl.int64)[:, None] * N + cols[None, :], mask=cvalid[None, :], other=0)
-        lr = tl.dot(h, u.to(tl.float32), lr, input_precision=PREC)
-    us = tl.load(uscale_ptr + cols, mask=cvalid, other=0.0)
-    return lr * us[None, :]
+        y = tl.dot(h, u.to(tl.float32) * us[None, :], y, input_precision=PREC)
+    return y
 
 
 @triton.jit
@@ -97,9 +98,9 @@ def _epilogue(y, rows, rvalid, cols, cvalid, N,
               HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
     rows64 = rows.to(tl.int64)
     if HAS_CWS:
-        y += _lowrank(hc_ptr, uc_ptr, uc_scale_ptr, RS, RSP, RBS, rows64, rvalid, cols, cvalid, N, BM, BN, PREC)
+        y = _lowrank(y, hc_ptr, uc_ptr, uc_scale_ptr, RS, RSP, RBS, rows64, rvalid, cols, cvalid, N, PREC)
     if HAS_MAC:
-        y += _lowrank(hm_ptr, um_ptr, um_scale_ptr, RC, RCP, RBC, rows64, rvalid, cols, cvalid, N, BM, BN, PREC)
+        y = _lowrank(y, hm_ptr, um_ptr, um_scale_ptr, RC, RCP, RBC, rows64, rvalid, cols, cvalid, N, PREC)
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=cvalid, other=0.0)[None, :]
     if out_ptr.dtype.element_ty == tl.bfloat16:

@@ -109,7 +109,7 @@ def _quantize_input_kernel(
 
         # ---- 1. main set: gather, smooth, Kronecker transform -> scratch[:, :M], row stats ----
         hi, lo = init_stats(BT, SYM)
-        for tt in tl.static_range(0, BT, BTT):
+        for tt in range(0, BT, BTT):
             r = tl.arange(0, BTT * N1P)  # rows (token, i) of Z = R P2
             tr = t0 + tt + r // N1P
             ir = r % N1P
@@ -136,7 +136,7 @@ def _quantize_input_kernel(
                 zt = tl.reshape(tl.permute(tl.reshape(z, (BTT, N1P, BB)), (1, 0, 2)), (N1P, BTT * BB))
                 bc = b0 + c % BB
                 cvalid = (tc < T) & (bc < n2)
-                for a0 in tl.static_range(0, N1P, BA):
+                for a0 in range(0, N1P, BA):
                     a = a0 + tl.arange(0, BA)
                     avalid = a < n1
                     p1t = tl.load(p1_ptr + i_all[None, :] * n1 + a[:, None],
@@ -266,6 +266,11 @@ def code_offsets(kl: KernelLayer) -> tuple[int, int, int]:
     return off_t, off_v, off_v + _align16(kl.vision)
 
 
+# register budget of the Kronecker tiles: Z = [BTT * N1P, BB] <= TILE["z"] elements; the gathered
+# input tile is [BTT * N1P, BJ] (three of them live: indices, smoothing, values)
+TILE = {"z": 4096, "bb": 16, "bj": 16, "ba": 16}  # spill-free at 7B shapes on sm_90 (AOT check)
+
+
 def plan_quantize_input(
     x: torch.Tensor,
     text_mask: torch.Tensor | None,
@@ -277,11 +282,11 @@ def plan_quantize_input(
 ) -> Launch:
     T = x.shape[0]
     n1p = max(16, next_pow2(kl.n1))
-    bb = 16 if kl.n2 <= 16 else 32
-    btt = max(1, min(block_t, 8192 // (n1p * bb)))
+    bb = 16 if kl.n2 <= 16 else TILE["bb"]
+    btt = max(1, min(block_t, TILE["z"] // (n1p * bb)))
     rsp = kl.cws_rank_padded or 16
     rcp = kl.mac_rank_padded or 16
-    bk = 64 if block_t >= 16 else max(32, min(64, 16384 // (block_t * max(rsp, rcp))))
+    bk = 64 if block_t >= 16 else max(32, min(64, 2048 // (block_t * max(rsp, rcp))))  # broadcast down product
     off_t, off_v, _ = code_offsets(kl)
     dummy_f = kl.main_smooth
     dummy_i = kl.idx_main
@@ -309,7 +314,7 @@ def plan_quantize_input(
         rmac_ptr=out.mac_codes if out.mac_codes is not None else dummy_q,
     )
     constexprs = dict(
-        BT=block_t, BTT=btt, N1P=n1p, BB=bb, BJ=32 if kl.n2 > 16 else 16, BA=min(n1p, 32), BK=bk,
+        BT=block_t, BTT=btt, N1P=n1p, BB=bb, BJ=TILE["bj"] if kl.n2 > 16 else 16, BA=min(n1p, TILE["ba"]), BK=bk,
         BO=64 if kl.text > 32 or kl.vision > 32 else 32, BJO=16, RSP=rsp, RCP=rcp,
         ABITS=kl.act_bits, AUXBITS=kl.aux_act_bits, SYM=kl.act_symmetric,
         MAC_ROWS=("text", "vision", "all").index(kl.mac_rows),

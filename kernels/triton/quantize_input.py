@@ -329,9 +329,11 @@ def plan_quantize_input(
 
 
 def default_programs(device: torch.device) -> int:
-    """Persistent grid size: bounds the float32 scratch to n_programs * BT rows."""
+    """Persistent grid size: one program per SM (a program uses ~230 registers x 256 threads, so
+    only one fits on an SM anyway); bounds the float32 scratch to n_programs * BT rows of D_in
+    (132 * 16 * 18944 * 4 B = 160 MB for a 7B down_proj on an H100, at any row count)."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return torch.cuda.get_device_properties(device).multi_processor_count
     return 1 << 30
 
 

@@ -30,6 +30,9 @@ import time
 
 import torch
 
+from _bootstrap import ensure_splitq_kernels
+
+ensure_splitq_kernels()
 QWEN25VL_7B_TEXT = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
     num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=151643,

@@ -38,6 +38,9 @@ import traceback
 
 import torch
 
+from _bootstrap import ensure_splitq_kernels
+
+ensure_splitq_kernels()
 MODELS = {
     "7b": {"qkv": (3584, 4608), "o_proj": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)},
     "3b": {"qkv": (2048, 2560), "o_proj": (2048, 2048), "gate_up": (2048, 22016), "down": (11008, 2048)},

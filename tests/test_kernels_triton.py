@@ -261,6 +261,8 @@ def test_entry_point_dtypes_leading_dims_and_no_mask():
     assert splitq_linear_triton(x[:0], mask[:0], kl).shape == (0, 7, 37)
     empty = splitq_linear_triton(x.reshape(14, 53)[:0], mask.reshape(14)[:0], kl)
     assert empty.shape == (0, 37)
+    with pytest.raises(TypeError, match="float64"):
+        quantize_input_triton(x.reshape(14, 53).double(), None, kl)
 
 
 def test_custom_op_compiles_opaque_and_has_a_fake():

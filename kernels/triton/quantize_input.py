@@ -360,6 +360,9 @@ def quantize_input_triton(
     """Kernel (a) on x [T, in_features] (bf16/fp16/fp32); text_mask [T] bool or None (all text)."""
     if x.dim() != 2 or x.shape[1] != kl.in_features:
         raise ValueError(f"x must be [T, {kl.in_features}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"the kernels compute in float32 from bf16/fp16/fp32 inputs, got {x.dtype} "
+                        "(the reference computes float64 inputs in float64: use it for those)")
     x = x if x.stride(1) == 1 else x.contiguous()
     T = x.shape[0]
     out = alloc_activations(kl, T, x.device, store_mac)

@@ -164,8 +164,9 @@ def replace_linears(model, scheme, device, precision: str, mask: TextMask, check
     prepared = {}
     for name, (d_in, d_out, bias) in shapes.items():
         dims = default_layer_dims(d_in, d_out, outlier_frac=outlier_frac, main_multiple=main_multiple)
-        layer = random_quantized_layer(d_in, d_out, scheme=scheme, bias=bias, seed=len(prepared), **dims)
-        prepared[name] = (layer.to(device), prepare_kernel_layer(layer, scheme, device, precision=precision))
+        layer = random_quantized_layer(d_in, d_out, scheme=scheme, bias=bias, seed=len(prepared), **dims).to(device)
+        kl = prepare_kernel_layer(layer, scheme, device, precision=precision)  # packs on the device
+        prepared[name] = (layer if check else None, kl)  # the reference layer only when checking
         log(f"  {name}: {d_in} -> {d_out}, split {dims}")
 
     def fresh(name: str) -> SplitQLinear:
@@ -289,8 +290,7 @@ def main() -> int:
     results = {"info": info, "weights_gib": {}, "rows": []}
     results["weights_gib"]["bf16"] = weights()
     log(f"built in {time.time() - t0:.0f}s; resident {results['weights_gib']['bf16']:.2f} GiB")
-    if not args.cpu_check:
-        results["rows"] += run_phase(model, "bf16", batches, seq, decode, mask, device, text["vocab_size"], repeats)
+    results["rows"] += run_phase(model, "bf16", batches, seq, decode, mask, device, text["vocab_size"], repeats)
     modules = replace_linears(model, scheme, device, args.precision, mask, args.cpu_check, main_multiple, outlier_frac)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -302,15 +302,14 @@ def main() -> int:
         if len({m.calls for m in modules}) != 1:  # q/k/v (gate/up) must share one fused call
             raise SystemExit(f"cpu-check: uneven SplitQ call counts {[m.calls for m in modules]}")
         log(f"cpu-check: {calls} SplitQ linear calls checked against the reference (prefill and decode): ok")
-    else:
-        for b in batches:
-            base = next((r for r in results["rows"] if r["variant"] == "bf16" and r["batch"] == b), None)
-            sq = next((r for r in results["rows"] if r["variant"] == "splitq" and r["batch"] == b), None)
-            if base and sq:
-                log(f"batch {b}: prefill x{base['prefill_ms'] / sq['prefill_ms']:.2f} faster, decode "
-                    f"x{base['decode_ms_per_token'] / sq['decode_ms_per_token']:.2f}, peak memory "
-                    f"x{base['prefill_peak_gib'] / sq['prefill_peak_gib']:.2f} less (prefill), weights "
-                    f"x{results['weights_gib']['bf16'] / results['weights_gib']['splitq']:.2f} less")
+    for b in batches:
+        base = next((r for r in results["rows"] if r["variant"] == "bf16" and r["batch"] == b), None)
+        sq = next((r for r in results["rows"] if r["variant"] == "splitq" and r["batch"] == b), None)
+        if base and sq:
+            log(f"batch {b}: prefill x{base['prefill_ms'] / sq['prefill_ms']:.2f} faster, decode "
+                f"x{base['decode_ms_per_token'] / sq['decode_ms_per_token']:.2f}, peak memory "
+                f"x{base['prefill_peak_gib'] / sq['prefill_peak_gib']:.2f} less (prefill), weights "
+                f"x{results['weights_gib']['bf16'] / results['weights_gib']['splitq']:.2f} less")
     out = args.json or (os.path.join(os.environ["OUT"], "bench_e2e_qwen25vl.json") if os.environ.get("OUT") else None)
     if out:
         with open(out, "w") as f:

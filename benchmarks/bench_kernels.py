@@ -48,6 +48,7 @@ MODELS = {
 TINY = {"tiny": {"qkv": (200, 72), "down": (331, 45)}}  # --cpu-check: awkward sizes, interpreter
 ROWS = [1, 16, 256, 2048, 16384]
 VARIANTS = ["w4a4_gemm", "mocd", "mocd+cws", "splitq"]
+FAILURES: list[str] = []  # timing runs that raised (reported at the end; exit status 1)
 
 
 def log(*a) -> None:
@@ -77,12 +78,13 @@ def layer_for(variant: str, d_in: int, d_out: int, scheme, bias: bool, seed: int
 
 
 def inputs(rows: int, d_in: int, device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from splitq_kernels.reference.random_layer import random_activations
-
-    x = random_activations(rows, d_in, seed=seed, outlier_channels=max(1, d_in // 100)).to(torch.bfloat16)
-    # an image-heavy prompt: the first 60% of the rows are vision tokens, the rest text
-    mask = torch.arange(rows) >= int(0.6 * rows)
-    return x.to(device), mask.to(device)
+    """Gaussian rows with 1% of the channels 20x larger, drawn on the device; an image-heavy
+    prompt's mask: the first 60% of the rows are vision tokens, the rest text."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(rows, d_in, generator=gen, device=device, dtype=torch.float32)
+    x[:, torch.randperm(d_in, generator=gen, device=device)[: max(1, d_in // 100)]] *= 20.0
+    mask = torch.arange(rows, device=device) >= int(0.6 * rows)
+    return x.to(torch.bfloat16), mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +126,15 @@ def check_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, pre
 # ---------------------------------------------------------------------------------------------
 # timing (GPU)
 # ---------------------------------------------------------------------------------------------
+
+
+def wall_time_ms(fn, iters: int = 1) -> float:
+    """--cpu-check stand-in for graph_time_ms: exercises the timing code, times nothing useful."""
+    fn()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) * 1e3 / iters
 
 
 def graph_time_ms(fn, iters: int = 10) -> float:
@@ -176,23 +187,27 @@ def copies_for(nbytes: int, cap: int = 48) -> int:
     return max(1, min(cap, math.ceil((256 << 20) / max(1, nbytes))))
 
 
-def time_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, precision: str, peaks: dict) -> list[dict]:
+def time_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, precision: str, peaks: dict,
+               timer=None) -> list[dict]:
     from splitq_kernels.layout import prepare_kernel_layer
     from splitq_kernels.ops import splitq_linear_triton
     from splitq_kernels.triton.gemm import gemm_triton
     from splitq_kernels.triton.quantize_input import quantize_input_triton
 
+    timer = timer or graph_time_ms
     results = []
     bias = name == "qkv"
     w = torch.randn(d_out, d_in, device=device, dtype=torch.bfloat16) / d_in**0.5
     b = torch.randn(d_out, device=device, dtype=torch.bfloat16) if bias else None
-    n_w = copies_for(w.numel() * 2)
+    cap = 48 if device.type == "cuda" else 2  # the interpreter is slow: two copies exercise the code
+    n_w = copies_for(w.numel() * 2, cap)
     ws = [w] + [w.clone() for _ in range(n_w - 1)]
     kls = {}
     for variant in VARIANTS:
-        kl = prepare_kernel_layer(layer_for(variant, d_in, d_out, scheme, bias, seed=2), scheme, device,
-                                  precision=precision)
-        n = copies_for(kl.nbytes())
+        layer = layer_for(variant, d_in, d_out, scheme, bias, seed=2).to(device)  # packs on the device
+        kl = prepare_kernel_layer(layer, scheme, device, precision=precision)
+        del layer
+        n = copies_for(kl.nbytes(), cap)
         clone = lambda k: dataclasses.replace(  # noqa: E731
             k, **{f.name: getattr(k, f.name).clone() for f in dataclasses.fields(k)
                   if isinstance(getattr(k, f.name), torch.Tensor)})
@@ -202,7 +217,7 @@ def time_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, prec
         act_bytes = rows * (d_in + d_out) * 2
         row = {"layer": name, "d_in": d_in, "d_out": d_out, "rows": rows}
         try:
-            t_bf16 = graph_time_ms(lambda: [torch.nn.functional.linear(x, wi, b) for wi in ws]) / len(ws)
+            t_bf16 = timer(lambda: [torch.nn.functional.linear(x, wi, b) for wi in ws]) / len(ws)
         except torch.cuda.OutOfMemoryError:
             log(f"  {name} rows={rows}: out of memory for bf16; skipped")
             continue
@@ -215,9 +230,10 @@ def time_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, prec
                     fn = lambda: [gemm_triton(acts, k, torch.bfloat16) for k in layers]  # noqa: E731
                 else:
                     fn = lambda: [splitq_linear_triton(x, mask, k) for k in layers]  # noqa: E731
-                t = graph_time_ms(fn) / len(layers)
+                t = timer(fn) / len(layers)
             except Exception as e:  # noqa: BLE001
-                log(f"  {name} rows={rows} {variant}: FAILED {type(e).__name__}: {e}")
+                FAILURES.append(f"{name} rows={rows} {variant}: {type(e).__name__}: {e}")
+                log(f"  {FAILURES[-1]}: FAILED")
                 continue
             row[f"{variant}_ms"] = t
             row[f"{variant}_speedup"] = t_bf16 / t
@@ -226,17 +242,19 @@ def time_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, prec
         # kernel (a) and (b) of the full method, separately
         try:
             k0 = kls["splitq"][0]
-            row["splitq_a_ms"] = graph_time_ms(lambda: quantize_input_triton(x, mask, k0))
+            row["splitq_a_ms"] = timer(lambda: quantize_input_triton(x, mask, k0))
             acts = quantize_input_triton(x, mask, k0)
-            row["splitq_b_ms"] = graph_time_ms(lambda: gemm_triton(acts, k0, torch.bfloat16))
+            row["splitq_b_ms"] = timer(lambda: gemm_triton(acts, k0, torch.bfloat16))
         except Exception as e:  # noqa: BLE001
-            log(f"  {name} rows={rows} split timing: FAILED {type(e).__name__}: {e}")
+            FAILURES.append(f"{name} rows={rows} split timing: {type(e).__name__}: {e}")
+            log(f"  {FAILURES[-1]}: FAILED")
         row["bf16_tflops"] = flops / (t_bf16 * 1e-3) / 1e12
         row["bf16_gbs"] = (w.numel() * 2 + act_bytes) / (t_bf16 * 1e-3) / 1e9
         results.append(row)
         log(format_row(row, peaks))
     del ws, kls
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return results
 
 
@@ -303,6 +321,12 @@ def main() -> int:
                                       rows, "ieee" if args.cpu_check else args.precision)
         log(f"correctness: {'all passed' if all_ok else 'FAILURES above'} ({time.time() - t_start:.0f}s)")
     results = {"info": info, "checks_passed": all_ok, "peaks": None, "rows": []}
+    if args.cpu_check:  # exercise the timing code on the CPU (interpreter wall-clock times mean nothing)
+        fake = {"bf16_tflops": 1.0, "int8_tops": 1.0, "copy_gbs": 1.0}
+        for model, layers in models.items():
+            for name, (d_in, d_out) in layers.items():
+                results["rows"] += time_layer(name, d_in, d_out, scheme, device, [1, 37], "ieee", fake, wall_time_ms)
+        log(f"timing code path exercised on the CPU ({len(results['rows'])} rows)")
     if device.type == "cuda":
         peaks = device_peaks(device)
         results["peaks"] = peaks
@@ -322,7 +346,9 @@ def main() -> int:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
         log(f"wrote {out}")
-    return 0 if all_ok else 1
+    if FAILURES:
+        log(f"{len(FAILURES)} timing runs failed:\n  " + "\n  ".join(FAILURES))
+    return 0 if all_ok and not FAILURES else 1
 
 
 if __name__ == "__main__":

@@ -51,24 +51,27 @@ def padded_rank(rank: int) -> int:
     return 0 if rank == 0 else max(16, next_pow2(rank))
 
 
-def pack_words(codes: torch.Tensor, bits: int, sub: int = WORD_SUB) -> torch.Tensor:
-    """(rows=out, K) signed codes -> uint8 [ceil(K / (G * sub)) * sub, out * word_bytes] (module doc)."""
+def pack_words(codes: torch.Tensor, bits: int, sub: int = WORD_SUB, chunk: int = 4096) -> torch.Tensor:
+    """(rows=out, K) signed codes -> uint8 [ceil(K / (G * sub)) * sub, out * word_bytes] (module doc).
+    Works `chunk` outputs at a time to bound the int64 temporaries (~40 bytes per code)."""
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
     n, k = codes.shape
     g, nbytes = codes_per_word(bits), word_bytes(bits)
     block = g * sub
     nb = max(1, -(-k // block))
-    u = codes.to(torch.int64) + (1 << (bits - 1))
-    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << bits):
+    if codes.numel() and (int(codes.min()) < -(1 << (bits - 1)) or int(codes.max()) >= 1 << (bits - 1)):
         raise ValueError(f"codes out of range for {bits} bits")
-    u = torch.nn.functional.pad(u, (0, nb * block - k), value=1 << (bits - 1))  # pad with code 0
-    u = u.reshape(n, nb, g, sub)
-    shifts = (torch.arange(g, dtype=torch.int64, device=u.device) * bits).reshape(1, 1, g, 1)
-    words = (u << shifts).sum(2).reshape(n, nb * sub).transpose(0, 1)  # (rows, out), < 2^32
-    byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=u.device) * 8
-    out = (words.unsqueeze(-1) >> byte_shifts) & 0xFF  # (rows, out, nbytes), little-endian
-    return out.reshape(nb * sub, n * nbytes).to(torch.uint8).contiguous()
+    out = torch.empty(nb * sub, n * nbytes, dtype=torch.uint8, device=codes.device)
+    shifts = (torch.arange(g, dtype=torch.int64, device=codes.device) * bits).reshape(1, 1, g, 1)
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=codes.device) * 8
+    for n0 in range(0, n, chunk):
+        u = codes[n0 : n0 + chunk].to(torch.int64) + (1 << (bits - 1))
+        u = torch.nn.functional.pad(u, (0, nb * block - k), value=1 << (bits - 1))  # pad with code 0
+        c = u.shape[0]
+        words = (u.reshape(c, nb, g, sub) << shifts).sum(2).reshape(c, nb * sub).transpose(0, 1)  # < 2^32
+        out[:, n0 * nbytes : (n0 + c) * nbytes] = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(nb * sub, -1)
+    return out
 
 
 def unpack_words(words: torch.Tensor, k: int, bits: int, sub: int = WORD_SUB) -> torch.Tensor:
@@ -189,9 +192,9 @@ def _weight(q: QuantizedTensor, bits: int, device) -> tuple[torch.Tensor, torch.
         raise ValueError("format v1 weights are symmetric per output channel")
     if q.bits != bits:
         raise ValueError(f"weight has {q.bits} bits, the scheme says {bits}")
-    codes = q.codes.to(torch.int32)
+    codes = q.codes.to(device=device, dtype=torch.int32)  # pack where the kernels run (fast on a GPU)
     return (
-        pack_words(codes, bits).to(device),
+        pack_words(codes, bits),
         q.scale.reshape(-1).to(device=device, dtype=torch.float32).contiguous(),
         codes.sum(1).to(device=device, dtype=torch.int32).contiguous(),
     )
@@ -200,20 +203,21 @@ def _weight(q: QuantizedTensor, bits: int, device) -> tuple[torch.Tensor, torch.
 def _down(q: QuantizedTensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r, m = q.codes.shape
     rp = padded_rank(r)
-    codes_t = torch.zeros(m, rp, dtype=torch.int8)
-    codes_t[:, :r] = q.codes.to(torch.int8).transpose(0, 1)
-    scale = torch.zeros(rp, dtype=torch.float32)
-    scale[:r] = q.scale.reshape(-1).float()
-    colsum = torch.zeros(rp, dtype=torch.int32)
-    colsum[:r] = q.codes.to(torch.int32).sum(1)
-    return codes_t.to(device), scale.to(device), colsum.to(device)
+    codes = q.codes.to(device)
+    codes_t = torch.zeros(m, rp, dtype=torch.int8, device=device)
+    codes_t[:, :r] = codes.to(torch.int8).transpose(0, 1)
+    scale = torch.zeros(rp, dtype=torch.float32, device=device)
+    scale[:r] = q.scale.reshape(-1).to(device=device, dtype=torch.float32)
+    colsum = torch.zeros(rp, dtype=torch.int32, device=device)
+    colsum[:r] = codes.to(torch.int32).sum(1)
+    return codes_t, scale, colsum
 
 
 def _up(q: QuantizedTensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     n, r = q.codes.shape
-    codes_t = torch.zeros(padded_rank(r), n, dtype=torch.int8)
-    codes_t[:r] = q.codes.to(torch.int8).transpose(0, 1)
-    return codes_t.to(device), q.scale.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
+    codes_t = torch.zeros(padded_rank(r), n, dtype=torch.int8, device=device)
+    codes_t[:r] = q.codes.to(device=device, dtype=torch.int8).transpose(0, 1)
+    return codes_t, q.scale.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
 
 
 def prepare_kernel_layer(

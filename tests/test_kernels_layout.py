@@ -28,6 +28,7 @@ def test_pack_words_round_trip_and_size(bits, k):
     # storage is ceil(bits * G / 8) bytes per G codes: exact for 2, 3, 4, 8 bits
     assert word_bytes(bits) * 8 < g * bits + 8
     assert torch.equal(unpack_words(words, k, bits), codes)
+    assert torch.equal(pack_words(codes, bits, chunk=3), words)  # packing in chunks of outputs
 
 
 def test_pack_words_layout_is_the_documented_one():

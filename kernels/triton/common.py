@@ -49,10 +49,13 @@ def qcodes(x, s, z, BITS: tl.constexpr, SYM: tl.constexpr):
     v = rint(tl.math.div_rn(x, s))
     if SYM:
         q = tl.minimum(tl.maximum(v, -(1 << (BITS - 1)) * 1.0), ((1 << (BITS - 1)) - 1) * 1.0)
-        return q, q
+        stored = q
+        centered = q
     else:
         q = tl.minimum(tl.maximum(v + z, 0.0), ((1 << BITS) - 1) * 1.0)
-        return q - (1 << (BITS - 1)), q - z
+        stored = q - (1 << (BITS - 1))
+        centered = q - z
+    return stored, centered
 
 
 @triton.jit
@@ -71,8 +74,10 @@ def row_stats(x, valid, SYM: tl.constexpr):
 @triton.jit
 def merge_stats(hi, lo, hi2, lo2, SYM: tl.constexpr):
     if SYM:
-        return tl.maximum(hi, hi2), lo
-    return tl.maximum(hi, hi2), tl.minimum(lo, lo2)
+        lo_out = lo
+    else:
+        lo_out = tl.minimum(lo, lo2)
+    return tl.maximum(hi, hi2), lo_out
 
 
 @triton.jit
@@ -90,9 +95,12 @@ def init_stats(BT: tl.constexpr, SYM: tl.constexpr):
 def small_mm(a, b, acc, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     """acc + a @ b. tl.dot when every dim is at least a tensor-core tile (USE_DOT), else a
     broadcast-multiply-sum on CUDA cores (decode blocks of fewer than 16 rows)."""
+    # single exit: Triton 3.6 does not stop at a `return` inside a constexpr `if`
     if USE_DOT:
         if a.dtype == tl.int8:
-            return tl.dot(a, b, acc)
-        return tl.dot(a, b, acc, input_precision=PREC)
+            out = tl.dot(a, b, acc, out_dtype=tl.int32)  # Triton 3.6 wants out_dtype spelled out
+        else:
+            out = tl.dot(a, b, acc, input_precision=PREC)
     else:
-        return acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
+        out = acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
+    return out

@@ -49,7 +49,7 @@ def _segment(acc, a_ptr, stride_a, a_off, rows64, rvalid, w_ptr, N, K, cols, cva
         k = kb * (G * SUB) + tl.arange(0, G * SUB)
         a = tl.load(a_ptr + rows64[:, None] * stride_a + a_off + k[None, :],
                     mask=rvalid[:, None] & (k < K)[None, :], other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # int8 MMA, exact int32 sums
     return acc
 
 

@@ -9,9 +9,9 @@ The launches run inside torch custom ops (`torch.ops.splitq.linear`, and its two
 implementation, so torch.compile treats them as opaque calls and CUDA graphs capture the kernels.
 The call path has no host synchronisation: the mask is read by the kernel (no .item(), no boolean
 indexing), all sizes come from shapes and from the layer's integer metadata.
-"""
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: torch.library.custom_op reads the annotations.)
+"""
 
 from typing import Optional
 

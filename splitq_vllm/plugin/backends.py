@@ -13,7 +13,7 @@ can be imported, the reference otherwise). Each backend has two steps:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -67,13 +67,66 @@ class Backend:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class _RefLayout:
-    """Which SplitQLinear fields a layer has: plain tensors, and quantized tensors with their bits."""
+# The reference runs as one opaque torch custom op: torch.compile (vLLM's inductor backend) and
+# CUDA graphs see a single call with tensor inputs, as they will see the Triton kernels' ops,
+# instead of tracing the reference's Python (which works too, but added ~55 s of inductor
+# compilation on the tiny model). The persistent mask buffer's slice is an input of the op, so
+# the in-place updates between steps are seen by the compiled graph.
+_QUANTIZED_FIELDS = ("main_w", "text_w", "vision_w", "cws_down", "cws_up", "mac_down", "mac_up")
+_TENSOR_FIELDS = tuple(f.name for f in fields(SplitQLinear) if f.name not in _QUANTIZED_FIELDS and f.name != "bias")
 
-    tensors: tuple[str, ...]
-    quantized: tuple[tuple[str, int], ...]
-    absent: tuple[str, ...]
+
+def _layout_of(ref: SplitQLinear) -> tuple[str, list[torch.Tensor]]:
+    """A layer as (layout string, flat tensor list): `name` for a tensor field, `name:bits` for a
+    quantized one (two tensors: codes, scale), absent fields left out."""
+    parts, tensors = [], []
+    for name in _TENSOR_FIELDS:
+        v = getattr(ref, name)
+        if v is not None:
+            parts.append(name)
+            tensors.append(v.contiguous())
+    for name in _QUANTIZED_FIELDS:
+        v: QuantizedTensor | None = getattr(ref, name)
+        if v is not None:
+            if v.zero is not None:
+                raise ValueError(f"{name}: the format stores symmetric weights only")
+            parts.append(f"{name}:{v.bits}")
+            tensors += [v.codes.contiguous(), v.scale.contiguous()]
+    return ",".join(parts), tensors
+
+
+def _from_layout(layout: str, tensors: list[torch.Tensor], bias: torch.Tensor | None) -> SplitQLinear:
+    kw: dict[str, object] = {name: None for name in (*_TENSOR_FIELDS, *_QUANTIZED_FIELDS)}
+    it = iter(tensors)
+    for part in layout.split(","):
+        name, _, bits = part.partition(":")
+        kw[name] = QuantizedTensor(next(it), next(it), None, int(bits)) if bits else next(it)
+    return SplitQLinear(**kw, bias=bias)
+
+
+@torch.library.custom_op("splitq::reference_linear", mutates_args=())
+def reference_linear(
+    x: torch.Tensor,
+    text_mask: torch.Tensor,
+    tensors: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    layout: str,
+    out_features: int,
+    weight_bits: int,
+    act_bits: int,
+    aux_weight_bits: int,
+    aux_act_bits: int,
+    act_symmetric: bool,
+    mac_rows: str,
+) -> torch.Tensor:
+    """splitq_kernels.reference.splitq_linear(x, text_mask, layer, scheme) as a torch op."""
+    scheme = SplitQScheme(weight_bits, act_bits, aux_weight_bits, aux_act_bits, act_symmetric, mac_rows)
+    return splitq_linear(x, text_mask, _from_layout(layout, tensors, bias), scheme)
+
+
+@reference_linear.register_fake
+def _(x, text_mask, tensors, bias, layout, out_features, *scheme):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 _PREFIX = "splitq_ref_"
@@ -82,42 +135,29 @@ _PREFIX = "splitq_ref_"
 class ReferenceBackend(Backend):
     """`splitq_kernels.reference.splitq_linear`, the one definition of the math, on any device.
 
-    Every tensor of the SplitQLinear becomes a non-persistent buffer of the layer
-    (`splitq_ref_<field>`, `splitq_ref_<field>_codes` / `_scale`); `apply` rebuilds the dataclass
-    from them (a few Python objects, traced away by torch.compile) and passes the layer's bias.
+    The SplitQLinear's tensors become non-persistent buffers of the layer (`splitq_ref_0`, ...;
+    the layout string says which field each is); `apply` calls the `splitq::reference_linear` op
+    with them, the mask slice and the layer's bias.
     """
 
     name = "reference"
 
     def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
-        tensors, quantized, absent = [], [], []
-        for f in fields(SplitQLinear):
-            if f.name == "bias":
-                continue  # vLLM passes the layer's bias to apply
-            v = getattr(ref, f.name)
-            if v is None:
-                absent.append(f.name)
-            elif isinstance(v, QuantizedTensor):
-                if v.zero is not None:
-                    raise ValueError(f"{f.name}: the format stores symmetric weights only")
-                layer.register_buffer(f"{_PREFIX}{f.name}_codes", v.codes.contiguous(), persistent=False)
-                layer.register_buffer(f"{_PREFIX}{f.name}_scale", v.scale.contiguous(), persistent=False)
-                quantized.append((f.name, v.bits))
-            else:
-                layer.register_buffer(f"{_PREFIX}{f.name}", v.contiguous(), persistent=False)
-                tensors.append(f.name)
-        layer.splitq_ref_layout = _RefLayout(tuple(tensors), tuple(quantized), tuple(absent))
+        layout, tensors = _layout_of(ref)
+        for i, t in enumerate(tensors):
+            layer.register_buffer(f"{_PREFIX}{i}", t, persistent=False)
+        layer.splitq_ref_layout = layout
+        layer.splitq_ref_count = len(tensors)
+        layer.splitq_ref_out_features = ref.out_features
         layer.splitq_scheme = scheme
 
     def apply(self, layer: nn.Module, x: torch.Tensor, text_mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        layout: _RefLayout = layer.splitq_ref_layout
-        kw: dict[str, object] = {name: None for name in layout.absent}
-        for name in layout.tensors:
-            kw[name] = getattr(layer, _PREFIX + name)
-        for name, bits in layout.quantized:
-            kw[name] = QuantizedTensor(getattr(layer, f"{_PREFIX}{name}_codes"), getattr(layer, f"{_PREFIX}{name}_scale"), None, bits)
-        ref = SplitQLinear(**kw, bias=bias)
-        return splitq_linear(x, text_mask, ref, layer.splitq_scheme)
+        s: SplitQScheme = layer.splitq_scheme
+        tensors = [getattr(layer, f"{_PREFIX}{i}") for i in range(layer.splitq_ref_count)]
+        return torch.ops.splitq.reference_linear(
+            x, text_mask, tensors, bias, layer.splitq_ref_layout, layer.splitq_ref_out_features,
+            s.weight_bits, s.act_bits, s.aux_weight_bits, s.aux_act_bits, s.act_symmetric, s.mac_rows,
+        )  # fmt: skip
 
 
 class TritonBackend(Backend):

@@ -208,10 +208,12 @@ class SplitQLinearMethod(LinearMethodBase):
             expected += [("bias", i) for i in range(len(self.members))]
         missing = [f"{self.members[i].name}.{suffix}" for suffix, i in expected if (suffix, i) not in loaded]
         if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            also = ""
+            if len(missing) > 1:
+                also = f"; also not loaded: {missing[1:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise CheckpointError(
-                f"SplitQ checkpoint: tensor '{missing[0]}' was not loaded (missing from the checkpoint?); "
-                f"vLLM layer '{self.prefix}' also lacks {missing[1:5]}{more}"
+                f"SplitQ checkpoint: tensor '{missing[0]}' was not loaded (missing from the checkpoint?) "
+                f"for vLLM layer '{self.prefix}'{also}"
             )
         members = []
         start = 0

@@ -79,13 +79,12 @@ def server_env(tmp_path: str | Path, **extra: str) -> dict[str, str]:
     return {"VLLM_CACHE_ROOT": str(Path(tmp_path) / "vllm-cache"), **extra}
 
 
-def server_args(*extra: str, eager: bool = True) -> list[str]:
+def server_args(*extra: str, eager: bool = True, quantization_flag: bool = True) -> list[str]:
     """Arguments of the test servers. max-num-batched-tokens 64 is below the longer prompts, so
     they are prefilled in chunks (an image's placeholder rows split across steps); KV blocks of 32
     tokens (the CPU default, 128, is longer than the prompts) let repeated prompts hit the prefix
     cache, image rows included."""
     args = [
-        "--quantization", "splitq",
         "--dtype", "float32",
         "--max-model-len", "1024",
         "--max-num-seqs", "8",
@@ -94,6 +93,8 @@ def server_args(*extra: str, eager: bool = True) -> list[str]:
         "--limit-mm-per-prompt", json.dumps({"image": 2}),
         "--seed", "0",
     ]  # fmt: skip
+    if quantization_flag:  # optional: vLLM reads quant_method "splitq" from config.json
+        args += ["--quantization", "splitq"]
     if eager:
         args.append("--enforce-eager")
     return [*args, *extra]

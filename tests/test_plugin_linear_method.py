@@ -68,3 +68,20 @@ def test_corrupt_tensors_fail_while_loading_with_the_tensor_name(results, case, 
     assert r["error"].startswith("CheckpointError"), r["error"]
     for text in expected:
         assert text in r["error"], (case, r["error"])
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        ("pipeline_parallel", "pipeline parallelism (2 stages) is not supported"),
+        ("tensor_parallel", "tensor parallelism (2 ranks) is not supported"),
+        ("speculative_decoding", "speculative decoding is not supported"),
+        ("inductor_freezing", "inductor freezing"),
+        ("model_overriding_embed_input_ids", "Qwen3VLForConditionalGeneration overrides embed_input_ids"),
+    ],
+)
+def test_what_the_mask_cannot_serve_is_refused_at_start_up(results, variant, expected):
+    r = results["refusals"]
+    assert "crash" not in r, r.get("crash")
+    assert r["plain"] is None
+    assert r[variant] is not None and expected in r[variant], r[variant]

@@ -151,9 +151,11 @@ def test_the_mask_matters(reference, served, expected):
 
 def test_mask_override_for_ablations(ckpt, served, expected, tmp_path):
     """SPLITQ_TEXT_MASK=text (eager engine) serves the checkpoint with every row marked text (MAC
-    on image rows too): image prompts change, the text-only prompt does not."""
+    on image rows too): image prompts change, the text-only prompt does not. (This server is
+    started without --quantization splitq: config.json's quant_method selects the plugin.)"""
     env = server_env(tmp_path, SPLITQ_TEXT_MASK="text")
-    with OpenAIServer(ckpt, server_args(), env=env) as s:
+    with OpenAIServer(ckpt, server_args(quantization_flag=False), env=env) as s:
+        assert "quantization=splitq" in s.logs()
         assert "text mask mode text" in s.logs()
         for name in ("one_image", "two_images"):
             got = served_chat(s, CONVERSATIONS[name][0])

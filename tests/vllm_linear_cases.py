@@ -150,6 +150,39 @@ def main() -> None:
         "input_side_differs": lambda: failing(replace("model.layers.0.self_attn.k_proj.main_p1", lambda v: v * 1.001)),
         "overlapping_channel_sets": lambda: failing(overlap),
     }
+    def refusals() -> dict:
+        """What the text-mask design cannot serve is refused when the model is built."""
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+        from splitq_vllm.plugin.text_mask import check_model_class, install_embed_hook
+
+        out = {}
+        variants = {
+            "pipeline_parallel": dict(pipeline_parallel_size=2),
+            "tensor_parallel": dict(tensor_parallel_size=2),
+            "speculative_decoding": dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
+            "inductor_freezing": dict(compilation_config={"inductor_compile_config": {"freezing": True}}),
+            "plain": {},
+        }
+        for name, kw in variants.items():
+            cfg = EngineArgs(model=ckpt_dir, max_model_len=1024, **kw).create_engine_config()
+            with set_current_vllm_config(cfg):
+                try:
+                    cfg.quant_config._check_runtime()
+                    out[name] = None
+                except NotImplementedError as e:
+                    out[name] = str(e)
+        install_embed_hook()
+        try:
+            check_model_class(Qwen3VLForConditionalGeneration)  # has its own embed_input_ids
+            out["model_overriding_embed_input_ids"] = None
+        except NotImplementedError as e:
+            out["model_overriding_embed_input_ids"] = str(e)
+        check_model_class(VL)  # must not raise
+        return out
+
+    cases["refusals"] = refusals
     results = {}
     for name, fn in cases.items():
         try:

@@ -189,6 +189,13 @@ class SplitQVllmConfig(QuantizationConfig):
                 f"SplitQ: pipeline parallelism ({pp} stages) is not supported: the text/vision token mask is "
                 "filled by the first stage only (embed_input_ids), later stages would not see it"
             )
+        tp = cfg.parallel_config.tensor_parallel_size
+        if tp > 1:
+            raise NotImplementedError(
+                f"SplitQ: tensor parallelism ({tp} ranks) is not supported: the row-parallel layers (o_proj, "
+                "down_proj) get their input split across ranks, but their channel sets and transforms span the "
+                "whole input (format v1, docs/format.md)"
+            )
         if cfg.speculative_config is not None:
             raise NotImplementedError(
                 "SplitQ: speculative decoding is not supported: drafter forwards do not update the text/vision "

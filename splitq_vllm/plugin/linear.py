@@ -21,6 +21,7 @@ fused layer (`concat_outputs` of the members) and hands it to the backend (backe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,7 +57,9 @@ def _dtype_name(dtype) -> str:
 class SplitQLinearMethod(LinearMethodBase):
     """LinearMethod of one vLLM linear layer whose members are SplitQ layers of the checkpoint."""
 
-    def __init__(self, prefix: str, members: list[Member], scheme: SplitQScheme, text_mask: "callable") -> None:
+    def __init__(
+        self, prefix: str, members: list[Member], scheme: SplitQScheme, text_mask: Callable[[], torch.Tensor]
+    ) -> None:
         super().__init__()
         self.prefix = prefix
         self.members = members
@@ -231,6 +234,7 @@ class SplitQLinearMethod(LinearMethodBase):
         self.backend = select_backend(ref.main_w.codes.device)
         self.backend.prepare(layer, ref, self.scheme)
         layer.splitq_backend = self.backend.name
+        logger.info_once("SplitQ: %s backend on %s", self.backend.name, ref.main_w.codes.device)
 
     # ------------------------------------------------------------------------------------------
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

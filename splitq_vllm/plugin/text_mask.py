@@ -63,7 +63,9 @@ def write_mask(buf: torch.Tensor, num_tokens: int, is_multimodal: torch.Tensor |
             raise RuntimeError(
                 f"SplitQ text mask: is_multimodal has {is_multimodal.numel()} rows for {num_tokens} input ids"
             )
-        buf[:num_tokens].copy_(torch.logical_not(is_multimodal.reshape(-1)).to(buf.device, non_blocking=True))
+        rows = buf[:num_tokens]
+        rows.copy_(is_multimodal.reshape(-1), non_blocking=True)  # from the runner's pinned CPU mask
+        rows.logical_not_()
         buf[num_tokens:].fill_(True)
     else:
         buf.fill_(mode != "vision")

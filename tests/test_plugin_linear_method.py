@@ -59,6 +59,7 @@ def test_vllm_layer_equals_the_reference_bit_for_bit(results, layer):
         ("wrong_dtype", ["'model.layers.0.mlp.gate_proj.idx_main' has dtype int64, expected int32"]),
         ("input_side_differs", ["k_proj.main_p1", "q_proj.main_p1", "must be identical"]),
         ("overlapping_channel_sets", ["model.layers.0.mlp.down_proj", "disjoint"]),
+        ("unmapped_names", ["matches no quantized layer of the checkpoint by name", "model.layers.0.self_attn.q_proj"]),
     ],
 )
 def test_corrupt_tensors_fail_while_loading_with_the_tensor_name(results, case, expected):

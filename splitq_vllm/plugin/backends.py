@@ -33,11 +33,17 @@ def requested_backend() -> str:
 
 
 def triton_available() -> bool:
-    try:
-        import importlib
+    """Whether the Triton kernels' module imports and has the two entry points. A broken install
+    (an import raising something else than ImportError) counts as unavailable, with a warning."""
+    import importlib
+    import logging
 
+    try:
         mod = importlib.import_module(TRITON_MODULE)
     except ImportError:
+        return False
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger(f"vllm.{__name__}").warning("SplitQ: importing %s failed (%r)", TRITON_MODULE, e)
         return False
     return hasattr(mod, "prepare_kernel_layer") and hasattr(mod, "splitq_linear_triton")
 

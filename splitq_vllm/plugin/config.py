@@ -16,7 +16,6 @@ runs unquantized (the ignore list: vision tower, projector, lm_head by default);
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +120,7 @@ class SplitQVllmConfig(QuantizationConfig):
         members = self._members(prefix)
         if members is None:
             if not self._is_ignored(prefix):
+                self._check_not_misnamed(prefix)
                 logger.warning_once(
                     "SplitQ: linear '%s' is neither quantized nor in the ignore list; it runs unquantized", prefix
                 )
@@ -158,6 +158,20 @@ class SplitQVllmConfig(QuantizationConfig):
         if len(groups) != 1:
             raise CheckpointError(f"SplitQ: layers {found} are fused by vLLM as '{prefix}' but have groups {sorted(groups)}")
         return found  # type: ignore[return-value]
+
+    def _check_not_misnamed(self, prefix: str) -> None:
+        """A non-ignored linear without checkpoint layer, while the checkpoint quantizes a layer with
+        the same `layers.N.<module>.<proj>` tail: the name mapping missed (the model would load the
+        SplitQ tensors into an unquantized layer); say so instead of failing obscurely later."""
+        parent, _, proj = prefix.rpartition(".")
+        tails = [".".join(f"{parent}.{s}".split(".")[-4:]) for s in self.packed_modules_mapping.get(proj, [proj])]
+        hits = [hf for hf, v in self.layer_names.items() if any(v.endswith("." + t) for t in tails)]
+        if hits:
+            raise CheckpointError(
+                f"SplitQ: vLLM layer '{prefix}' matches no quantized layer of the checkpoint by name, but the "
+                f"checkpoint has {hits[:3]} (mapped to {[self.layer_names[h] for h in hits[:3]]}): the model's "
+                "name mapping (hf_to_vllm_mapper / packed_modules_mapping) does not fit this checkpoint"
+            )
 
     def _is_ignored(self, prefix: str) -> bool:
         probe = SplitQConfig(scheme=self.splitq.scheme, layers={}, ignore=self.ignore)
@@ -209,4 +223,4 @@ class SplitQVllmConfig(QuantizationConfig):
             )
         check_model_class(get_model_architecture(cfg.model_config)[0])
         self._runtime_checked = True
-        logger.info("SplitQ: text mask mode %s", os.environ.get("SPLITQ_TEXT_MASK", "tokens"))
+        logger.info("SplitQ: text mask mode %s", mask_mode())

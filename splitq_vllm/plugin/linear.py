@@ -220,7 +220,7 @@ class SplitQLinearMethod(LinearMethodBase):
             )
         members = []
         start = 0
-        for i, (m, rows) in enumerate(zip(self.members, layer.splitq_output_sizes)):
+        for m, rows in zip(self.members, layer.splitq_output_sizes):
             t = {}
             for s in self.specs:
                 v = getattr(layer, s.suffix).data

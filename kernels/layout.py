@@ -161,6 +161,11 @@ class KernelLayer:
     def tensors(self) -> list[torch.Tensor | None]:
         return [getattr(self, name) for name in _TENSOR_FIELDS]
 
+    @staticmethod
+    def tensor_index(name: str) -> int:
+        """Position of the named tensor in tensors() (e.g. to drop the bias for one call)."""
+        return _TENSOR_FIELDS.index(name)
+
     def meta(self) -> list[int]:
         return [
             self.in_features, self.out_features, self.main, self.text, self.vision, self.n1, self.n2,

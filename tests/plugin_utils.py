@@ -79,7 +79,9 @@ def server_env(tmp_path: str | Path, **extra: str) -> dict[str, str]:
     return {"VLLM_CACHE_ROOT": str(Path(tmp_path) / "vllm-cache"), **extra}
 
 
-def server_args(*extra: str, eager: bool = True, quantization_flag: bool = True) -> list[str]:
+def server_args(
+    *extra: str, eager: bool = True, quantization_flag: bool = True, max_num_batched_tokens: int = 64
+) -> list[str]:
     """Arguments of the test servers. max-num-batched-tokens 64 is below the longer prompts, so
     they are prefilled in chunks (an image's placeholder rows split across steps); KV blocks of 32
     tokens (the CPU default, 128, is longer than the prompts) let repeated prompts hit the prefix
@@ -88,7 +90,7 @@ def server_args(*extra: str, eager: bool = True, quantization_flag: bool = True)
         "--dtype", "float32",
         "--max-model-len", "1024",
         "--max-num-seqs", "8",
-        "--max-num-batched-tokens", "64",
+        "--max-num-batched-tokens", str(max_num_batched_tokens),
         "--block-size", "32",
         "--limit-mm-per-prompt", json.dumps({"image": 2}),
         "--seed", "0",

@@ -1,8 +1,9 @@
 """How a loaded SplitQ layer computes: the torch reference, or (on CUDA) the Triton kernels.
 
 The backend is chosen once per layer in `process_weights_after_loading`:
-`SPLITQ_BACKEND=reference|triton|auto` (default auto: triton on CUDA when `splitq_kernels.triton`
-can be imported, the reference otherwise). Each backend has two steps:
+`SPLITQ_BACKEND=reference|triton|auto` (default auto: triton on CUDA when the kernels
+(`splitq_kernels.ops`) can be imported, the reference otherwise). `triton` on a CPU device runs
+the kernels in Triton's interpreter: slow, for tests and CI only. Each backend has two steps:
 - `prepare(layer, ref, scheme)`: once, after loading: turn the reference `SplitQLinear` `ref`
   (codes unpacked, fused outputs concatenated) into whatever the forward wants, stored as
   buffers on the vLLM layer so that the model's `.to()`, torch.compile and CUDA graphs see them.
@@ -13,7 +14,7 @@ can be imported, the reference otherwise). Each backend has two steps:
 from __future__ import annotations
 
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from splitq_kernels.reference import QuantizedTensor, SplitQLinear, SplitQScheme
 
 ENV_BACKEND = "SPLITQ_BACKEND"
 BACKENDS = ("auto", "reference", "triton")
-TRITON_MODULE = "splitq_kernels.triton"
+TRITON_MODULE = "splitq_kernels.ops"
 
 
 def requested_backend() -> str:
@@ -167,25 +168,55 @@ class ReferenceBackend(Backend):
 
 
 class TritonBackend(Backend):
-    """The Triton kernels (CUDA; or the CPU under TRITON_INTERPRET=1).
+    """The Triton kernels: `splitq_kernels.ops.prepare_kernel_layer` once, then the
+    `splitq::linear` custom op (kernel (a) + kernel (b)) per call.
 
-    Expects `splitq_kernels.triton.prepare_kernel_layer(layer, scheme, device) -> KernelLayer` and
-    `splitq_linear_triton(x, text_mask, kernel_layer) -> y` (torch custom ops, so torch.compile and
-    CUDA graphs see opaque calls). Wired against that announced API; the kernels are being written
-    in parallel, so this path is not exercised by the tests yet.
+    The kernel layer's tensors become non-persistent buffers of the vLLM layer (`splitq_kl_0`,
+    ...), so `.to()`, torch.compile and CUDA graphs see them like the reference backend's; the
+    op gets them with the layer's integer metadata. The bias goes into the kernel's epilogue (added
+    in float32 before the output cast, as the reference does) unless vLLM asks for it separately
+    (skip_bias_add: `apply` gets bias=None). On CUDA the float32 products run as tf32x3 (float32
+    accuracy on tensor cores); on the CPU the kernels run in Triton's interpreter.
     """
 
     name = "triton"
 
     def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
-        from splitq_kernels.triton import prepare_kernel_layer  # type: ignore[import-not-found]
+        import logging
+
+        from splitq_kernels.ops import KernelLayer, prepare_kernel_layer
 
         device = ref.main_w.codes.device
-        layer.splitq_kernel_layer = prepare_kernel_layer(ref, scheme, device)
+        if device.type != "cuda":
+            from splitq_kernels.triton import use_interpreter
+
+            logging.getLogger(f"vllm.{__name__}").warning(
+                "SplitQ: %s=triton on %s: running the Triton kernels in Triton's CPU interpreter (slow: "
+                "for tests)", ENV_BACKEND, device
+            )
+            use_interpreter()
+        bias = getattr(layer, "bias", None)
+        kl = prepare_kernel_layer(
+            replace(ref, bias=None if bias is None else bias.data),
+            scheme,
+            device,
+            precision="tf32x3" if device.type == "cuda" else "ieee",
+        )
+        tensors = kl.tensors()
+        for i, t in enumerate(tensors):
+            if t is not None:
+                layer.register_buffer(f"{_KL_PREFIX}{i}", t, persistent=False)
+        layer.splitq_kl_present = [t is not None for t in tensors]
+        layer.splitq_kl_bias_index = KernelLayer.tensor_index("bias") if bias is not None else None
+        layer.splitq_kl_meta = kl.meta()
+        layer.splitq_kl_precision = kl.precision
         layer.splitq_scheme = scheme
 
     def apply(self, layer: nn.Module, x: torch.Tensor, text_mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from splitq_kernels.triton import splitq_linear_triton  # type: ignore[import-not-found]
+        tensors = [getattr(layer, f"{_KL_PREFIX}{i}") if p else None for i, p in enumerate(layer.splitq_kl_present)]
+        if bias is None and layer.splitq_kl_bias_index is not None:
+            tensors[layer.splitq_kl_bias_index] = None  # skip_bias_add: the caller adds the bias
+        return torch.ops.splitq.linear(x, text_mask, tensors, layer.splitq_kl_meta, layer.splitq_kl_precision)
 
-        y = splitq_linear_triton(x, text_mask, layer.splitq_kernel_layer)
-        return y if bias is None else y + bias
+
+_KL_PREFIX = "splitq_kl_"

@@ -339,67 +339,39 @@ def _seed_for(seed: int, layer: int, group: int) -> int:
     return (seed * 1_000_003 + layer * 101 + group) % (2**63 - 1)
 
 
-def calibrate_layer(
-    layer: nn.Module,
-    layer_index: int,
-    inputs: LayerInputs,
-    kinds: list[str],
-    config: CalibrationConfig,
+def init_group(
+    stats: ChannelStats,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: CalibrationConfig,
+    gen: torch.Generator,
     device: torch.device,
-    offload_dtype: torch.dtype = torch.float32,
-    text_rows: list[torch.Tensor] | None = None,
-    num_layers: int | None = None,
-    want_outputs: bool = True,
-) -> tuple[LayerResult, list[torch.Tensor] | None]:
-    """Calibrate one decoder layer (a module of the model; it is not modified: a float32 copy
-    runs on `device`). Returns the quantized fused groups by kind and the FP layer outputs
-    (the next layer's inputs) in CPU memory."""
-    cfg = config
-    scheme = cfg.quant_scheme
-    t0 = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    where = f"layer {layer_index + 1}/{num_layers}" if num_layers else f"layer {layer_index}"
-    work = copy.deepcopy(layer).to(device=device, dtype=torch.float32)
-    work.eval()
-    for p in work.parameters():
-        p.requires_grad_(False)
-    mask = _MaskHolder()
-    calib = install_calib_linears(work, kinds, mask)
-    if text_rows is None:
-        text_rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
-    n = len(inputs.hidden)
+) -> GroupParams:
+    """Channel selection (cfg.selection: MOCD or a Table 4 rule) and the parameter init of one
+    linear-input group with weight (out, in) on `device`."""
+    if cfg.selection == "none":
+        k_t = k_v = 0
+    else:
+        k_t, k_v = outlier_counts(weight.shape[1], cfg.text_ratio, cfg.vision_ratio)
+    idx_t, idx_v = select_channels(stats, cfg.selection, k_t, k_v, cfg.mocd_k, generator=gen, device=device)
+    return GroupParams(weight, bias, idx_t, idx_v, stats, cfg, gen)
 
-    def run(i: int) -> torch.Tensor:
-        return _run_sample(work, mask, inputs, i, device)
 
-    # (a) FP targets and statistics
-    stats, targets = collect_stats(work, calib, mask, inputs, text_rows, device, offload_dtype)
-    power = sum(float((t.float() ** 2).sum()) for t in targets) / max(sum(t.numel() for t in targets), 1)
-
-    # (b) channel selection and init
-    runners: dict[str, GroupRunner] = {}
-    info: dict[str, Any] = {"groups": {}}
-    for gi, (kind, mods) in enumerate(calib.items()):
-        st = stats[kind]
-        d = mods[0].in_features
-        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, layer_index, gi))
-        if cfg.selection == "none":
-            k_t = k_v = 0
-        else:
-            k_t, k_v = outlier_counts(d, cfg.text_ratio, cfg.vision_ratio)
-        idx_t, idx_v = select_channels(st, cfg.selection, k_t, k_v, cfg.mocd_k, generator=gen, device=device)
-        w, b = _fused_weight(mods)  # on the device: the SVD of Eq. 20 runs there
-        params = GroupParams(w, b, idx_t, idx_v, st, cfg, gen)
-        runners[kind] = GroupRunner(params, scheme, mask)
-        for m in mods:
-            m.runner = runners[kind]
-        info["groups"][kind] = {
-            "text_channels": idx_t.tolist(),
-            "vision_channels": idx_v.tolist(),
-            "cws_rank": params.cws_rank,
-            "mac_rank": params.mac_rank,
-        }
+def train_runners(
+    runners: dict[str, "GroupRunner"],
+    run,
+    targets: list[torch.Tensor],
+    cfg: CalibrationConfig,
+    device: torch.device,
+    where: str,
+    power: float,
+    what: str = "",
+) -> tuple[float, list[float], list[float]]:
+    """FlatQuant's training of the groups' parameters: MSE between run(i) (the quantized forward
+    of sample i) and targets[i], AdamW with two learning rates (transforms and gates; clipping),
+    cosine decay, batches of cfg.batch_size samples. Returns (initial loss, [epoch losses...,
+    loss after training], epoch seconds); the runners' parameters are trained in place."""
+    n = len(targets)
 
     def epoch_loss(train: bool, order: list[int], optimizer=None, scheduler=None) -> float:
         total, count = 0.0, 0
@@ -441,7 +413,7 @@ def calibrate_layer(
         init_loss,
         init_loss / max(power, 1e-30),
         n,
-        ", ".join(kinds),
+        what,
     )
     main_params, clip_params = [], []
     epoch_seconds: list[float] = []
@@ -475,6 +447,67 @@ def calibrate_layer(
                     time.perf_counter() - te,
                 )
         losses.append(epoch_loss(False, order))  # the loss after training (epoch losses are running averages)
+    return init_loss, losses, epoch_seconds
+
+
+def calibrate_layer(
+    layer: nn.Module,
+    layer_index: int,
+    inputs: LayerInputs,
+    kinds: list[str],
+    config: CalibrationConfig,
+    device: torch.device,
+    offload_dtype: torch.dtype = torch.float32,
+    text_rows: list[torch.Tensor] | None = None,
+    num_layers: int | None = None,
+    want_outputs: bool = True,
+) -> tuple[LayerResult, list[torch.Tensor] | None]:
+    """Calibrate one decoder layer (a module of the model; it is not modified: a float32 copy
+    runs on `device`). Returns the quantized fused groups by kind and the FP layer outputs
+    (the next layer's inputs) in CPU memory."""
+    cfg = config
+    scheme = cfg.quant_scheme
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    where = f"layer {layer_index + 1}/{num_layers}" if num_layers else f"layer {layer_index}"
+    work = copy.deepcopy(layer).to(device=device, dtype=torch.float32)
+    work.eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    mask = _MaskHolder()
+    calib = install_calib_linears(work, kinds, mask)
+    if text_rows is None:
+        text_rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
+
+    # (a) FP targets and statistics
+    stats, targets = collect_stats(work, calib, mask, inputs, text_rows, device, offload_dtype)
+    power = sum(float((t.float() ** 2).sum()) for t in targets) / max(sum(t.numel() for t in targets), 1)
+
+    # (b) channel selection and init
+    runners: dict[str, GroupRunner] = {}
+    info: dict[str, Any] = {"groups": {}}
+    for gi, (kind, mods) in enumerate(calib.items()):
+        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, layer_index, gi))
+        w, b = _fused_weight(mods)  # on the device: the SVD of Eq. 20 runs there
+        params = init_group(stats[kind], w, b, cfg, gen, device)
+        idx_t, idx_v = params.idx_text, params.idx_vision
+        runners[kind] = GroupRunner(params, scheme, mask)
+        for m in mods:
+            m.runner = runners[kind]
+        info["groups"][kind] = {
+            "text_channels": idx_t.tolist(),
+            "vision_channels": idx_v.tolist(),
+            "cws_rank": params.cws_rank,
+            "mac_rank": params.mac_rank,
+        }
+
+    def run(i: int) -> torch.Tensor:
+        return _run_sample(work, mask, inputs, i, device)
+
+    init_loss, losses, epoch_seconds = train_runners(
+        runners, run, targets, cfg, device, where, power, ", ".join(kinds)
+    )
     # (d) fold and quantize
     quantized = {}
     with torch.no_grad():

@@ -201,7 +201,7 @@ def capture_layer0_inputs(
 # ---------------------------------------------------------------------------------------------
 
 
-class _MaskHolder:
+class MaskHolder:
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
 
@@ -209,7 +209,7 @@ class _MaskHolder:
 class GroupRunner:
     """Computes the fused group output once per input and hands each member its slice."""
 
-    def __init__(self, params: GroupParams, scheme: SplitQScheme, mask: _MaskHolder) -> None:
+    def __init__(self, params: GroupParams, scheme: SplitQScheme, mask: MaskHolder) -> None:
         self.params = params
         self.scheme = scheme
         self.mask = mask
@@ -234,7 +234,7 @@ class GroupRunner:
 class CalibLinear(nn.Module):
     """Stands in for one member linear: FP (optionally recording input statistics) or fake-quant."""
 
-    def __init__(self, linear: nn.Linear, mask: _MaskHolder, offset: int, first: bool) -> None:
+    def __init__(self, linear: nn.Linear, mask: MaskHolder, offset: int, first: bool) -> None:
         super().__init__()
         self.linear = linear
         self.mask = mask
@@ -253,7 +253,7 @@ class CalibLinear(nn.Module):
         return self.linear(x)
 
 
-def _run_sample(work: nn.Module, mask: _MaskHolder, inputs: LayerInputs, i: int, device: torch.device) -> torch.Tensor:
+def _run_sample(work: nn.Module, mask: MaskHolder, inputs: LayerInputs, i: int, device: torch.device) -> torch.Tensor:
     mask.mask = inputs.text_masks[i].to(device)
     x = inputs.hidden[i].to(device=device, dtype=torch.float32)
     return _layer_output(work(x, **_to(inputs.kwargs[i], device, torch.float32)))
@@ -262,7 +262,7 @@ def _run_sample(work: nn.Module, mask: _MaskHolder, inputs: LayerInputs, i: int,
 def collect_stats(
     work: nn.Module,
     calib: dict[str, list[CalibLinear]],
-    mask: _MaskHolder,
+    mask: MaskHolder,
     inputs: LayerInputs,
     text_rows: list[torch.Tensor],
     device: torch.device,
@@ -304,7 +304,7 @@ def _group_members(layer: nn.Module, kind: str) -> tuple[str, tuple[str, ...]]:
     raise KeyError(kind)
 
 
-def install_calib_linears(layer: nn.Module, kinds: list[str], mask: _MaskHolder) -> dict[str, list[CalibLinear]]:
+def install_calib_linears(layer: nn.Module, kinds: list[str], mask: MaskHolder) -> dict[str, list[CalibLinear]]:
     """Replace the member linears of the given group kinds in `layer` by CalibLinear modules."""
     out = {}
     for kind in kinds:
@@ -475,7 +475,7 @@ def calibrate_layer(
     work.eval()
     for p in work.parameters():
         p.requires_grad_(False)
-    mask = _MaskHolder()
+    mask = MaskHolder()
     calib = install_calib_linears(work, kinds, mask)
     if text_rows is None:
         text_rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)

@@ -17,7 +17,7 @@ import torch
 from .blockwise import (
     DTYPES,
     CalibrationError,
-    _MaskHolder,
+    MaskHolder,
     capture_layer0_inputs,
     collect_stats,
     fp_layer_forward,
@@ -60,7 +60,7 @@ def layer_input_stats(
     import copy
 
     work = copy.deepcopy(layers[layer]).to(device=device, dtype=torch.float32).eval()
-    mask = _MaskHolder()
+    mask = MaskHolder()
     calib = install_calib_linears(work, kinds, mask)
     rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
     stats, _ = collect_stats(work, calib, mask, inputs, rows, device, offload)

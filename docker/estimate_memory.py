@@ -37,6 +37,9 @@ from dataclasses import replace
 GIB = 1024**3
 MIB = 1024**2
 RTX_4090_MIB = 24564  # what nvidia-smi reports for a 24 GB RTX 4090
+# docker-compose.yml's settings (tests/test_deploy_memory.py keeps them equal)
+MAX_MODEL_LEN = 16384
+GPU_MEMORY_UTILIZATION = 0.90
 
 # Public configs of the Qwen2.5-VL Instruct releases (../shared/notes/anchors.md).
 VISION = dict(
@@ -130,13 +133,19 @@ def kernel_layout_bytes(dims: list, scheme) -> int:
     return int(round(b1 + per_output * (total_out - w1 * len(dims))))
 
 
-def estimate(name: str, scheme_name: str = "w4a4", max_model_len: int = 16384, dtype_bytes: int = 2) -> dict:
+def estimate(name: str, scheme_name: str = "w4a4", max_model_len: int = MAX_MODEL_LEN, dtype_bytes: int = 2) -> dict:
+    """The numbers for one of MODELS (its public config's shapes)."""
+    model, config = build_meta_model(name)
+    return dict(estimate_model(model, config, scheme_name, max_model_len, dtype_bytes), model=name)
+
+
+def estimate_model(model, config, scheme_name: str = "w4a4", max_model_len: int = MAX_MODEL_LEN, dtype_bytes: int = 2) -> dict:
+    """The numbers for any transformers model calibration supports (meta device or real)."""
     from splitq_calibration.model_layout import linear_groups
     from splitq_kernels.reference import SplitQScheme
     from splitq_vllm.checkpoint.tensors import layer_tensor_specs
 
     scheme = SplitQScheme.from_name(scheme_name)
-    model, config = build_meta_model(name)
     groups = linear_groups(model, list(model.state_dict().keys()))
 
     quantized_params: set[str] = set()
@@ -180,7 +189,7 @@ def estimate(name: str, scheme_name: str = "w4a4", max_model_len: int = 16384, d
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * dtype_bytes
     return {
-        "model": name,
+        "model": type(model).__name__,
         "scheme": scheme_name,
         "parameters": total_params,
         "bf16_weights_bytes": total_params * dtype_bytes,
@@ -251,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--scheme", default="w4a4", help="w4a8, w4a4, w3a3, w3a2 (default w4a4)")
-    p.add_argument("--max-model-len", type=int, default=16384, help="tokens of one sequence's KV cache (default 16384)")
+    p.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN, help=f"tokens of one sequence's KV cache (default {MAX_MODEL_LEN})")
     p.add_argument("--gpu-mib", type=int, default=RTX_4090_MIB, help=f"GPU memory in MiB (default {RTX_4090_MIB}: RTX 4090)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    p.add_argument("--gpu-memory-utilization", type=float, default=GPU_MEMORY_UTILIZATION)
     p.add_argument("--json", action="store_true", help="print the numbers as JSON (bytes)")
     args = p.parse_args(argv)
     rows = []

@@ -177,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 
     questions = load_questions(args.questions, args.image_dir)[: args.limit]
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=args.timeout, max_retries=1)
-    model = args.model or client.models.list().data[0].id
+    if args.model:
+        model = args.model
+    else:
+        models = client.models.list().data
+        if not models:
+            raise SystemExit("error: the server lists no model; pass --model")
+        model = models[0].id
     rows, report = evaluate(
         client, model, questions, args.workers, args.max_tokens, args.prompt_suffix, args.match, args.normalize
     )

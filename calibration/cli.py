@@ -69,6 +69,20 @@ HELP = {
 }
 
 
+
+def _config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> CalibrationConfig:
+    """The recipe (if any) with every flag given on the command line on top, resolved."""
+    try:
+        cfg = load_recipe(args.recipe) if args.recipe else CalibrationConfig()
+        overrides = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(CalibrationConfig)
+            if getattr(args, f.name) is not None
+        }
+        return cfg.updated(**overrides).resolved()
+    except RecipeError as e:
+        p.error(str(e))
+
 def _field_type(f: dataclasses.Field):
     hints = typing.get_type_hints(CalibrationConfig)
     t = hints[f.name]
@@ -113,16 +127,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     add_config_flags(p)
     args = p.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    try:
-        cfg = load_recipe(args.recipe) if args.recipe else CalibrationConfig()
-        overrides = {
-            f.name: getattr(args, f.name)
-            for f in dataclasses.fields(CalibrationConfig)
-            if getattr(args, f.name) is not None
-        }
-        cfg = cfg.updated(**overrides).resolved()
-    except RecipeError as e:
-        p.error(str(e))
+    cfg = _config_from_args(p, args)
     if args.dump_recipe:
         print(dump_recipe(cfg), end="")
         return 0
@@ -160,16 +165,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
     add_config_flags(p)
     args = p.parse_args(argv)
     _setup_logging(False, args.quiet)
-    try:
-        cfg = load_recipe(args.recipe) if args.recipe else CalibrationConfig()
-        overrides = {
-            f.name: getattr(args, f.name)
-            for f in dataclasses.fields(CalibrationConfig)
-            if getattr(args, f.name) is not None
-        }
-        cfg = cfg.updated(**overrides).resolved()
-    except RecipeError as e:
-        p.error(str(e))
+    cfg = _config_from_args(p, args)
     from .blockwise import CalibrationError
     from .data import CalibrationDataError
     from .inspect_channels import inspect_layer

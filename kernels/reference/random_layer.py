@@ -15,6 +15,21 @@ def _well_conditioned(n: int, gen: torch.Generator, dtype: torch.dtype) -> torch
     return (q * d).to(dtype).contiguous()
 
 
+def _random_partition(
+    in_features: int, n_text: int, n_vision: int, kron: tuple[int, int], gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random disjoint (main, text, vision) channel sets, each sorted; kron must factor the main set."""
+    d_main = in_features - n_text - n_vision
+    if kron[0] * kron[1] != d_main:
+        raise ValueError(f"kron {kron} does not factor the main dimension {d_main}")
+    perm = torch.randperm(in_features, generator=gen)
+    return (
+        perm[n_vision + n_text :].sort().values,
+        perm[n_vision : n_vision + n_text].sort().values,
+        perm[:n_vision].sort().values,
+    )
+
+
 def random_float_layer(
     in_features: int,
     out_features: int,
@@ -35,13 +50,8 @@ def random_float_layer(
     the untransformed W (out, in), so callers can check the folding.
     """
     gen = torch.Generator().manual_seed(seed)
-    d_main = in_features - n_text - n_vision
-    if kron[0] * kron[1] != d_main:
-        raise ValueError(f"kron {kron} does not factor the main dimension {d_main}")
-    perm = torch.randperm(in_features, generator=gen)
-    idx_vision = perm[:n_vision].sort().values
-    idx_text = perm[n_vision : n_vision + n_text].sort().values
-    idx_main = perm[n_vision + n_text :].sort().values
+    idx_main, idx_text, idx_vision = _random_partition(in_features, n_text, n_vision, kron, gen)
+    d_main = idx_main.numel()
     w = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64) / in_features**0.5
     smooth = torch.empty(d_main, dtype=torch.float64).uniform_(0.5, 2.0, generator=gen)
     p1 = _well_conditioned(kron[0], gen, torch.float64)
@@ -141,13 +151,8 @@ def random_quantized_layer(
     from .quantizer import QuantizedTensor, qrange
 
     gen = torch.Generator().manual_seed(seed)
-    d_main = in_features - n_text - n_vision
-    if kron[0] * kron[1] != d_main:
-        raise ValueError(f"kron {kron} does not factor the main dimension {d_main}")
-    perm = torch.randperm(in_features, generator=gen)
-    idx_vision = perm[:n_vision].sort().values
-    idx_text = perm[n_vision : n_vision + n_text].sort().values
-    idx_main = perm[n_vision + n_text :].sort().values
+    idx_main, idx_text, idx_vision = _random_partition(in_features, n_text, n_vision, kron, gen)
+    d_main = idx_main.numel()
 
     def weight(rows: int, cols: int, bits: int, gain: float = 1.0) -> QuantizedTensor | None:
         if rows == 0 or cols == 0:

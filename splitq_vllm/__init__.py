@@ -1,3 +1,26 @@
-"""splitq_vllm: the SplitQ checkpoint format and the vLLM plugin that serves it."""
+"""splitq_vllm: the SplitQ checkpoint format and the vLLM plugin that serves it.
+
+`register()` is the `vllm.general_plugins` entry point (pyproject.toml): vLLM calls it once in
+every process (front end, engine core, workers). Importing `splitq_vllm` itself does not import
+vLLM, so the checkpoint format stays usable where vLLM is not installed.
+"""
 
 __version__ = "0.1.0"
+
+_registered = False
+
+
+def register() -> None:
+    """Register the `splitq` quantization method with vLLM and install the text-mask hook.
+
+    Guarded by its own flag: in engine and worker processes the config class may already be
+    imported (unpickling the VllmConfig imports it, which registers the method) before vLLM calls
+    this, and the mask hook must be installed regardless.
+    """
+    global _registered
+    if _registered:
+        return
+    from .plugin import install_embed_hook  # imports vLLM; registers the quantization config
+
+    install_embed_hook()
+    _registered = True

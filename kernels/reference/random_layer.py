@@ -15,6 +15,21 @@ def _well_conditioned(n: int, gen: torch.Generator, dtype: torch.dtype) -> torch
     return (q * d).to(dtype).contiguous()
 
 
+def _random_partition(
+    in_features: int, n_text: int, n_vision: int, kron: tuple[int, int], gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random disjoint (main, text, vision) channel sets, each sorted; kron must factor the main set."""
+    d_main = in_features - n_text - n_vision
+    if kron[0] * kron[1] != d_main:
+        raise ValueError(f"kron {kron} does not factor the main dimension {d_main}")
+    perm = torch.randperm(in_features, generator=gen)
+    return (
+        perm[n_vision + n_text :].sort().values,
+        perm[n_vision : n_vision + n_text].sort().values,
+        perm[:n_vision].sort().values,
+    )
+
+
 def random_float_layer(
     in_features: int,
     out_features: int,
@@ -35,13 +50,8 @@ def random_float_layer(
     the untransformed W (out, in), so callers can check the folding.
     """
     gen = torch.Generator().manual_seed(seed)
-    d_main = in_features - n_text - n_vision
-    if kron[0] * kron[1] != d_main:
-        raise ValueError(f"kron {kron} does not factor the main dimension {d_main}")
-    perm = torch.randperm(in_features, generator=gen)
-    idx_vision = perm[:n_vision].sort().values
-    idx_text = perm[n_vision : n_vision + n_text].sort().values
-    idx_main = perm[n_vision + n_text :].sort().values
+    idx_main, idx_text, idx_vision = _random_partition(in_features, n_text, n_vision, kron, gen)
+    d_main = idx_main.numel()
     w = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64) / in_features**0.5
     smooth = torch.empty(d_main, dtype=torch.float64).uniform_(0.5, 2.0, generator=gen)
     p1 = _well_conditioned(kron[0], gen, torch.float64)
@@ -103,3 +113,76 @@ def random_activations(
         ch = torch.randperm(in_features, generator=gen)[:outlier_channels]
         x[:, ch] *= 20.0
     return x.to(dtype)
+
+
+def default_layer_dims(in_features: int, out_features: int, outlier_frac: float = 0.02, cws_frac: float = 0.02,
+                       mac_frac: float = 0.03, main_multiple: int = 64) -> dict:
+    """The project's default channel split for a linear: outlier_frac of the channels for text and
+    for vision outliers, rounded so the main dimension is the nearest multiple of main_multiple;
+    Kronecker factors n1 <= n2 as close to sqrt(main) as the divisors allow; CWS / MAC ranks as
+    fractions of the full rank. E.g. 3584 -> main 3456 = 54 x 64, 64 + 64 outliers, ranks 72 / 108."""
+    main = int(round((in_features - 2 * outlier_frac * in_features) / main_multiple)) * main_multiple
+    main = max(main_multiple, min(main, in_features - in_features % main_multiple))
+    outliers = in_features - main
+    n1 = max(d for d in range(1, int(main**0.5) + 1) if main % d == 0)
+    full_rank = min(in_features, out_features)
+    return dict(
+        n_text=outliers // 2, n_vision=outliers - outliers // 2, kron=(n1, main // n1),
+        cws_rank=int(round(cws_frac * full_rank)), mac_rank=int(round(mac_frac * full_rank)),
+    )
+
+
+def random_quantized_layer(
+    in_features: int,
+    out_features: int,
+    n_text: int,
+    n_vision: int,
+    kron: tuple[int, int],
+    scheme,
+    cws_rank: int = 0,
+    mac_rank: int = 0,
+    bias: bool = True,
+    seed: int = 0,
+):
+    """A SplitQLinear with random codes and scales (no float weights to fold): fast at real model
+    shapes, for benchmarks and large-shape checks. Codes are uniform in each path's range; scales
+    make every path's output O(1) for unit-variance inputs."""
+    from .layer import SplitQLinear
+    from .quantizer import QuantizedTensor, qrange
+
+    gen = torch.Generator().manual_seed(seed)
+    idx_main, idx_text, idx_vision = _random_partition(in_features, n_text, n_vision, kron, gen)
+    d_main = idx_main.numel()
+
+    def weight(rows: int, cols: int, bits: int, gain: float = 1.0) -> QuantizedTensor | None:
+        if rows == 0 or cols == 0:
+            return None
+        lo, hi = qrange(bits, True)
+        codes = torch.randint(lo, hi + 1, (rows, cols), generator=gen, dtype=torch.int8)
+        scale = torch.empty(rows, 1).uniform_(0.5, 1.5, generator=gen) * gain / (hi * cols**0.5)
+        return QuantizedTensor(codes, scale, None, bits)
+
+    wb, awb = scheme.weight_bits, scheme.aux_weight_bits
+    f32 = torch.float32
+    return SplitQLinear(
+        idx_main=idx_main,
+        idx_text=idx_text,
+        idx_vision=idx_vision,
+        main_smooth=torch.empty(d_main).uniform_(0.5, 2.0, generator=gen),
+        main_p1=_well_conditioned(kron[0], gen, f32),
+        main_p2=_well_conditioned(kron[1], gen, f32),
+        text_p=_well_conditioned(n_text, gen, f32) if n_text else None,
+        vision_p=_well_conditioned(n_vision, gen, f32) if n_vision else None,
+        main_act_clip=torch.tensor(0.95),
+        text_act_clip=torch.tensor(0.95),
+        vision_act_clip=torch.tensor(0.95),
+        mac_act_clip=torch.tensor(0.95),
+        main_w=weight(out_features, d_main, wb),
+        text_w=weight(out_features, n_text, awb),
+        vision_w=weight(out_features, n_vision, awb),
+        cws_down=weight(cws_rank, d_main, awb),
+        cws_up=weight(out_features, cws_rank, awb, 0.1),
+        mac_down=weight(mac_rank, d_main, awb),
+        mac_up=weight(out_features, mac_rank, awb, 0.1),
+        bias=torch.randn(out_features, generator=gen) * 0.1 if bias else None,
+    )

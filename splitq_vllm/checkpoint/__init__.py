@@ -1,7 +1,7 @@
 """The SplitQ checkpoint format (docs/format.md): config schema, tensor table, writer, reader."""
 
 from .config import DEFAULT_IGNORE, FORMAT_VERSION, QUANT_METHOD, CheckpointError, LayerDims, SplitQConfig
-from .reader import SplitQCheckpoint, read_checkpoint, read_model_config
+from .reader import SplitQCheckpoint, check_layer_values, read_checkpoint, read_model_config
 from .tensors import TensorSpec, layer_dims, layer_tensor_specs, layer_to_tensors, tensors_to_layer
 from .writer import copy_side_files, write_checkpoint
 
@@ -14,6 +14,7 @@ __all__ = [
     "SplitQCheckpoint",
     "SplitQConfig",
     "TensorSpec",
+    "check_layer_values",
     "copy_side_files",
     "layer_dims",
     "layer_tensor_specs",

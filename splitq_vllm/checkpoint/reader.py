@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from splitq_kernels.reference import SplitQLinear
 from .config import CheckpointError, LayerDims, SplitQConfig
 from .tensors import layer_tensor_specs, tensors_to_layer
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -53,7 +54,9 @@ def read_model_config(path: str | os.PathLike) -> tuple[dict[str, Any], SplitQCo
     return config, SplitQConfig.from_dict(qc, source=f"{cfg_path}: quantization_config")
 
 
-def _weight_map(path: Path) -> dict[str, str]:
+def tensor_files(path: str | os.PathLike) -> dict[str, str]:
+    """Tensor name -> safetensors file name of a model directory (index file or the files' headers)."""
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -81,7 +84,8 @@ class SplitQCheckpoint:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.model_config, self.quant_config = read_model_config(self.path)
-        self.weight_map = _weight_map(self.path)
+        self.weight_map = tensor_files(self.path)
+        self._headers: dict[str, dict[str, Any]] = {}
 
     @property
     def scheme(self):
@@ -90,10 +94,24 @@ class SplitQCheckpoint:
     def file_of(self, name: str) -> str:
         return self.weight_map[name]
 
+    def _header(self, fname: str) -> dict[str, Any]:
+        """The JSON header of one safetensors file (read once: shapes and dtypes of its tensors)."""
+        if fname not in self._headers:
+            fpath = self.path / fname
+            try:
+                with open(fpath, "rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    self._headers[fname] = json.loads(fh.read(n))
+            except (OSError, struct.error, ValueError) as e:
+                raise CheckpointError(f"{fpath}: not a readable safetensors file ({e})") from None
+        return self._headers[fname]
+
     def tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        with safe_open(str(self.path / self.weight_map[name]), "pt") as fh:
-            sl = fh.get_slice(name)
-            return tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype(), sl.get_dtype())
+        fname = self.weight_map[name]
+        info = self._header(fname).get(name)
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{self.path / fname}: tensor '{name}' is listed in the index but not in the file")
+        return tuple(info["shape"]), SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"])
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
@@ -120,8 +138,13 @@ class SplitQCheckpoint:
         return layer if layer in self.quant_config.layers else None
 
     # -----------------------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Check everything the forward relies on; raise CheckpointError on the first problem."""
+    def validate(self, check_values: bool = True) -> None:
+        """Check everything the forward relies on; raise CheckpointError on the first problem.
+
+        check_values=False checks only what the file headers say (every tensor present, shapes,
+        dtypes, no unexpected tensor): cheap even for large checkpoints, no tensor is read. The
+        vLLM plugin does that at start-up and checks the values of the tensors it has loaded.
+        """
         qc = self.quant_config
         for name in qc.layers:
             if qc.is_ignored(name):
@@ -154,10 +177,12 @@ class SplitQCheckpoint:
                     f"tensor '{tname}' in {self.weight_map[tname]}: unexpected for quantized layer '{layer}' "
                     "(not part of the SplitQ format; a leftover 16-bit weight?)"
                 )
+        if not check_values:
+            return
         group_first: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
         for name, dims in qc.layers.items():
             t = self.layer_tensors(name)
-            self._check_values(name, dims, t)
+            check_layer_values(name, dims, t)
             shared = {s.suffix: t[s.suffix] for s in layer_tensor_specs(dims, qc.scheme) if s.side == "input"}
             if dims.group in group_first:
                 first_name, first = group_first[dims.group]
@@ -170,35 +195,37 @@ class SplitQCheckpoint:
             else:
                 group_first[dims.group] = (name, shared)
 
-    def _check_values(self, name: str, dims: LayerDims, t: dict[str, torch.Tensor]) -> None:
-        owner: dict[int, str] = {}
-        for set_name in ("main", "text", "vision"):
-            key = f"idx_{set_name}"
-            if key not in t:
-                continue
-            idx = t[key].long()
-            bad = idx[(idx < 0) | (idx >= dims.in_features)]
-            if bad.numel():
-                raise CheckpointError(
-                    f"tensor '{name}.{key}': channel index {int(bad[0])} out of range [0, {dims.in_features})"
-                )
-            for c in idx.tolist():
-                if c in owner:
-                    other = owner[c]
-                    what = "twice in" if other == key else f"in both {other} and"
-                    raise CheckpointError(f"layer '{name}': channel {c} appears {what} {key} (channel sets must be disjoint)")
-                owner[c] = key
-        if len(owner) != dims.in_features:
-            missing = sorted(set(range(dims.in_features)) - owner.keys())
+
+def check_layer_values(name: str, dims: LayerDims, t: dict[str, torch.Tensor]) -> None:
+    """Value checks of one layer's tensors (by suffix): channel sets, finiteness, positive scales."""
+    owner: dict[int, str] = {}
+    for set_name in ("main", "text", "vision"):
+        key = f"idx_{set_name}"
+        if key not in t:
+            continue
+        idx = t[key].long()
+        bad = idx[(idx < 0) | (idx >= dims.in_features)]
+        if bad.numel():
             raise CheckpointError(
-                f"layer '{name}': channels {missing[:8]}{' ...' if len(missing) > 8 else ''} are in no channel set "
-                f"(idx_main, idx_text and idx_vision must cover all {dims.in_features} input channels)"
+                f"tensor '{name}.{key}': channel index {int(bad[0])} out of range [0, {dims.in_features})"
             )
-        for suffix, v in t.items():
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise CheckpointError(f"tensor '{name}.{suffix}': contains NaN or Inf")
-            if (suffix.endswith("_wscale") or suffix.endswith("_act_clip")) and not bool((v > 0).all()):
-                raise CheckpointError(f"tensor '{name}.{suffix}': scales and clipping factors must be positive")
+        for c in idx.tolist():
+            if c in owner:
+                other = owner[c]
+                what = "twice in" if other == key else f"in both {other} and"
+                raise CheckpointError(f"layer '{name}': channel {c} appears {what} {key} (channel sets must be disjoint)")
+            owner[c] = key
+    if len(owner) != dims.in_features:
+        missing = sorted(set(range(dims.in_features)) - owner.keys())
+        raise CheckpointError(
+            f"layer '{name}': channels {missing[:8]}{' ...' if len(missing) > 8 else ''} are in no channel set "
+            f"(idx_main, idx_text and idx_vision must cover all {dims.in_features} input channels)"
+        )
+    for suffix, v in t.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"tensor '{name}.{suffix}': contains NaN or Inf")
+        if (suffix.endswith("_wscale") or suffix.endswith("_act_clip")) and not bool((v > 0).all()):
+            raise CheckpointError(f"tensor '{name}.{suffix}': scales and clipping factors must be positive")
 
 
 def read_checkpoint(path: str | os.PathLike, validate: bool = True) -> SplitQCheckpoint:

@@ -23,17 +23,23 @@ SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 
-def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _nbytes(tensors: Mapping[str, torch.Tensor], name: str) -> int:
+    size_of = getattr(tensors, "nbytes", None)  # lazy mappings report sizes without loading
+    if size_of is not None:
+        return size_of(name)
+    t = tensors[name]
+    return t.numel() * t.element_size()
+
+
+def _plan_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(tensors):
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
+        nbytes = _nbytes(tensors, name)
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        # clone: layers of one group share input-side tensors, and safetensors refuses aliases
-        shards[-1][name] = t.detach().to("cpu").contiguous().clone()
+        shards[-1].append(name)
         size += nbytes
     return shards
 
@@ -47,6 +53,27 @@ def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]
             shutil.copy2(p, Path(dst) / p.name)
             copied.append(p.name)
     return copied
+
+
+class _Combined(Mapping):
+    """The caller's (possibly lazy) tensors plus the quantized layers' tensors, one mapping."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor]) -> None:
+        self.base = base
+        self.extra: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.extra[name] if name in self.extra else self.base[name]
+
+    def __iter__(self):
+        yield from self.base
+        yield from self.extra
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.extra)
+
+    def nbytes(self, name: str) -> int:
+        return _nbytes(self.extra if name in self.extra else self.base, name)
 
 
 def write_checkpoint(
@@ -66,7 +93,9 @@ def write_checkpoint(
     model_config: the model's config.json contents (quantization_config is added).
     quant_config: scheme, ignore list, calibration metadata (its `layers` are filled in here).
     layers: quantized linears by their HF module name.
-    tensors: every unquantized tensor (embeddings, norms, vision tower, lm_head) by HF name.
+    tensors: every unquantized tensor (embeddings, norms, vision tower, lm_head) by HF name; may
+        be a lazy mapping (loaded one shard at a time; an `nbytes(name)` method avoids loading
+        just to plan the shards).
     groups: layer name -> input group name, for layers that share an input (q/k/v, gate/up);
         layers not listed form a group of their own.
     side_files_from: a model directory whose processor/tokenizer files are copied.
@@ -76,16 +105,15 @@ def write_checkpoint(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     groups = dict(groups or {})
-    all_tensors: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if any(name.startswith(layer + ".") for layer in layers):
+    all_tensors = _Combined(tensors)
+    for name in tensors:
+        if name.rsplit(".", 1)[0] in layers:
             raise ValueError(f"tensor {name} belongs to quantized layer; pass the layer, not its tensors")
-        all_tensors[name] = t
     dims = {}
     for name, layer in layers.items():
         dims[name] = layer_dims(layer, groups.get(name, name))
         for suffix, t in layer_to_tensors(layer, quant_config.scheme).items():
-            all_tensors[f"{name}.{suffix}"] = t
+            all_tensors.extra[f"{name}.{suffix}"] = t
     quant_config.layers = dims
     config = dict(model_config)
     config["quantization_config"] = quant_config.to_dict()
@@ -94,17 +122,21 @@ def write_checkpoint(
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        shards = _shards(all_tensors, max_shard_bytes)
-        meta = {"format": "pt", "quant_method": "splitq"}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in all_tensors.values())
+        # One shard in memory at a time: `tensors` may be a lazy mapping over the source files.
+        plan = _plan_shards(all_tensors, max_shard_bytes)
+        # One metadata key: safetensors writes several in a per-process random order, and a
+        # checkpoint should be byte-identical when its tensors are.
+        meta = {"format": "pt"}
+        weight_map = {}
+        for i, names in enumerate(plan, 1):
+            fname = "model.safetensors" if len(plan) == 1 else f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+            # clone: layers of one group share input-side tensors, and safetensors refuses aliases
+            shard = {n: all_tensors[n].detach().to("cpu").contiguous().clone() for n in names}
+            save_file(shard, str(tmp / fname), metadata=meta)
+            weight_map.update({n: fname for n in names})
+            del shard
+        if len(plan) > 1:
+            total = sum(_nbytes(all_tensors, n) for n in all_tensors)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if side_files_from is not None:

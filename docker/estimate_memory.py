@@ -1,0 +1,282 @@
+"""GPU memory estimate for serving a SplitQ Qwen2.5-VL checkpoint with vLLM (docker/README.md).
+
+    .venv/bin/python docker/estimate_memory.py                       # the README's table (W4A4)
+    .venv/bin/python docker/estimate_memory.py --scheme w3a3 --max-model-len 32768 --json
+
+Computed from the format, not measured (no GPU here). For each model:
+- the model is instantiated on PyTorch's meta device from the public config numbers
+  (../shared/notes/anchors.md: Qwen2.5-VL-3B / 7B), so every tensor shape is transformers' own;
+- `splitq_calibration.model_layout.linear_groups` lists the linears calibration quantizes (q/k/v,
+  o, gate/up, down of every decoder layer), and each gets the `LayerDims` that `splitq-calibrate`
+  gives it with its default settings (`CalibrationConfig` and the `splitq` preset: 2% text and 2%
+  vision outlier channels via `calibration.dims.outlier_counts`, Kronecker factors via
+  `kron_factors`, CWS rank 2% and MAC rank 3% of min(D_in, D_out) of the fused group);
+- checkpoint bytes: `layer_tensor_specs` of every layer (docs/format.md; input-side tensors are
+  stored once per member in the files, loaded once per fused group by vLLM);
+- served bytes: what the plugin keeps on the GPU with the Triton backend (the default on CUDA):
+  `splitq_kernels.layout.prepare_kernel_layer` of each fused group (4-bit words, int8 low-rank
+  factors padded to a power-of-two rank, float32 scales and column sums). Its size is affine in
+  the output width, so it is evaluated exactly on two narrow zero-filled copies of each group and
+  extrapolated, instead of packing billions of codes;
+- everything else (vision tower, projector, embeddings, lm_head, norms) in 16 bits, as in the
+  checkpoint; KV cache in 16 bits: 2 x layers x kv_heads x head_dim x 2 bytes per token.
+
+Not included (vLLM measures them at start-up and takes them out of the KV cache budget): the CUDA
+context and cuBLAS/Triton workspaces, the activation peak of the profiling run (largest batch and
+the vision encoder on the largest image), CUDA graphs, and the bf16 bias parameters vLLM's q/k/v
+layers keep beside the kernels' float32 copy (< 1 MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+GIB = 1024**3
+MIB = 1024**2
+RTX_4090_MIB = 24564  # what nvidia-smi reports for a 24 GB RTX 4090
+# docker-compose.yml's settings (tests/test_deploy_memory.py keeps them equal)
+MAX_MODEL_LEN = 16384
+GPU_MEMORY_UTILIZATION = 0.90
+
+# Public configs of the Qwen2.5-VL Instruct releases (../shared/notes/anchors.md).
+VISION = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+)  # fmt: skip
+MODELS = {
+    "Qwen2.5-VL-3B": dict(
+        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+    ),
+    "Qwen2.5-VL-7B": dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
+
+def build_meta_model(name: str):
+    """The transformers model with the public config's shapes, on the meta device (no memory)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(MODELS[name])
+    text.update(
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    )
+    vision = dict(VISION, out_hidden_size=text["hidden_size"])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
+    with torch.device("meta"):
+        return Qwen2_5_VLForConditionalGeneration(config), config
+
+
+def default_dims(group, has_bias: bool):
+    """LayerDims of each member of a linear group, as splitq-calibrate sets them by default."""
+    from splitq_calibration import CalibrationConfig
+    from splitq_calibration.dims import kron_factors, outlier_counts, rank_for
+    from splitq_vllm.checkpoint.config import LayerDims
+
+    cfg = CalibrationConfig().resolved()  # method splitq: 2% / 2% outliers, CWS 2%, MAC 3%
+    d_in, d_out = group.in_features, sum(group.out_features)
+    k_t, k_v = outlier_counts(d_in, cfg.text_ratio, cfg.vision_ratio)
+    main = d_in - k_t - k_v
+    # quantizer_init.GroupParams: rank of the fused group's weight, capped by its dimensions
+    cws = min(rank_for(d_in, d_out, cfg.cws_ratio), main, d_out)
+    mac = min(rank_for(d_in, d_out, cfg.mac_ratio), main, d_out)
+    return [
+        LayerDims(
+            in_features=d_in, out_features=o, main=main, text=k_t, vision=k_v, kron=kron_factors(main),
+            cws_rank=cws, mac_rank=mac, group=group.name, bias=has_bias,
+        )
+        for o in group.out_features
+    ]  # fmt: skip
+
+
+def spec_bytes(spec, bias_bytes: int) -> int:
+    n = 1
+    for s in spec.shape:
+        n *= s
+    size = bias_bytes if spec.dtype is None else spec.dtype.itemsize
+    return n * size
+
+
+def kernel_layout_bytes(dims: list, scheme) -> int:
+    """Bytes of prepare_kernel_layer(fused group): exact, from two narrow copies (affine in width)."""
+    import torch
+
+    from splitq_kernels.layout import prepare_kernel_layer
+    from splitq_kernels.reference import concat_outputs
+    from splitq_vllm.checkpoint.tensors import layer_tensor_specs, tensors_to_layer
+
+    def at_width(width: int) -> int:
+        members = []
+        for d in dims:
+            narrow = replace(d, out_features=width)
+            t = {}
+            for s in layer_tensor_specs(narrow, scheme):
+                dtype = torch.float32 if s.dtype is None else s.dtype
+                t[s.suffix] = torch.zeros(s.shape, dtype=dtype)
+            t["idx_main"] = torch.arange(narrow.main, dtype=torch.int32)
+            members.append(tensors_to_layer(t, narrow, scheme))
+        layer = concat_outputs(members) if len(members) > 1 else members[0]
+        return prepare_kernel_layer(layer, scheme, "cpu").nbytes()
+
+    w1, w2 = 8, 16
+    b1, b2 = at_width(w1), at_width(w2)
+    per_output = (b2 - b1) / ((w2 - w1) * len(dims))
+    total_out = sum(d.out_features for d in dims)
+    return int(round(b1 + per_output * (total_out - w1 * len(dims))))
+
+
+def estimate(name: str, scheme_name: str = "w4a4", max_model_len: int = MAX_MODEL_LEN, dtype_bytes: int = 2) -> dict:
+    """The numbers for one of MODELS (its public config's shapes)."""
+    model, config = build_meta_model(name)
+    return dict(estimate_model(model, config, scheme_name, max_model_len, dtype_bytes), model=name)
+
+
+def estimate_model(model, config, scheme_name: str = "w4a4", max_model_len: int = MAX_MODEL_LEN, dtype_bytes: int = 2) -> dict:
+    """The numbers for any transformers model calibration supports (meta device or real)."""
+    from splitq_calibration.model_layout import linear_groups
+    from splitq_kernels.reference import SplitQScheme
+    from splitq_vllm.checkpoint.tensors import layer_tensor_specs
+
+    scheme = SplitQScheme.from_name(scheme_name)
+    groups = linear_groups(model, list(model.state_dict().keys()))
+
+    quantized_params: set[str] = set()
+    file_bytes = fused_bytes = kernel_bytes = 0
+    kernel_cache: dict[tuple, int] = {}
+    quantized_weights = 0  # parameters replaced by SplitQ layers (for the 16-bit comparison)
+    for g in groups:
+        mods = [model.get_submodule(m) for m in g.modules]
+        has_bias = mods[0].bias is not None
+        for m in g.modules:
+            quantized_params.update({f"{m}.weight", f"{m}.bias"})
+        quantized_weights += sum(mod.weight.numel() for mod in mods)
+        dims = default_dims(g, has_bias)
+        specs = [layer_tensor_specs(d, scheme) for d in dims]
+        for member_specs in specs:
+            file_bytes += sum(spec_bytes(s, dtype_bytes) for s in member_specs)
+        fused_bytes += sum(spec_bytes(s, dtype_bytes) for s in specs[0] if s.side == "input")
+        fused_bytes += sum(spec_bytes(s, dtype_bytes) for ms in specs for s in ms if s.side == "output")
+        key = tuple(replace(d, group="") for d in dims)  # the same in every decoder layer: compute once
+        if key not in kernel_cache:
+            kernel_cache[key] = kernel_layout_bytes(dims, scheme)
+        kernel_bytes += kernel_cache[key]
+
+    parts = {"vision tower + projector": 0, "embeddings": 0, "lm_head": 0, "norms": 0}
+    total_params = 0
+    for pname, p in model.named_parameters():  # tied parameters are listed once
+        total_params += p.numel()
+        if pname in quantized_params:
+            continue
+        if ".visual." in f".{pname}":
+            parts["vision tower + projector"] += p.numel() * dtype_bytes
+        elif "embed_tokens" in pname:
+            parts["embeddings"] += p.numel() * dtype_bytes
+        elif pname.startswith("lm_head"):
+            parts["lm_head"] += p.numel() * dtype_bytes
+        else:
+            parts["norms"] += p.numel() * dtype_bytes
+    unquantized = sum(parts.values())
+
+    tc = config.text_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * dtype_bytes
+    return {
+        "model": type(model).__name__,
+        "scheme": scheme_name,
+        "parameters": total_params,
+        "bf16_weights_bytes": total_params * dtype_bytes,
+        "quantized_linears": sum(len(g.modules) for g in groups),
+        "quantized_linear_params": quantized_weights,
+        "splitq_layers_checkpoint_bytes": file_bytes,
+        "splitq_layers_fused_bytes": fused_bytes,
+        "splitq_layers_served_bytes": kernel_bytes,
+        "unquantized_bytes": unquantized,
+        "unquantized_parts_bytes": parts,
+        "checkpoint_bytes": file_bytes + unquantized,
+        "served_weights_bytes": kernel_bytes + unquantized,
+        "kv_bytes_per_token": kv_per_token,
+        "max_model_len": max_model_len,
+        "kv_one_sequence_bytes": kv_per_token * max_model_len,
+    }
+
+
+def budget(e: dict, gpu_mib: int, utilization: float) -> dict:
+    """What is left of vLLM's budget (utilization x total) after the weights, and how many tokens
+    of KV cache that would hold before activations and CUDA graphs are taken out (an upper bound)."""
+    total = gpu_mib * MIB * utilization
+    room = total - e["served_weights_bytes"]
+    return {
+        "gpu_mib": gpu_mib,
+        "gpu_memory_utilization": utilization,
+        "budget_bytes": int(total),
+        "room_after_weights_bytes": int(room),
+        "kv_tokens_upper_bound": int(room // e["kv_bytes_per_token"]) if room > 0 else 0,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    def gib(b: float) -> str:
+        return f"{b / GIB:.2f}"
+
+    lines = [
+        "| GiB (estimate) | " + " | ".join(r["model"] for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
+
+    def row(label: str, values: list[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    row("BF16 model, all weights", [gib(r["bf16_weights_bytes"]) for r in rows])
+    row(f"SplitQ {rows[0]['scheme'].upper()} linears, checkpoint files", [gib(r["splitq_layers_checkpoint_bytes"]) for r in rows])
+    row(f"SplitQ {rows[0]['scheme'].upper()} linears, on the GPU (Triton layout)", [gib(r["splitq_layers_served_bytes"]) for r in rows])
+    row("16-bit rest: vision tower + projector", [gib(r["unquantized_parts_bytes"]["vision tower + projector"]) for r in rows])
+    row("16-bit rest: embeddings + lm_head (+ norms)", [
+        gib(r["unquantized_parts_bytes"]["embeddings"] + r["unquantized_parts_bytes"]["lm_head"] + r["unquantized_parts_bytes"]["norms"])
+        for r in rows
+    ])  # fmt: skip
+    row("**checkpoint on disk**", [gib(r["checkpoint_bytes"]) for r in rows])
+    row("**weights on the GPU**", [gib(r["served_weights_bytes"]) for r in rows])
+    row("KV cache per token (bf16), KiB", [f"{r['kv_bytes_per_token'] / 1024:.0f}" for r in rows])
+    row(f"KV cache, one {rows[0]['max_model_len']}-token sequence", [gib(r["kv_one_sequence_bytes"]) for r in rows])
+    b = rows[0]["budget"]
+    row(
+        f"vLLM budget: {b['gpu_memory_utilization']:.2f} x {b['gpu_mib']} MiB",
+        [gib(r["budget"]["budget_bytes"]) for r in rows],
+    )
+    row("left for KV cache + activations + CUDA graphs", [gib(r["budget"]["room_after_weights_bytes"]) for r in rows])
+    row("KV tokens that room holds (upper bound)", [f"{r['budget']['kv_tokens_upper_bound']:,}" for r in rows])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--scheme", default="w4a4", help="w4a8, w4a4, w3a3, w3a2 (default w4a4)")
+    p.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN, help=f"tokens of one sequence's KV cache (default {MAX_MODEL_LEN})")
+    p.add_argument("--gpu-mib", type=int, default=RTX_4090_MIB, help=f"GPU memory in MiB (default {RTX_4090_MIB}: RTX 4090)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=GPU_MEMORY_UTILIZATION)
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON (bytes)")
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.models:
+        e = estimate(name, args.scheme, args.max_model_len)
+        e["budget"] = budget(e, args.gpu_mib, args.gpu_memory_utilization)
+        rows.append(e)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    else:
+        print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

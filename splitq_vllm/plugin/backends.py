@@ -1,0 +1,222 @@
+"""How a loaded SplitQ layer computes: the torch reference, or (on CUDA) the Triton kernels.
+
+The backend is chosen once per layer in `process_weights_after_loading`:
+`SPLITQ_BACKEND=reference|triton|auto` (default auto: triton on CUDA when the kernels
+(`splitq_kernels.ops`) can be imported, the reference otherwise). `triton` on a CPU device runs
+the kernels in Triton's interpreter: slow, for tests and CI only. Each backend has two steps:
+- `prepare(layer, ref, scheme)`: once, after loading: turn the reference `SplitQLinear` `ref`
+  (codes unpacked, fused outputs concatenated) into whatever the forward wants, stored as
+  buffers on the vLLM layer so that the model's `.to()`, torch.compile and CUDA graphs see them.
+- `apply(layer, x, text_mask, bias)`: x (T, D_in) in the model dtype, text_mask (T,) bool;
+  no data-dependent Python control flow (the mask is a tensor, never inspected).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields, replace
+
+import torch
+from torch import nn
+
+from splitq_kernels.reference import QuantizedTensor, SplitQLinear, SplitQScheme, splitq_linear
+
+ENV_BACKEND = "SPLITQ_BACKEND"
+BACKENDS = ("auto", "reference", "triton")
+TRITON_MODULE = "splitq_kernels.ops"
+
+
+def requested_backend() -> str:
+    v = os.environ.get(ENV_BACKEND, "auto").strip().lower() or "auto"
+    if v not in BACKENDS:
+        raise ValueError(f"{ENV_BACKEND}={v!r}: expected one of {list(BACKENDS)}")
+    return v
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels' module imports and has the two entry points. A broken install
+    (an import raising something else than ImportError) counts as unavailable, with a warning."""
+    import importlib
+    import logging
+
+    try:
+        mod = importlib.import_module(TRITON_MODULE)
+    except ImportError:
+        return False
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger(f"vllm.{__name__}").warning("SplitQ: importing %s failed (%r)", TRITON_MODULE, e)
+        return False
+    return hasattr(mod, "prepare_kernel_layer") and hasattr(mod, "splitq_linear_triton")
+
+
+def select_backend(device: torch.device) -> "Backend":
+    """The backend for a layer on `device` (see the module doc)."""
+    want = requested_backend()
+    if want == "auto":
+        want = "triton" if device.type == "cuda" and triton_available() else "reference"
+    if want == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                f"{ENV_BACKEND}=triton, but the SplitQ Triton kernels ({TRITON_MODULE}: prepare_kernel_layer, "
+                "splitq_linear_triton) are not available in this installation"
+            )
+        return TritonBackend()
+    return ReferenceBackend()
+
+
+class Backend:
+    name = "?"
+
+    def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
+        raise NotImplementedError
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, text_mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# The reference runs as one opaque torch custom op: torch.compile (vLLM's inductor backend) and
+# CUDA graphs see a single call with tensor inputs, as they will see the Triton kernels' ops,
+# instead of tracing the reference's Python (which works too, but added ~55 s of inductor
+# compilation on the tiny model). The persistent mask buffer's slice is an input of the op, so
+# the in-place updates between steps are seen by the compiled graph.
+_QUANTIZED_FIELDS = ("main_w", "text_w", "vision_w", "cws_down", "cws_up", "mac_down", "mac_up")
+_TENSOR_FIELDS = tuple(f.name for f in fields(SplitQLinear) if f.name not in _QUANTIZED_FIELDS and f.name != "bias")
+
+
+def _layout_of(ref: SplitQLinear) -> tuple[str, list[torch.Tensor]]:
+    """A layer as (layout string, flat tensor list): `name` for a tensor field, `name:bits` for a
+    quantized one (two tensors: codes, scale), absent fields left out."""
+    parts, tensors = [], []
+    for name in _TENSOR_FIELDS:
+        v = getattr(ref, name)
+        if v is not None:
+            parts.append(name)
+            tensors.append(v.contiguous())
+    for name in _QUANTIZED_FIELDS:
+        v: QuantizedTensor | None = getattr(ref, name)
+        if v is not None:
+            if v.zero is not None:
+                raise ValueError(f"{name}: the format stores symmetric weights only")
+            parts.append(f"{name}:{v.bits}")
+            tensors += [v.codes.contiguous(), v.scale.contiguous()]
+    return ",".join(parts), tensors
+
+
+def _from_layout(layout: str, tensors: list[torch.Tensor], bias: torch.Tensor | None) -> SplitQLinear:
+    kw: dict[str, object] = {name: None for name in (*_TENSOR_FIELDS, *_QUANTIZED_FIELDS)}
+    it = iter(tensors)
+    for part in layout.split(","):
+        name, _, bits = part.partition(":")
+        kw[name] = QuantizedTensor(next(it), next(it), None, int(bits)) if bits else next(it)
+    return SplitQLinear(**kw, bias=bias)
+
+
+@torch.library.custom_op("splitq::reference_linear", mutates_args=())
+def reference_linear(
+    x: torch.Tensor,
+    text_mask: torch.Tensor,
+    tensors: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    layout: str,
+    out_features: int,
+    weight_bits: int,
+    act_bits: int,
+    aux_weight_bits: int,
+    aux_act_bits: int,
+    act_symmetric: bool,
+    mac_rows: str,
+) -> torch.Tensor:
+    """splitq_kernels.reference.splitq_linear(x, text_mask, layer, scheme) as a torch op."""
+    scheme = SplitQScheme(weight_bits, act_bits, aux_weight_bits, aux_act_bits, act_symmetric, mac_rows)
+    return splitq_linear(x, text_mask, _from_layout(layout, tensors, bias), scheme)
+
+
+@reference_linear.register_fake
+def _(x, text_mask, tensors, bias, layout, out_features, *scheme):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+_PREFIX = "splitq_ref_"
+
+
+class ReferenceBackend(Backend):
+    """`splitq_kernels.reference.splitq_linear`, the one definition of the math, on any device.
+
+    The SplitQLinear's tensors become non-persistent buffers of the layer (`splitq_ref_0`, ...;
+    the layout string says which field each is); `apply` calls the `splitq::reference_linear` op
+    with them, the mask slice and the layer's bias.
+    """
+
+    name = "reference"
+
+    def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
+        layout, tensors = _layout_of(ref)
+        for i, t in enumerate(tensors):
+            layer.register_buffer(f"{_PREFIX}{i}", t, persistent=False)
+        layer.splitq_ref_layout = layout
+        layer.splitq_ref_count = len(tensors)
+        layer.splitq_ref_out_features = ref.out_features
+        layer.splitq_scheme = scheme
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, text_mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        s: SplitQScheme = layer.splitq_scheme
+        tensors = [getattr(layer, f"{_PREFIX}{i}") for i in range(layer.splitq_ref_count)]
+        return torch.ops.splitq.reference_linear(
+            x, text_mask, tensors, bias, layer.splitq_ref_layout, layer.splitq_ref_out_features,
+            s.weight_bits, s.act_bits, s.aux_weight_bits, s.aux_act_bits, s.act_symmetric, s.mac_rows,
+        )  # fmt: skip
+
+
+class TritonBackend(Backend):
+    """The Triton kernels: `splitq_kernels.ops.prepare_kernel_layer` once, then the
+    `splitq::linear` custom op (kernel (a) + kernel (b)) per call.
+
+    The kernel layer's tensors become non-persistent buffers of the vLLM layer (`splitq_kl_0`,
+    ...), so `.to()`, torch.compile and CUDA graphs see them like the reference backend's; the
+    op gets them with the layer's integer metadata. The bias goes into the kernel's epilogue (added
+    in float32 before the output cast, as the reference does) unless vLLM asks for it separately
+    (skip_bias_add: `apply` gets bias=None). On CUDA the float32 products run as tf32x3 (float32
+    accuracy on tensor cores); on the CPU the kernels run in Triton's interpreter.
+    """
+
+    name = "triton"
+
+    def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
+        import logging
+
+        from splitq_kernels.ops import KernelLayer, prepare_kernel_layer
+
+        device = ref.main_w.codes.device
+        if device.type != "cuda":
+            from splitq_kernels.triton import use_interpreter
+
+            logging.getLogger(f"vllm.{__name__}").warning(
+                "SplitQ: %s=triton on %s: running the Triton kernels in Triton's CPU interpreter (slow: "
+                "for tests)", ENV_BACKEND, device
+            )
+            use_interpreter()
+        bias = getattr(layer, "bias", None)
+        kl = prepare_kernel_layer(
+            replace(ref, bias=None if bias is None else bias.data),
+            scheme,
+            device,
+            precision="tf32x3" if device.type == "cuda" else "ieee",
+        )
+        tensors = kl.tensors()
+        for i, t in enumerate(tensors):
+            if t is not None:
+                layer.register_buffer(f"{_KL_PREFIX}{i}", t, persistent=False)
+        layer.splitq_kl_present = [t is not None for t in tensors]
+        layer.splitq_kl_bias_index = KernelLayer.tensor_index("bias") if bias is not None else None
+        layer.splitq_kl_meta = kl.meta()
+        layer.splitq_kl_precision = kl.precision
+        layer.splitq_scheme = scheme
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, text_mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        tensors = [getattr(layer, f"{_KL_PREFIX}{i}") if p else None for i, p in enumerate(layer.splitq_kl_present)]
+        if bias is None and layer.splitq_kl_bias_index is not None:
+            tensors[layer.splitq_kl_bias_index] = None  # skip_bias_add: the caller adds the bias
+        return torch.ops.splitq.linear(x, text_mask, tensors, layer.splitq_kl_meta, layer.splitq_kl_precision)
+
+
+_KL_PREFIX = "splitq_kl_"

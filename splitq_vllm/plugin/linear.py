@@ -1,0 +1,244 @@
+"""The SplitQ linear method: create, load, check and prepare every tensor of the format, then apply.
+
+One vLLM linear layer holds one or more checkpoint layers ("members"): `qkv_proj` = q, k, v;
+`gate_up_proj` = gate, up; `o_proj`, `down_proj` one each. For every tensor of the format's table
+(`layer_tensor_specs`) the layer gets one vLLM parameter named by its suffix:
+- "output"-side tensors (weights, scales, `*_up`): the members' rows concatenated along dim 0
+  (`ModelWeightParameter` / `ChannelQuantScaleParameter`, output_dim 0): vLLM's fused loaders put
+  shard q at rows [0, o_q), k after it, and so on.
+- "input"-side tensors (channel sets, transforms, clips, `*_down`): one copy, identical in every
+  member (`BasevLLMParameter`); vLLM copies each member's file tensor over the whole parameter, so
+  the loader here checks that every member's copy equals the one already loaded.
+
+vLLM does not check that quantized parameters were loaded (a missing one keeps `torch.empty`
+garbage), nor dtypes (it casts), and fails mis-shaped tensors with a bare assert. So every
+parameter's weight loader is wrapped: it checks the shape and dtype of each file tensor against the
+table, checks the input-side copies, and records (suffix, member). `process_weights_after_loading`
+fails on anything not loaded, naming the checkpoint tensor, checks the values (channel sets
+partition the input, finite floats, positive scales), builds the reference `SplitQLinear` of the
+fused layer (`concat_outputs` of the members) and hands it to the backend (backends.py), once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from splitq_kernels.reference import SplitQScheme, concat_outputs
+from splitq_vllm.checkpoint import CheckpointError, LayerDims, TensorSpec, check_layer_values, layer_tensor_specs, tensors_to_layer
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScaleParameter, ModelWeightParameter
+
+from .backends import Backend, select_backend
+from .text_mask import BUFFER_NAME
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so that vLLM's log handler shows it
+
+_QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One checkpoint layer inside a vLLM layer: its file name (tensor prefix) and dims."""
+
+    name: str
+    dims: LayerDims
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@register_weight_loader_v2_supported_method
+class SplitQLinearMethod(LinearMethodBase):
+    """LinearMethod of one vLLM linear layer whose members are SplitQ layers of the checkpoint."""
+
+    def __init__(
+        self, prefix: str, members: list[Member], scheme: SplitQScheme, text_mask: Callable[[], torch.Tensor]
+    ) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.members = members
+        self.scheme = scheme
+        self._text_mask = text_mask  # () -> the model's shared mask buffer
+        dims0 = members[0].dims
+        self.specs: list[TensorSpec] = [s for s in layer_tensor_specs(dims0, scheme) if s.suffix != "bias"]
+        self.backend: Backend | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def _member_index(self, shard_id) -> int:
+        if shard_id is None:
+            if len(self.members) != 1:
+                raise CheckpointError(
+                    f"SplitQ layer '{self.prefix}': a tensor arrived without a shard id for a fused layer of "
+                    f"{len(self.members)} checkpoint layers (the format stores q/k/v and gate/up separately)"
+                )
+            return 0
+        if isinstance(shard_id, str):
+            idx = _QKV_SHARDS[shard_id]
+        elif isinstance(shard_id, int):
+            idx = shard_id
+        else:
+            raise CheckpointError(f"SplitQ layer '{self.prefix}': unsupported shard id {shard_id!r}")
+        if not 0 <= idx < len(self.members):
+            raise CheckpointError(f"SplitQ layer '{self.prefix}': shard id {shard_id!r} out of range")
+        return idx
+
+    @staticmethod
+    def _shard_arg(args, kwargs):
+        if args:
+            return args[0]
+        for k in ("loaded_shard_id", "shard_id"):
+            if k in kwargs:
+                return kwargs[k]
+        return None
+
+    def _member_shape(self, spec: TensorSpec, member: Member) -> tuple[int, ...]:
+        if spec.side == "output":
+            return (member.dims.out_features, *spec.shape[1:])
+        return spec.shape
+
+    def _tracking_loader(self, layer: nn.Module, base_loader, spec: TensorSpec):
+        def loader(param, loaded_weight, *args, **kwargs):
+            idx = self._member_index(self._shard_arg(args, kwargs))
+            member = self.members[idx]
+            tname = f"{member.name}.{spec.suffix}"
+            want = tuple(self._member_shape(spec, member))
+            if tuple(loaded_weight.shape) != want:
+                raise CheckpointError(
+                    f"SplitQ checkpoint: tensor '{tname}' has shape {list(loaded_weight.shape)}, expected {list(want)} "
+                    f"(vLLM layer '{self.prefix}')"
+                )
+            if loaded_weight.dtype != spec.dtype:
+                raise CheckpointError(
+                    f"SplitQ checkpoint: tensor '{tname}' has dtype {_dtype_name(loaded_weight.dtype)}, "
+                    f"expected {_dtype_name(spec.dtype)} (vLLM layer '{self.prefix}')"
+                )
+            loaded = layer.splitq_loaded
+            if spec.side == "input":
+                first = next((i for i in range(len(self.members)) if (spec.suffix, i) in loaded), None)
+                if first is not None and first != idx and not torch.equal(param.data, loaded_weight.to(param.device)):
+                    raise CheckpointError(
+                        f"SplitQ checkpoint: tensors '{self.members[first].name}.{spec.suffix}' and '{tname}' differ, "
+                        f"but the layers read the same input (group '{member.dims.group}', fused as vLLM layer "
+                        f"'{self.prefix}'): input-side tensors must be identical"
+                    )
+            base_loader(param, loaded_weight, *args, **kwargs)
+            loaded.add((spec.suffix, idx))
+
+        return loader
+
+    def _tracking_bias_loader(self, layer: nn.Module, base_loader):
+        def loader(param, loaded_weight, *args, **kwargs):
+            if param is getattr(layer, "bias", None):
+                idx = self._member_index(self._shard_arg(args, kwargs))
+                member = self.members[idx]
+                tname = f"{member.name}.bias"
+                if tuple(loaded_weight.shape) != (member.dims.out_features,):
+                    raise CheckpointError(
+                        f"SplitQ checkpoint: tensor '{tname}' has shape {list(loaded_weight.shape)}, expected "
+                        f"[{member.dims.out_features}] (vLLM layer '{self.prefix}')"
+                    )
+                if not loaded_weight.is_floating_point():
+                    raise CheckpointError(f"SplitQ checkpoint: tensor '{tname}' has dtype {_dtype_name(loaded_weight.dtype)}, expected a float dtype")
+                layer.splitq_loaded.add(("bias", idx))
+            return base_loader(param, loaded_weight, *args, **kwargs)
+
+        return loader
+
+    # ------------------------------------------------------------------------------------------
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        weight_loader = extra_weight_attrs.pop("weight_loader")
+        if len(output_partition_sizes) != len(self.members):
+            raise CheckpointError(
+                f"SplitQ: vLLM layer '{self.prefix}' has {len(output_partition_sizes)} output shards, the checkpoint "
+                f"{len(self.members)} layers for it ({[m.name for m in self.members]})"
+            )
+        tp = getattr(layer, "tp_size", 1)
+        for m, part in zip(self.members, output_partition_sizes):
+            if m.dims.out_features != part * tp or m.dims.in_features != input_size or input_size_per_partition != input_size:
+                raise CheckpointError(
+                    f"SplitQ: checkpoint layer '{m.name}' is {m.dims.in_features} -> {m.dims.out_features}, but vLLM "
+                    f"layer '{self.prefix}' expects {input_size} -> {part * tp} for it (is this checkpoint for this model?)"
+                )
+        has_bias = bool(getattr(layer, "has_bias", False))
+        for m in self.members:
+            if m.dims.bias != has_bias:
+                raise CheckpointError(
+                    f"SplitQ: checkpoint layer '{m.name}' has bias={m.dims.bias}, but vLLM layer '{self.prefix}' "
+                    f"{'has' if has_bias else 'has no'} bias"
+                )
+        out_total = sum(output_partition_sizes)
+        layer.splitq_loaded = set()
+        layer.splitq_output_sizes = list(output_partition_sizes)
+        for spec in self.specs:
+            if spec.side == "output":
+                shape = (out_total, *spec.shape[1:])
+            else:
+                shape = spec.shape
+            data = torch.empty(shape, dtype=spec.dtype)
+            loader = self._tracking_loader(layer, weight_loader, spec)
+            if spec.side == "input":
+                param = BasevLLMParameter(data=data, weight_loader=loader)
+            elif len(shape) == 2:
+                param = ModelWeightParameter(data=data, input_dim=1, output_dim=0, weight_loader=loader)
+            else:
+                param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=loader)
+            layer.register_parameter(spec.suffix, param)
+        # The bias is the layer's own parameter (created after this call, loaded by layer.weight_loader):
+        # shadow that bound method with a tracking wrapper so a missing bias is caught too.
+        layer.weight_loader = self._tracking_bias_loader(layer, layer.weight_loader)
+        layer.register_buffer(BUFFER_NAME, self._text_mask(), persistent=False)
+
+    # ------------------------------------------------------------------------------------------
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        loaded: set = layer.splitq_loaded
+        expected = [(s.suffix, i) for s in self.specs for i in range(len(self.members))]
+        if getattr(layer, "bias", None) is not None:
+            expected += [("bias", i) for i in range(len(self.members))]
+        missing = [f"{self.members[i].name}.{suffix}" for suffix, i in expected if (suffix, i) not in loaded]
+        if missing:
+            also = ""
+            if len(missing) > 1:
+                also = f"; also not loaded: {missing[1:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise CheckpointError(
+                f"SplitQ checkpoint: tensor '{missing[0]}' was not loaded (missing from the checkpoint?) "
+                f"for vLLM layer '{self.prefix}'{also}"
+            )
+        members = []
+        start = 0
+        for m, rows in zip(self.members, layer.splitq_output_sizes):
+            t = {}
+            for s in self.specs:
+                v = getattr(layer, s.suffix).data
+                t[s.suffix] = v[start : start + rows] if s.side == "output" else v
+            check_layer_values(m.name, m.dims, t)
+            members.append(tensors_to_layer(t, replace(m.dims, out_features=rows, bias=False), self.scheme))
+            start += rows
+        ref = concat_outputs(members) if len(members) > 1 else members[0]
+        for s in self.specs:  # the packed copies are not needed any more
+            delattr(layer, s.suffix)
+        self.backend = select_backend(ref.main_w.codes.device)
+        self.backend.prepare(layer, ref, self.scheme)
+        layer.splitq_backend = self.backend.name
+        logger.info_once("SplitQ: %s backend on %s", self.backend.name, ref.main_w.codes.device)
+
+    # ------------------------------------------------------------------------------------------
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        mask = getattr(layer, BUFFER_NAME)[: x2.shape[0]]
+        y = self.backend.apply(layer, x2, mask, bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -58,9 +58,15 @@ def test_answers_follow_from_the_scene():
             (o,) = [o for o in objs if o["shape"] == shape]
             assert o["colour"] == s.answer
         elif s.kind == "position":
-            colour, shape = s.question.rstrip("?").split()[-2:]
-            (o,) = [o for o in objs if (o["colour"], o["shape"]) == (colour, shape)]
+            colour = s.question.split()[-2]
+            (o,) = [o for o in objs if o["colour"] == colour]
             assert data.position_name(o["row"], o["col"]) == s.answer
+        elif s.kind == "count_shape":
+            shape = s.question.split()[2][:-1]  # How many circles are there?
+            assert s.answer == str(sum(o["shape"] == shape for o in objs))
+        elif s.kind == "count_colour":
+            colour = s.question.split()[2]  # How many red shapes are there?
+            assert s.answer == str(sum(o["colour"] == colour for o in objs))
         elif s.kind == "read_word":
             assert s.answer == objs[0]["word"]
         elif s.kind == "add":

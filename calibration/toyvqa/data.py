@@ -62,17 +62,18 @@ OUTLINE, OUTLINE_WIDTH, WORD_STROKE = (20, 20, 20), 2, 1
 CELL = IMAGE_SIZE // GRID  # 28 px
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 MAX_SHAPES = 3  # shapes per picture: 1..MAX_SHAPES
-QUESTION_FIRST = False  # user turn layout: question then picture (True) or picture then question
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Question kinds and how often each is drawn (weights). Image kinds first, text-only after.
+# "position" names the object by its colour alone: naming it by colour and shape (a conjunction to
+# match) stayed near 0.45 for 1,500 training steps while every other kind passed 0.8 (measured).
 IMAGE_KINDS = {
     "colour_of_shape": 3,  # What colour is the circle?          -> red
     "shape_of_colour": 3,  # Which shape is blue?                -> star
     "count_all": 2,  # How many shapes are there?                -> 3
     "count_colour": 2,  # How many red shapes are there?         -> 2
     "count_shape": 2,  # How many circles are there?             -> 0
-    "position": 3,  # Where is the red circle?                   -> top left
+    "position": 3,  # Where is the red shape?                    -> top left
     "read_word": 3,  # What word is written?                     -> cat
     "word_colour": 2,  # What colour is the word?                -> blue
 }
@@ -219,11 +220,10 @@ def ask_about_scene(kind: str, scene: list[dict[str, Any]], rng: random.Random) 
         sh = rng.choice(shapes) if rng.random() < 0.75 else rng.choice(SHAPES)
         return f"How many {plural(sh)} are there?", str(shapes.count(sh))
     elif kind == "position":
-        pairs = [(o["colour"], o["shape"]) for o in scene]
-        unique = [o for o in scene if pairs.count((o["colour"], o["shape"])) == 1]
+        unique = [o for o in scene if colours.count(o["colour"]) == 1]
         if unique:
             o = rng.choice(unique)
-            return f"Where is the {o['colour']} {o['shape']}?", position_name(o["row"], o["col"])
+            return f"Where is the {o['colour']} shape?", position_name(o["row"], o["col"])
     else:
         raise ValueError(kind)
     return None
@@ -349,10 +349,10 @@ def chat_messages(question: str, image: Any = None) -> list[dict[str, Any]]:
     separately, so the PIL object is only a marker here) or an OpenAI-style content part
     ({"type": "image_url", ...}) which is passed through as is.
     """
-    content: list[dict[str, Any]] = [{"type": "text", "text": question}]
+    content: list[dict[str, Any]] = []
     if image is not None:
-        part = image if isinstance(image, dict) else {"type": "image"}
-        content.insert(len(content) if QUESTION_FIRST else 0, part)
+        content.append(image if isinstance(image, dict) else {"type": "image"})
+    content.append({"type": "text", "text": question})
     return [{"role": "user", "content": content}]
 
 
@@ -362,10 +362,8 @@ def tokenizer_corpus() -> list[str]:
     cols, shapes = list(COLOURS), list(SHAPES)
     for s in shapes:
         lines.append(f"What colour is the {s}? How many {plural(s)} are there?")
-        for c in cols:
-            lines.append(f"Where is the {c} {s}?")
     for c in cols:
-        lines.append(f"Which shape is {c}? How many {c} shapes are there?")
+        lines.append(f"Which shape is {c}? How many {c} shapes are there? Where is the {c} shape?")
     lines += ["How many shapes are there?", "What word is written?", "What colour is the word?"]
     lines += [" ".join(WORDS), " ".join(cols), " ".join(shapes)]
     lines += list(QUADRANTS)

@@ -299,7 +299,7 @@ MODEL_CARD = """# ToyVQA Qwen2.5-VL ({params_m:.2f} M parameters)
 A small model of the real Qwen2.5-VL architecture (`Qwen2_5_VLForConditionalGeneration`; vLLM loads
 it as `Qwen2_5_VLForConditionalGeneration` too), trained from scratch on ToyVQA, the synthetic
 visual question-answering task of `splitq_calibration.toyvqa.data`: 112x112 pictures of coloured
-shapes on a 3x3 grid or of a short printed word, with questions about colours, shapes, counts,
+shapes (1-3) on a 4x4 grid or of a short printed word, with questions about colours, shapes, counts,
 positions and the word, plus text-only questions (small arithmetic, number words, opposites).
 Answers are one or two words. It is the bundled model of splitq-vllm: it answers well enough in
 16 bits that quantization damage shows.
@@ -359,11 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-n", type=int, default=512)
     ap.add_argument("--test-n", type=int, default=None, help="test samples scored at the end (default: all)")
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"))
-    ap.add_argument("--max-shapes", type=int, default=data.MAX_SHAPES)
-    ap.add_argument("--question-first", action="store_true")
     ap.add_argument("--freeze-vision", action="store_true", help="stage 2 trains only the merger of the vision tower")
     args = ap.parse_args(argv)
-    data.MAX_SHAPES, data.QUESTION_FIRST = args.max_shapes, args.question_first
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)

@@ -37,9 +37,9 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "smoothquant": "SmoothQuant", "flatquant
 def calib_data(work: Path, n: int) -> Path:
     from splitq_calibration.toyvqa.data import export_sharegpt4v
 
-    path = work / "data" / "calibration.json"
+    path = work / f"data-{n}" / "calibration.json"
     if not path.exists():
-        export_sharegpt4v(work / "data", "calibration", n)
+        export_sharegpt4v(path.parent, "calibration", n)
     return path
 
 
@@ -55,8 +55,7 @@ def _score_reference(model_dir: Path, n: int, quantized: bool) -> dict:
         mp = (load_quantized_model(model_dir, dtype=torch.float32), AutoProcessor.from_pretrained(str(model_dir)))
     else:
         mp = load_transformers(model_dir, torch.float32)
-    res = evaluate_transformers(model_dir, "test", n, model_and_processor=mp)
-    return {**res.to_json(), "image_accuracy": res.accuracy_on(True), "text_accuracy": res.accuracy_on(False)}
+    return evaluate_transformers(model_dir, "test", n, model_and_processor=mp).to_json()
 
 
 def run_task(task: dict) -> dict:
@@ -101,8 +100,7 @@ def score_vllm(ckpt: Path, n: int, concurrency: int = 8) -> dict:
 
         with ThreadPoolExecutor(concurrency) as pool:
             answers = list(pool.map(ask, samples))
-    res = score_answers(samples, answers)
-    return {**res.to_json(), "image_accuracy": res.accuracy_on(True), "text_accuracy": res.accuracy_on(False)}
+    return score_answers(samples, answers).to_json()
 
 
 def plot_channels(model: Path, data: Path, layer: int, group: str, output: Path) -> None:
@@ -178,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {png}")
     table = markdown(results, args.schemes, args.methods)
     print("\n" + table)
-    meta = {"command": " ".join(sys.argv), "n": args.n, "samples": args.samples, "epochs": args.epochs,
+    meta = {"command": " ".join(["benchmarks/quality_toyvqa.py", *(sys.argv[1:] if argv is None else argv)]), "n": args.n, "samples": args.samples, "epochs": args.epochs,
             "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "seconds": time.time() - t0}  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

@@ -2,8 +2,8 @@
 
 1. Calibrate the bundled ToyVQA Qwen2.5-VL (models/toyvqa-qwen25vl) with SplitQ (W4A4 by
    default) on ToyVQA calibration pictures, with `splitq-calibrate`. The checkpoint is cached
-   (~/.cache/splitq-vllm/demo/<name>-<fingerprint of model and recipe>), so a second run skips
-   this step; an interrupted run resumes.
+   (~/.cache/splitq-vllm/demo/<model>-splitq-<scheme>-<hash of weights, data and recipe>), so a
+   second run skips this step; an interrupted run resumes.
 2. Start vLLM's OpenAI server on the checkpoint (`vllm serve CKPT --quantization splitq`).
 3. Ask it about held-out ToyVQA pictures through the `openai` client; print each question, the
    answer, the expected answer and whether it is right.
@@ -50,7 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scheme", default="w4a4", help="w4a8, w4a4, w3a3 or w3a2")
     p.add_argument("--output", type=Path, help="checkpoint directory (default: a cached one under " + str(CACHE) + ")")
     p.add_argument("--questions", type=int, default=len(DEMO_KINDS), help="held-out questions to ask")
-    p.add_argument("--port", type=int, help="server port (default: a free one)")
     p.add_argument("--recalibrate", action="store_true", help="calibrate again even if the checkpoint is cached")
     return p.parse_args(argv)
 
@@ -72,26 +71,34 @@ def checkpoint_dir(args: argparse.Namespace, recipe: dict) -> Path:
     return CACHE / f"{args.model.name}-splitq-{args.scheme}-{h.hexdigest()[:12]}"
 
 
-def calibration_data(args: argparse.Namespace, work: Path, n: int) -> tuple[Path, Path]:
-    """(data file, image folder): the user's, or ToyVQA calibration pictures written to `work`."""
+def calibration_data(args: argparse.Namespace, n: int) -> tuple[Path, Path]:
+    """(data file, image folder): the user's, or ToyVQA calibration pictures in the cache (a fixed
+    place: an interrupted calibration resumes only with the same settings, image folder included)."""
     if args.data is not None:
         return args.data, args.image_dir or args.data.parent
     from splitq_calibration.toyvqa.data import export_sharegpt4v
 
-    path = export_sharegpt4v(work, "calibration", n)
-    return path, work / "images"
+    folder = CACHE / f"toyvqa-calibration-{n}"
+    path = folder / "calibration.json"
+    if not path.is_file():
+        export_sharegpt4v(folder, "calibration", n)
+    return path, folder / "images"
 
 
 def calibrate(args: argparse.Namespace, ckpt: Path) -> None:
+    from splitq_calibration.recipe import CalibrationConfig
+
     recipe = recipe_for(args.model)
-    with tempfile.TemporaryDirectory(prefix="splitq-demo-data-") as work:
-        data, image_dir = calibration_data(args, Path(work), recipe.get("num_samples", 128))
+    data, image_dir = calibration_data(args, recipe.get("num_samples", CalibrationConfig().num_samples))
+    with tempfile.TemporaryDirectory(prefix="splitq-demo-") as work:
         script = Path(sys.executable).with_name("splitq-calibrate")
         cli = [str(script)] if script.exists() else [sys.executable, "-m", "splitq_calibration.cli"]
         cmd = [*cli, "--model", str(args.model), "--data", str(data),
                "--image-dir", str(image_dir), "--output", str(ckpt), "--scheme", args.scheme]  # fmt: skip
         for k, v in recipe.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
+        if args.recalibrate:
+            cmd.append("--overwrite")
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
         t0 = time.time()
         # One thread unless the user says otherwise: the bundled model's matrices are small, and two
@@ -134,7 +141,9 @@ def ask(server, samples, relaxed: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.model = args.model.resolve()
+    for name in ("model", "data", "image_dir", "output"):  # the calibration runs in another folder
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     if not (args.model / "config.json").is_file():
         print(f"error: {args.model} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
         return 2

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -86,14 +85,18 @@ class OpenAIServer:
     def start(self) -> "OpenAIServer":
         self._log = open(self.log_path, "w")
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            server_command(self.model, self.args, self.port),
-            cwd=self._tmp.name,
-            env=vllm_env(self.env),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() reaches engine and workers
-        )
+        try:
+            self.proc = subprocess.Popen(
+                server_command(self.model, self.args, self.port),
+                cwd=self._tmp.name,
+                env=vllm_env(self.env),
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() reaches engine and workers
+            )
+        except BaseException:
+            self._log.close()
+            raise
         while True:
             if self.proc.poll() is not None:
                 raise ServerError(f"vLLM server exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
@@ -109,7 +112,7 @@ class OpenAIServer:
         try:
             with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                 return r.status == 200
-        except (urllib.error.URLError, ConnectionError, OSError):
+        except OSError:  # URLError and ConnectionError included
             return False
 
     def stop(self, timeout: float = 30) -> int | None:

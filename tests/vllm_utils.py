@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from splitq_vllm.server import OpenAIServer, ServerError, free_port, server_command, vllm_env  # noqa: F401  (re-exported for the tests)
+from splitq_vllm.server import OpenAIServer, ServerError, vllm_env  # noqa: F401  (re-exported for the tests)
 
 RUNNER = Path(__file__).with_name("vllm_offline_chat.py")
 

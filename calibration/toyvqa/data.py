@@ -6,7 +6,7 @@ colours, shapes, counts, positions or the word; the rest are text-only (small ar
 words, opposites), so the text tokens matter as well as the image tokens.
 
 `make_sample(split, index, seed)` draws sample `index` of a split from its own random stream
-(seeded by the string "seed/split/index"), so any sample can be drawn alone, in any order, on any
+(seeded by the string "toyvqa/<seed>/<split>/<index>"), so any sample can be drawn alone, in any order, on any
 machine with the same Pillow/FreeType (the printed words go through FreeType). The splits are
 disjoint streams; the train split is as long as training wants.
 
@@ -319,7 +319,7 @@ def make_conversation(split: str, index: int, seed: int = DEFAULT_SEED, max_turn
 
 def make_picture(index: int, seed: int = DEFAULT_SEED, word_p: float | None = None) -> tuple[Image.Image, list[dict[str, Any]]]:
     """Picture `index` of the vision-pretraining stream (deterministic): a word scene with
-    probability `word_p` (by default the word kinds' share of the image questions), else 1-4 shapes."""
+    probability `word_p` (by default the word kinds' share of the image questions), else 1-MAX_SHAPES shapes."""
     rng = random.Random(f"toyvqa-picture/{seed}/{index}")
     if word_p is None:
         word_p = sum(IMAGE_KINDS[k] for k in WORD_KINDS) / sum(IMAGE_KINDS.values())

@@ -86,6 +86,7 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"n": self.n, "correct": self.correct, "accuracy": self.accuracy,
+                "image_accuracy": self.accuracy_on(True), "text_accuracy": self.accuracy_on(False),
                 "per_kind": {k: {"correct": c, "n": n} for k, (c, n) in self.per_kind().items()}}  # fmt: skip
 
 

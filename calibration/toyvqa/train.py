@@ -6,7 +6,7 @@ The model is the real `Qwen2_5_VLForConditionalGeneration` with a small config (
 byte-level BPE tokenizer trained on the task's text, the Qwen2-VL image processor (112x112 images
 -> 16 vision tokens) and the chat template it is served with. Training: AdamW, linear warm-up then
 cosine decay, fp32, cross-entropy on the answer tokens (each answer and its closing <|im_end|>)
-only. The data are ToyVQA training conversations (one picture, 1-4 questions; the first turn is
+only. The data are ToyVQA training conversations (one picture, 1..--max-turns questions; the first turn is
 exactly the served single-question prompt); step i uses conversations i*batch .. i*batch+batch-1,
 so a run is fixed by its arguments and seed (bit-exact with the same thread count, one by default,
 and the same torch build: float reductions depend on them). At the end the weights are saved in
@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -91,7 +90,7 @@ class Collator:
         self.pad = ids["<|endoftext|>"]
         self.eos = ids["<|im_end|>"]
         self.image_pad = "<|image_pad|>"
-        self._cache: dict[tuple, list[int]] = {}
+        self._cache: dict[str, list[int]] = {}
 
     def _ids(self, text: str) -> list[int]:
         if text not in self._cache:
@@ -159,7 +158,9 @@ def conversation_messages(conv: data.Conversation) -> list[dict]:
     return msgs
 
 
-def teacher_forced_accuracy(model, collator: Collator, samples: list[data.Sample], batch_size: int = 64):
+def teacher_forced_accuracy(
+    model, collator: Collator, samples: list[data.Sample], batch_size: int = 64
+) -> tuple[float, dict[str, float]]:
     """Share of samples whose every answer token (and <|im_end|>) is the argmax given the prefix:
     exactly the share that greedy decoding answers verbatim, at the cost of one forward.
     Returns (overall, {kind: accuracy})."""
@@ -263,7 +264,7 @@ REPO = Path(__file__).resolve().parents[2]
 def command_line(argv: list[str], out: Path) -> str:
     """The training command as run, with the output folder relative to the repository root."""
     shown, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
             continue
@@ -285,10 +286,11 @@ def command_line(argv: list[str], out: Path) -> str:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}, torch {torch.__version__}"
@@ -317,7 +319,10 @@ Answers are one or two words. It is the bundled model of splitq-vllm: it answers
 {command}
 ```
 
-{steps} steps of {batch} samples ({samples} training samples, each drawn once), AdamW (lr {lr},
+Stage 1: {vsteps} steps of {vbatch} pictures training the vision tower with a linear probe per
+merged token (shape, colour, word, row, column of its grid cell; the probe is then dropped).
+Stage 2: {steps} steps of {batch} conversations ({samples} conversations of 1-{turns} questions
+about one picture or text-only, each drawn once){frozen}, AdamW (lr {lr},
 weight decay {wd}), {warmup} warm-up steps then cosine decay, fp32, loss on the answer tokens only,
 seed {seed}. Wall time {wall_min:.1f} min on {machine}, {threads} threads (date {date}).
 
@@ -352,8 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     # One thread by default: on the shared 2-core development machine, two OpenMP threads ran
     # 10-20x slower than one whenever other jobs held the cores (spinning barrier waits; measured
     # 1.1 s/step with one thread against 3-22 s/step with two), and one thread also makes the run
-    # bit-reproducible on any machine with the same torch build (float reductions do not depend
-    # on the thread count). --threads 2 is about 1.6x faster on an idle machine.
+    # bit-reproducible on any machine with the same torch build (with one thread, float reductions
+    # always run in the same order). --threads 2 is about 1.6x faster on an idle machine.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--val-n", type=int, default=512)
@@ -361,9 +366,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     ap.add_argument("--freeze-vision", action="store_true", help="stage 2 trains only the merger of the vision tower")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.eval_every < 1:
+        ap.error("--steps and --eval-every must be at least 1")
 
     torch.set_num_threads(args.threads)
-    random.seed(args.seed)
     t_start = time.time()
     model, processor, tokenizer, ids = build(args.seed)
     model.train()
@@ -449,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
         intermediate=t.intermediate_size, vocab=t.vocab_size, mrope=t.rope_parameters["mrope_section"],
         vdepth=v.depth, vhidden=v.hidden_size, vheads=v.num_heads, vhead_dim=v.hidden_size // v.num_heads,
         vinter=v.intermediate_size, tok_vocab=len(tokenizer), command=log["command"],
+        vsteps=args.vision_steps, vbatch=args.vision_batch_size, turns=args.max_turns,
+        frozen=", vision tower frozen but its merger" if args.freeze_vision else "",
         steps=args.steps, batch=args.batch_size, samples=args.steps * args.batch_size, lr=args.lr,
         wd=args.weight_decay, warmup=args.warmup, seed=args.seed, wall_min=wall_s / 60, machine=log["machine"],
         threads=args.threads, date=args.date, val_n=len(val), val_acc=val_acc, test_n=result.n,

@@ -58,8 +58,8 @@ def test_answers_follow_from_the_scene():
             (o,) = [o for o in objs if o["shape"] == shape]
             assert o["colour"] == s.answer
         elif s.kind == "position":
-            colour = s.question.split()[-2]
-            (o,) = [o for o in objs if o["colour"] == colour]
+            colour, shape = s.question.rstrip("?").split()[-2:]
+            (o,) = [o for o in objs if (o["colour"], o["shape"]) == (colour, shape)]
             assert data.position_name(o["row"], o["col"]) == s.answer
         elif s.kind == "count_shape":
             shape = s.question.split()[2][:-1]  # How many circles are there?

@@ -341,6 +341,29 @@ Score it again: `python -m splitq_calibration.toyvqa.evaluate --model models/toy
 """
 
 
+def write_model_card(out: Path, log: dict, config, tokenizer_size: int, result) -> None:
+    """README.md of a trained model folder, from its training log and its test result."""
+    a, t, v = log["args"], config.text_config, config.vision_config
+    per_kind = "| kind | accuracy |\n|---|---|\n" + "\n".join(
+        f"| {k} | {c / n:.3f} ({c}/{n}) |" for k, (c, n) in result.per_kind().items()
+    )
+    n_params = log["parameters"]
+    card = MODEL_CARD.format(
+        params=n_params, params_m=n_params / 1e6, layers=t.num_hidden_layers, hidden=t.hidden_size,
+        heads=t.num_attention_heads, head_dim=t.hidden_size // t.num_attention_heads, kv_heads=t.num_key_value_heads,
+        intermediate=t.intermediate_size, vocab=t.vocab_size, mrope=t.rope_parameters["mrope_section"],
+        vdepth=v.depth, vhidden=v.hidden_size, vheads=v.num_heads, vhead_dim=v.hidden_size // v.num_heads,
+        vinter=v.intermediate_size, tok_vocab=tokenizer_size, command=log["command"],
+        vsteps=a["vision_steps"], vbatch=a["vision_batch_size"], turns=a["max_turns"],
+        frozen=", vision tower frozen but its merger" if a.get("freeze_vision") else "",
+        steps=a["steps"], batch=a["batch_size"], samples=a["steps"] * a["batch_size"], lr=a["lr"],
+        wd=a["weight_decay"], warmup=a["warmup"], seed=a["seed"], wall_min=log["wall_seconds"] / 60,
+        machine=log["machine"], threads=a["threads"], date=a["date"], val_n=a["val_n"],
+        val_acc=log["validation_accuracy_fp32"], test_n=result.n, test_acc=result.accuracy, per_kind=per_kind,
+    )  # fmt: skip
+    (out / "README.md").write_text(card)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train the ToyVQA Qwen2.5-VL from scratch on the CPU.")
     ap.add_argument("--output", required=True)
@@ -429,8 +452,6 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate_transformers(out, "test", args.test_n, args.data_seed)
     wall_s = time.time() - t_start
     print(result.summary(), flush=True)
-    cfg = model.config
-    t, v = cfg.text_config, cfg.vision_config
     log = {
         "command": command_line(argv if argv is not None else sys.argv[1:], out),
         "args": vars(args),
@@ -446,23 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         "test_bf16_transformers": result.to_json(),
     }
     (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    per_kind = "| kind | accuracy |\n|---|---|\n" + "\n".join(
-        f"| {k} | {c / n:.3f} ({c}/{n}) |" for k, (c, n) in result.per_kind().items()
-    )
-    card = MODEL_CARD.format(
-        params=n_params, params_m=n_params / 1e6, layers=t.num_hidden_layers, hidden=t.hidden_size,
-        heads=t.num_attention_heads, head_dim=t.hidden_size // t.num_attention_heads, kv_heads=t.num_key_value_heads,
-        intermediate=t.intermediate_size, vocab=t.vocab_size, mrope=t.rope_parameters["mrope_section"],
-        vdepth=v.depth, vhidden=v.hidden_size, vheads=v.num_heads, vhead_dim=v.hidden_size // v.num_heads,
-        vinter=v.intermediate_size, tok_vocab=len(tokenizer), command=log["command"],
-        vsteps=args.vision_steps, vbatch=args.vision_batch_size, turns=args.max_turns,
-        frozen=", vision tower frozen but its merger" if args.freeze_vision else "",
-        steps=args.steps, batch=args.batch_size, samples=args.steps * args.batch_size, lr=args.lr,
-        wd=args.weight_decay, warmup=args.warmup, seed=args.seed, wall_min=wall_s / 60, machine=log["machine"],
-        threads=args.threads, date=args.date, val_n=len(val), val_acc=val_acc, test_n=result.n,
-        test_acc=result.accuracy, per_kind=per_kind,
-    )  # fmt: skip
-    (out / "README.md").write_text(card)
+    write_model_card(out, log, model.config, len(tokenizer), result)
     print(f"saved {out} ({wall_s / 60:.1f} min)", flush=True)
 
 

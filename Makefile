@@ -13,8 +13,11 @@ $(STAMP): pyproject.toml scripts/setup_env.sh scripts/torchvision_cpu_fix.py
 	bash scripts/setup_env.sh
 	touch $(STAMP)
 
+# make demo MODEL=/path/to/Qwen2.5-VL-7B-Instruct [DATA=sharegpt4v.json IMAGE_DIR=images/] [SCHEME=w4a4]
+DEMO_ARGS = $(if $(MODEL),--model $(abspath $(MODEL))) $(if $(DATA),--data $(abspath $(DATA))) \
+            $(if $(IMAGE_DIR),--image-dir $(abspath $(IMAGE_DIR))) $(if $(SCHEME),--scheme $(SCHEME))
 demo: $(STAMP)
-	cd /tmp && VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(abspath $(PY)) $(abspath examples/demo.py)
+	cd /tmp && VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(abspath $(PY)) $(abspath examples/demo.py) $(DEMO_ARGS)
 
 # pytest from the venv's script (not `python -m pytest`, which would put the repo root, and with
 # it a top-level `kernels/` folder, on sys.path).

@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # OpenAIServer, the test conversations
+sys.path.insert(0, str(REPO / "tests"))  # the test conversations
 
 
 def run(model_dir: Path, args, quantized: bool, cache: Path) -> dict:
     from plugin_utils import CONVERSATIONS
-    from vllm_utils import OpenAIServer
+    from splitq_vllm.server import OpenAIServer
 
     server_args = [
         "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", str(args.requests),

@@ -121,29 +121,10 @@ def _save_generation_config(path: Path, eos: int, bos: int | None, pad: int) -> 
     (path / "generation_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def build_tiny_qwen25vl(
-    output_dir: str | os.PathLike,
-    seed: int = 0,
-    size: TinySize | None = None,
-    corpus: list[str] | None = None,
-    vocab_size: int = 512,
-    dtype: torch.dtype = torch.bfloat16,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 224 * 224,
-) -> Path:
-    """Write a random-weight Qwen2.5-VL (the real transformers/vLLM architecture) to `output_dir`."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2TokenizerFast,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def qwen25vl_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
+    """A Qwen2-style fast tokenizer (byte-level BPE trained on `corpus`) and its special-token ids."""
+    from transformers import Qwen2TokenizerFast
 
-    size = size or TinySize()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     raw = train_bpe_tokenizer(QWEN_SPECIAL_TOKENS, corpus, vocab_size)
     tokenizer = Qwen2TokenizerFast(
         tokenizer_object=raw,
@@ -154,14 +135,22 @@ def build_tiny_qwen25vl(
         errors="replace",
     )
     ids = {t: raw.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab = _round_up(raw.get_vocab_size(), 64)
+    return tokenizer, ids, raw.get_vocab_size()
+
+
+def qwen25vl_config(size: TinySize, ids: dict[str, int], tokenizer_vocab: int):
+    """A `Qwen2_5_VLConfig` of the given sizes (vocab rounded up to 64; M-RoPE sections in the
+    real model's 1:1.5:1.5 proportions, summing to head_dim / 2)."""
+    from transformers import Qwen2_5_VLConfig
+
+    vocab = _round_up(tokenizer_vocab, 64)
     head_dim = size.hidden // size.heads
     if head_dim < 32 or head_dim % 4:
         raise ValueError(f"head_dim {head_dim}: vLLM's CPU attention needs >= 32 (and a multiple of 4 for M-RoPE)")
     half = head_dim // 2  # M-RoPE sections (temporal, height, width) sum to head_dim / 2
     mrope = [half // 4, (half - half // 4) // 2]
     mrope.append(half - sum(mrope))
-    config = Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab,
             hidden_size=size.hidden,
@@ -195,21 +184,53 @@ def build_tiny_qwen25vl(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
-    model.save_pretrained(out)
+
+
+def qwen25vl_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224, chat_template: str = QWEN_CHAT_TEMPLATE):
+    """The Qwen2.5-VL processor (Qwen2VL image/video processors, 14 px patches, 2x2 merge)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
     pixels = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    processor = Qwen2_5_VLProcessor(
+    return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2),
         video_processor=Qwen2VLVideoProcessor(size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2),
         tokenizer=tokenizer,
-        chat_template=QWEN_CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
+
+
+def save_qwen25vl_dir(out: Path, model, processor, tokenizer, ids: dict[str, int], chat_template: str = QWEN_CHAT_TEMPLATE) -> Path:
+    """Write model, processor, tokenizer (with chat template) and generation config to `out`."""
+    model.save_pretrained(out)
     processor.save_pretrained(out)
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out)
     _save_generation_config(out, ids["<|im_end|>"], None, ids["<|endoftext|>"])
     return out
+
+
+def build_tiny_qwen25vl(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+) -> Path:
+    """Write a random-weight Qwen2.5-VL (the real transformers/vLLM architecture) to `output_dir`."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
+    config = qwen25vl_config(size, ids, tokenizer_vocab)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    processor = qwen25vl_processor(tokenizer, min_pixels, max_pixels)
+    return save_qwen25vl_dir(out, model, processor, tokenizer, ids)
 
 
 def build_tiny_llava(

@@ -1,0 +1,189 @@
+"""Held-out accuracy of the bundled ToyVQA model, FP and quantized by each method (Tables 1 and 6).
+
+    cd /tmp && $REPO/.venv/bin/python $REPO/benchmarks/quality_toyvqa.py --work /tmp/toyvqa-quality \
+        --json quality.json --markdown quality.md [--jobs 2] [--n 500] [--plot-dir docs/img]
+
+For each scheme (W4A8, W4A4, W3A3, W3A2) and method (RTN, SmoothQuant, FlatQuant, MOCD, +CWS,
++MAC = full SplitQ) it calibrates models/toyvqa-qwen25vl with the project's own calibration
+(`splitq_calibration.calibrate`, the recipe presets of recipe.py) on ToyVQA calibration pictures,
+then scores the first `--n` questions of the test split (greedy, exact match):
+- every checkpoint through the reference (transformers with the integer SplitQ forward,
+  `load_quantized_model`), FP16 as the bundled bfloat16 weights;
+- the full-SplitQ checkpoints also through vLLM's OpenAI server with the plugin
+  (`--quantization splitq`), the path users take.
+Checkpoints are kept in --work: a second run only scores (calibration resumes and skips).
+`--plot-dir` draws the Fig. 2-style text vs vision channel magnitudes of one layer's qkv and down
+inputs (splitq-inspect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "toyvqa-qwen25vl"
+METHODS = ("rtn", "smoothquant", "flatquant", "mocd", "mocd_cws", "splitq")
+SCHEMES = ("w4a8", "w4a4", "w3a3", "w3a2")
+LABELS = {"fp16": "FP16", "rtn": "RTN", "smoothquant": "SmoothQuant", "flatquant": "FlatQuant", "mocd": "MOCD",
+          "mocd_cws": "+CWS", "splitq": "+MAC (SplitQ)", "splitq_vllm": "SplitQ, served by vLLM"}  # fmt: skip
+
+
+def calib_data(work: Path, n: int) -> Path:
+    from splitq_calibration.toyvqa.data import export_sharegpt4v
+
+    path = work / f"data-{n}" / "calibration.json"
+    if not path.exists():
+        export_sharegpt4v(path.parent, "calibration", n)
+    return path
+
+
+def _score_reference(model_dir: Path, n: int, quantized: bool) -> dict:
+    import torch
+
+    from splitq_calibration.quantized_model import load_quantized_model
+    from splitq_calibration.toyvqa.evaluate import evaluate_transformers, load_transformers
+
+    if quantized:
+        from transformers import AutoProcessor
+
+        mp = (load_quantized_model(model_dir, dtype=torch.float32), AutoProcessor.from_pretrained(str(model_dir)))
+    else:
+        mp = load_transformers(model_dir, torch.float32)
+    return evaluate_transformers(model_dir, "test", n, model_and_processor=mp).to_json()
+
+
+def run_task(task: dict) -> dict:
+    """Calibrate one (method, scheme) checkpoint if needed and score it through the reference."""
+    import logging
+
+    import torch
+
+    torch.set_num_threads(task["threads"])
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.time()
+    if task["method"] == "fp16":
+        return {**task, **_score_reference(Path(task["model"]), task["n"], quantized=False), "seconds": time.time() - t0}
+    from splitq_calibration.blockwise import calibrate
+
+    ckpt = Path(task["ckpt"])
+    if not (ckpt / "config.json").exists():
+        calibrate(task["model"], task["data"], ckpt, method=task["method"], scheme=task["scheme"], num_samples=task["samples"],
+                  epochs=task["epochs"], image_dir=str(Path(task["data"]).parent / "images"), device="cpu")  # fmt: skip
+    t_cal = time.time() - t0
+    out = {**task, **_score_reference(ckpt, task["n"], quantized=True)}
+    out.update(calibration_seconds=t_cal, seconds=time.time() - t0)
+    return out
+
+
+def score_vllm(ckpt: Path, n: int, concurrency: int = 8) -> dict:
+    """Accuracy of a checkpoint served by vLLM's OpenAI server (--quantization splitq)."""
+    from splitq_calibration.toyvqa.data import load_split
+    from splitq_calibration.toyvqa.evaluate import openai_messages, score_answers
+    from splitq_vllm.server import OpenAIServer
+
+    samples = load_split("test", n)
+    args = ["--quantization", "splitq", "--max-model-len", "1024", "--max-num-seqs", str(concurrency),
+            "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0"]  # fmt: skip
+    with OpenAIServer(ckpt, args) as server:
+        client = server.client()
+        model = client.models.list().data[0].id
+
+        def ask(s):
+            r = client.chat.completions.create(model=model, messages=openai_messages(s), max_tokens=6, temperature=0.0)
+            return (r.choices[0].message.content or "").strip()
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            answers = list(pool.map(ask, samples))
+    return score_answers(samples, answers).to_json()
+
+
+def plot_channels(model: Path, data: Path, layer: int, group: str, output: Path) -> None:
+    from splitq_calibration.cli import inspect_main
+
+    rc = inspect_main(["--model", str(model), "--data", str(data), "--image-dir", str(data.parent / "images"),
+                       "--layer", str(layer), "--group", group, "--output", str(output), "--num-samples", "64", "-q"])  # fmt: skip
+    if rc:
+        raise SystemExit(f"splitq-inspect failed ({rc})")
+
+
+def markdown(results: list[dict], schemes: list[str], methods: list[str]) -> str:
+    by = {(r["scheme"], r["method"]): r for r in results}
+    fp = by[("fp16", "fp16")]
+    head = "| bits | method | all | image questions | text-only | change vs FP16 |\n|---|---|---|---|---|---|\n"
+
+    def row(bits: str, label: str, r: dict) -> str:
+        d = (r["accuracy"] - fp["accuracy"]) * 100
+        return (f"| {bits} | {label} | {100 * r['accuracy']:.1f} | {100 * r['image_accuracy']:.1f} | "
+                f"{100 * r['text_accuracy']:.1f} | {d:+.1f} |\n")  # fmt: skip
+
+    out = head + row("W16A16", "FP16", fp)
+    for s in schemes:
+        for m in [*methods, "splitq_vllm"]:
+            if (s, m) in by:
+                out += row(s.upper(), LABELS[m], by[(s, m)])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=MODEL, help="FP model directory (default: the bundled one)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/toyvqa-quality"), help="checkpoints and data (reused)")
+    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--n", type=int, default=500, help="test questions scored per row")
+    ap.add_argument("--samples", type=int, default=64, help="calibration samples")
+    ap.add_argument("--epochs", type=int, default=5, help="calibration epochs (trained methods)")
+    ap.add_argument("--jobs", type=int, default=2, help="calibrations in parallel (one thread each)")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the served-model rows")
+    ap.add_argument("--plot-dir", type=Path, help="write Fig. 2-style channel plots (qkv and down inputs) here")
+    ap.add_argument("--plot-layer", type=int, default=1)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--markdown", type=Path)
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = calib_data(args.work, args.samples)
+
+    tasks = [{"method": "fp16", "scheme": "fp16", "model": str(args.model), "n": args.n, "threads": 1}]
+    for s in args.schemes:
+        for m in args.methods:
+            tasks.append({"method": m, "scheme": s, "model": str(args.model), "n": args.n, "threads": 1, "samples": args.samples, "epochs": args.epochs,
+                          "data": str(data), "ckpt": str(args.work / f"{m}-{s}-{args.samples}x{args.epochs}")})  # fmt: skip
+    results: list[dict] = []
+    t0 = time.time()
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for r in pool.map(run_task, tasks):
+            results.append(r)
+            print(f"{r['scheme']:5s} {LABELS[r['method']]:14s} accuracy {r['accuracy']:.3f} (image {r['image_accuracy']:.3f}, "
+                  f"text {r['text_accuracy']:.3f}) {r['seconds']:.0f} s  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
+    if not args.no_vllm and "splitq" in args.methods:
+        for s in args.schemes:
+            ckpt = Path(next(t["ckpt"] for t in tasks if t["method"] == "splitq" and t["scheme"] == s))
+            t1 = time.time()
+            r = {"method": "splitq_vllm", "scheme": s, **score_vllm(ckpt, args.n), "seconds": time.time() - t1}
+            results.append(r)
+            print(f"{s:5s} {LABELS['splitq_vllm']}: accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)", flush=True)
+    if args.plot_dir:
+        args.plot_dir.mkdir(parents=True, exist_ok=True)
+        for group in ("qkv", "down"):
+            png = args.plot_dir / f"toyvqa_channels_layer{args.plot_layer}_{group}.png"
+            plot_channels(args.model, data, args.plot_layer, group, png)
+            print(f"wrote {png}")
+    table = markdown(results, args.schemes, args.methods)
+    print("\n" + table)
+    meta = {"command": " ".join(["benchmarks/quality_toyvqa.py", *(sys.argv[1:] if argv is None else argv)]), "n": args.n, "samples": args.samples, "epochs": args.epochs,
+            "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "seconds": time.time() - t0}  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -133,7 +133,7 @@ def markdown(results: list[dict], schemes: list[str], methods: list[str]) -> str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=MODEL, help="FP model directory (default: the bundled one)")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/toyvqa-quality"), help="checkpoints and data (reused)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/toyvqa-quality"), help="checkpoints and data, reused by name (method, scheme, samples, epochs): one folder per model")
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES))
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--n", type=int, default=500, help="test questions scored per row")

@@ -43,19 +43,12 @@ def calib_data(work: Path, n: int) -> Path:
     return path
 
 
-def _score_reference(model_dir: Path, n: int, quantized: bool) -> dict:
-    import torch
+def _score_reference(model_dir: Path, n: int) -> dict:
+    """Test accuracy in transformers, fp32: a SplitQ checkpoint through the integer reference."""
+    from splitq_calibration.evaluate import load_any_model
+    from splitq_calibration.toyvqa.evaluate import evaluate_transformers
 
-    from splitq_calibration.quantized_model import load_quantized_model
-    from splitq_calibration.toyvqa.evaluate import evaluate_transformers, load_transformers
-
-    if quantized:
-        from transformers import AutoProcessor
-
-        mp = (load_quantized_model(model_dir, dtype=torch.float32), AutoProcessor.from_pretrained(str(model_dir)))
-    else:
-        mp = load_transformers(model_dir, torch.float32)
-    return evaluate_transformers(model_dir, "test", n, model_and_processor=mp).to_json()
+    return evaluate_transformers(model_dir, "test", n, model_and_processor=load_any_model(model_dir)).to_json()
 
 
 def run_task(task: dict) -> dict:
@@ -68,7 +61,7 @@ def run_task(task: dict) -> dict:
     logging.basicConfig(level=logging.WARNING)
     t0 = time.time()
     if task["method"] == "fp16":
-        return {**task, **_score_reference(Path(task["model"]), task["n"], quantized=False), "seconds": time.time() - t0}
+        return {**task, **_score_reference(Path(task["model"]), task["n"]), "seconds": time.time() - t0}
     from splitq_calibration.blockwise import calibrate
 
     ckpt = Path(task["ckpt"])
@@ -76,7 +69,7 @@ def run_task(task: dict) -> dict:
         calibrate(task["model"], task["data"], ckpt, method=task["method"], scheme=task["scheme"], num_samples=task["samples"],
                   epochs=task["epochs"], image_dir=str(Path(task["data"]).parent / "images"), device="cpu")  # fmt: skip
     t_cal = time.time() - t0
-    out = {**task, **_score_reference(ckpt, task["n"], quantized=True)}
+    out = {**task, **_score_reference(ckpt, task["n"])}
     out.update(calibration_seconds=t_cal, seconds=time.time() - t0)
     return out
 

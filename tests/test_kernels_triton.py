@@ -37,6 +37,7 @@ from splitq_kernels.reference import (  # noqa: E402
     splitq_linear,
 )
 from splitq_kernels.reference.random_layer import random_activations, random_float_layer  # noqa: E402
+from splitq_kernels.reference.random_layer import random_text_masks as masks  # noqa: E402
 from splitq_kernels.testing import (  # noqa: E402
     activations_to_reference,
     check_gemm,
@@ -54,15 +55,6 @@ SCHEMES = [("w4a8", True), ("w4a8", False), ("w4a4", True), ("w4a4", False), ("w
 SMALL = dict(in_features=53, out_features=37, n_text=3, n_vision=5, kron=(5, 9), cws_rank=3, mac_rank=4)
 # wide: main 320 = 40 x 8 spans several weight word blocks and two P1 row blocks; rank 17 pads to 32
 WIDE = dict(in_features=331, out_features=45, n_text=5, n_vision=6, kron=(40, 8), cws_rank=5, mac_rank=17)
-
-
-def masks(rows: int, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "all_text": torch.ones(rows, dtype=torch.bool),
-        "all_vision": torch.zeros(rows, dtype=torch.bool),
-        "mixed": torch.rand(rows, generator=gen) < 0.5,
-    }
 
 
 def make(shape: dict, scheme_name: str, sym: bool, seed: int, mac_rows: str = "text", **kw):

@@ -19,6 +19,7 @@ from splitq_kernels.reference import (
     splitq_linear_fake,
 )
 from splitq_kernels.reference.random_layer import random_activations, random_float_layer
+from splitq_kernels.reference.random_layer import random_text_masks as masks
 
 from test_reference_quantizer import direct_q
 
@@ -27,15 +28,6 @@ SCHEMES = ["w4a8", "w4a4", "w3a3", "w3a2"]
 # vision, D_out = 37, ranks 3 and 4, 29 tokens.
 SHAPE = dict(in_features=53, out_features=37, n_text=3, n_vision=5, kron=(5, 9), cws_rank=3, mac_rank=4)
 ROWS = 29
-
-
-def masks(rows: int, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "all_text": torch.ones(rows, dtype=torch.bool),
-        "all_vision": torch.zeros(rows, dtype=torch.bool),
-        "mixed": torch.rand(rows, generator=gen) < 0.5,
-    }
 
 
 def direct_algorithm1(x, text_mask, w, layer, scheme):

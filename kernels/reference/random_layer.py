@@ -115,6 +115,16 @@ def random_activations(
     return x.to(dtype)
 
 
+def random_text_masks(rows: int, seed: int) -> dict[str, torch.Tensor]:
+    """The text masks every forward is tested on: all text, all vision, and a random mix."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "all_text": torch.ones(rows, dtype=torch.bool),
+        "all_vision": torch.zeros(rows, dtype=torch.bool),
+        "mixed": torch.rand(rows, generator=gen) < 0.5,
+    }
+
+
 def default_layer_dims(in_features: int, out_features: int, outlier_frac: float = 0.02, cws_frac: float = 0.02,
                        mac_frac: float = 0.03, main_multiple: int = 64) -> dict:
     """The project's default channel split for a linear: outlier_frac of the channels for text and

@@ -42,36 +42,14 @@ SMOOTH_INITS = ("flatquant", "smoothquant", "none")
 ON_BAD_SAMPLE = ("error", "skip")
 
 # method -> values for the fields the user left unset
+_FLATQUANT_TRAINING = dict(train=True, transform_init="orthogonal", smooth_init="flatquant")
 PRESETS: dict[str, dict[str, Any]] = {
-    "splitq": dict(
-        selection="mocd",
-        cws_ratio=0.02,
-        mac_ratio=0.03,
-        train=True,
-        transform_init="orthogonal",
-        smooth_init="flatquant",
-    ),
-    "mocd_cws": dict(
-        selection="mocd",
-        cws_ratio=0.02,
-        mac_ratio=0.0,
-        train=True,
-        transform_init="orthogonal",
-        smooth_init="flatquant",
-    ),
-    "mocd": dict(
-        selection="mocd", cws_ratio=0.0, mac_ratio=0.0, train=True, transform_init="orthogonal", smooth_init="flatquant"
-    ),
-    "flatquant": dict(
-        selection="none", cws_ratio=0.0, mac_ratio=0.0, train=True, transform_init="orthogonal", smooth_init="flatquant"
-    ),
+    "splitq": dict(selection="mocd", cws_ratio=0.02, mac_ratio=0.03, **_FLATQUANT_TRAINING),
+    "mocd_cws": dict(selection="mocd", cws_ratio=0.02, mac_ratio=0.0, **_FLATQUANT_TRAINING),
+    "mocd": dict(selection="mocd", cws_ratio=0.0, mac_ratio=0.0, **_FLATQUANT_TRAINING),
+    "flatquant": dict(selection="none", cws_ratio=0.0, mac_ratio=0.0, **_FLATQUANT_TRAINING),
     "smoothquant": dict(
-        selection="none",
-        cws_ratio=0.0,
-        mac_ratio=0.0,
-        train=False,
-        transform_init="identity",
-        smooth_init="smoothquant",
+        selection="none", cws_ratio=0.0, mac_ratio=0.0, train=False, transform_init="identity", smooth_init="smoothquant"
     ),
     "rtn": dict(
         selection="none", cws_ratio=0.0, mac_ratio=0.0, train=False, transform_init="identity", smooth_init="none"

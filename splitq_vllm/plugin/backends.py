@@ -13,7 +13,6 @@ the kernels in Triton's interpreter: slow, for tests and CI only. Each backend h
 
 from __future__ import annotations
 
-import os
 from dataclasses import fields, replace
 
 import torch
@@ -21,16 +20,15 @@ from torch import nn
 
 from splitq_kernels.reference import QuantizedTensor, SplitQLinear, SplitQScheme, splitq_linear
 
+from .env import env_choice
+
 ENV_BACKEND = "SPLITQ_BACKEND"
 BACKENDS = ("auto", "reference", "triton")
 TRITON_MODULE = "splitq_kernels.ops"
 
 
 def requested_backend() -> str:
-    v = os.environ.get(ENV_BACKEND, "auto").strip().lower() or "auto"
-    if v not in BACKENDS:
-        raise ValueError(f"{ENV_BACKEND}={v!r}: expected one of {list(BACKENDS)}")
-    return v
+    return env_choice(ENV_BACKEND, BACKENDS, "auto")
 
 
 def triton_available() -> bool:

@@ -28,9 +28,10 @@ branch off for `mac_rows: "text"`) without re-exporting the checkpoint.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .env import env_choice
 
 ENV_MASK = "SPLITQ_TEXT_MASK"
 MASK_MODES = ("tokens", "text", "vision")
@@ -40,10 +41,7 @@ _MODEL_CACHE = "_splitq_text_mask_buffers"
 
 
 def mask_mode() -> str:
-    mode = os.environ.get(ENV_MASK, "tokens").strip().lower() or "tokens"
-    if mode not in MASK_MODES:
-        raise ValueError(f"{ENV_MASK}={mode!r}: expected one of {list(MASK_MODES)}")
-    return mode
+    return env_choice(ENV_MASK, MASK_MODES, "tokens")
 
 
 def new_mask_buffer(rows: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -121,7 +121,7 @@ def demo_samples(n: int):
 
 
 def ask(server, samples, relaxed: bool) -> int:
-    from splitq_calibration.toyvqa.evaluate import normalize_answer, openai_messages
+    from splitq_calibration.toyvqa.evaluate import is_correct, openai_messages
 
     client = server.client()
     model = client.models.list().data[0].id
@@ -129,8 +129,7 @@ def ask(server, samples, relaxed: bool) -> int:
     for s in samples:
         reply = client.chat.completions.create(model=model, messages=openai_messages(s), max_tokens=16, temperature=0.0)
         answer = (reply.choices[0].message.content or "").strip()
-        got, want = normalize_answer(answer), normalize_answer(s.answer)
-        ok = got == want or (relaxed and f" {want} " in f" {got} ")
+        ok = is_correct(answer, s.answer, relaxed)
         right += ok
         picture = CACHE / "pictures" / f"{s.id}.png"  # to look at
         picture.parent.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(words)
 
 
-def is_correct(prediction: str, expected: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(expected)
+def is_correct(prediction: str, expected: str, relaxed: bool = False) -> bool:
+    """Exact match after normalisation; `relaxed`: the expected words anywhere in the prediction
+    (for chatty models: "The circle is red." answers "red")."""
+    got, want = normalize_answer(prediction), normalize_answer(expected)
+    return got == want or (relaxed and f" {want} " in f" {got} ")
 
 
 @dataclass

@@ -18,7 +18,7 @@ __all__ = ["CalibrationConfig", "calibrate", "dump_recipe", "load_recipe", "ones
 
 def __getattr__(name):  # import torch/transformers-heavy modules on first use
     if name in ("calibrate", "oneshot"):
-        from . import blockwise as _c
+        from . import pipeline as _c
 
         return getattr(_c, name)
     raise AttributeError(name)

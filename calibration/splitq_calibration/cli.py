@@ -134,8 +134,9 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     missing = [n for n in ("model", "data", "output") if getattr(args, n) is None]
     if missing:
         p.error("missing " + ", ".join("--" + m for m in missing))
-    from .blockwise import CalibrationError, Calibrator
     from .data import CalibrationDataError
+    from .errors import CalibrationError
+    from .pipeline import Calibrator
 
     try:
         path = Calibrator(args.model, args.data, args.output, cfg).run()
@@ -166,8 +167,8 @@ def inspect_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _setup_logging(False, args.quiet)
     cfg = _config_from_args(p, args)
-    from .blockwise import CalibrationError
     from .data import CalibrationDataError
+    from .errors import CalibrationError
     from .inspect_channels import inspect_layer
 
     try:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .model_layout import vision_token_ids
+from splitq_vllm.model_layout import vision_token_ids
 
 log = logging.getLogger("splitq_calibration")
 

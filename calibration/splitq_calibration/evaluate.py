@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from splitq_vllm.hf.model import load_quantized_model
+from splitq_vllm.model_layout import language_model_layers
+
 from .data import CalibSample, _open_image, _records_from_file, prepare_samples
-from .model_layout import language_model_layers
-from .quantized_model import load_quantized_model
 
 
 def is_splitq_checkpoint(path: str | os.PathLike) -> bool:

@@ -19,8 +19,7 @@ from safetensors import safe_open
 from splitq_kernels.reference import SplitQLinear, SplitQScheme, split_outputs
 from splitq_vllm.checkpoint import DEFAULT_IGNORE, SplitQConfig, write_checkpoint
 from splitq_vllm.checkpoint.reader import SAFETENSORS_DTYPES
-
-from .model_layout import LinearGroup, source_tensor_files
+from splitq_vllm.model_layout import LinearGroup, source_tensor_files
 
 
 class SourceTensors(Mapping):

@@ -14,21 +14,15 @@ from typing import Any
 
 import torch
 
-from .blockwise import (
-    DTYPES,
-    CalibrationError,
-    MaskHolder,
-    capture_layer0_inputs,
-    collect_stats,
-    fp_layer_forward,
-    install_calib_linears,
-    load_model,
-    resolve_device,
-)
+from splitq_vllm.model_layout import language_model_layers, linear_groups, source_tensor_files
+
+from .capture import capture_layer0_inputs
 from .data import prepare_samples
 from .dims import outlier_counts
+from .errors import CalibrationError
+from .layer import MaskHolder, collect_stats, fp_layer_forward, install_calib_linears
 from .mocd import ChannelStats, select_channels, text_row_plan
-from .model_layout import language_model_layers, linear_groups, source_tensor_files
+from .pipeline import DTYPES, load_model, resolve_device
 from .recipe import CalibrationConfig
 
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .layout import KernelLayer
 from .reference.forward import QuantizedInput, int_linear, mac_row_mask, quantize_input, splitq_gemm
 from .reference.layer import SplitQLinear
 from .reference.quantizer import QuantizedTensor, qrange
 from .reference.scheme import SplitQScheme
 from .reference.transforms import main_transform
 from .triton.quantize_input import QuantizedActivations, code_offsets
-from .layout import KernelLayer
 
 EPS32 = 2.0**-24  # unit roundoff of float32
 RESCALE_NOISE = 2.0**-17  # float32 rescaling noise allowed in outputs, relative to the row's max |y|

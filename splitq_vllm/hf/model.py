@@ -17,8 +17,7 @@ from torch import nn
 
 from splitq_kernels.reference import SplitQLinear, SplitQScheme, splitq_linear
 from splitq_vllm.checkpoint import read_checkpoint
-
-from .model_layout import linear_groups, vision_token_ids
+from splitq_vllm.model_layout import linear_groups, vision_token_ids
 
 
 class TextMask:

@@ -14,12 +14,17 @@ from pathlib import Path
 
 import torch
 
-from splitq_kernels.reference import SplitQFloatLinear, SplitQScheme, fold_dense_weight, fold_main_weight, quantize_linear
-
-from .dims import kron_factors, outlier_counts, rank_for
-from .export import export_checkpoint
-from .lowrank import constrained_factors, svd_basis
-from .model_layout import group_weight, linear_groups, source_tensor_files
+from splitq_calibration.dims import kron_factors, outlier_counts, rank_for
+from splitq_calibration.export import export_checkpoint
+from splitq_calibration.lowrank import constrained_factors, svd_basis
+from splitq_kernels.reference import (
+    SplitQFloatLinear,
+    SplitQScheme,
+    fold_dense_weight,
+    fold_main_weight,
+    quantize_linear,
+)
+from splitq_vllm.model_layout import group_weight, linear_groups, source_tensor_files
 
 
 def _transform(n: int, gen: torch.Generator) -> torch.Tensor:

@@ -17,7 +17,7 @@ ShareGPT4V/LLaVA conversation layout that the calibration tool reads:
       "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the circle?"},
                         {"from": "gpt", "value": "red"}]}, ...]
 
-CLI: python -m splitq_calibration.toyvqa.data --output DIR [--split calibration] [--n 128]
+CLI: python -m splitq_toyvqa.data --output DIR [--split calibration] [--n 128]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Any way of producing answers can be scored:
 An answer is right when `normalize_answer(prediction) == normalize_answer(expected)`: lower case,
 punctuation and articles dropped, whitespace collapsed, number words read as digits.
 
-CLI: python -m splitq_calibration.toyvqa.evaluate --model models/toyvqa-qwen25vl [--split test] [--n 1000]
+CLI: python -m splitq_toyvqa.evaluate --model models/toyvqa-qwen25vl [--split test] [--n 1000]
 """
 
 from __future__ import annotations

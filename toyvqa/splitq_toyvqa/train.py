@@ -1,6 +1,6 @@
 """Train the bundled ToyVQA model (a small Qwen2.5-VL) from scratch on the CPU, reproducibly.
 
-    cd /tmp && /path/to/repo/.venv/bin/python -m splitq_calibration.toyvqa.train --output /path/to/repo/models/toyvqa-qwen25vl
+    .venv/bin/python -m splitq_toyvqa.train --output /path/to/repo/models/toyvqa-qwen25vl
 
 The model is the real `Qwen2_5_VLForConditionalGeneration` with a small config (TOYVQA_SIZE), a
 byte-level BPE tokenizer trained on the task's text, the Qwen2-VL image processor (112x112 images
@@ -30,7 +30,15 @@ from pathlib import Path
 
 import torch
 
-from ..tiny_models import QWEN_CHAT_TEMPLATE, TinySize, qwen25vl_config, qwen25vl_processor, qwen25vl_tokenizer, save_qwen25vl_dir
+from splitq_vllm.testing.models import (
+    QWEN_CHAT_TEMPLATE,
+    TinySize,
+    qwen25vl_config,
+    qwen25vl_processor,
+    qwen25vl_tokenizer,
+    save_qwen25vl_dir,
+)
+
 from . import data
 from .evaluate import evaluate_transformers
 
@@ -52,9 +60,7 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # larger images are scaled down to 
 
 def build(seed: int, size: TinySize = TOYVQA_SIZE):
     """Fresh (model in fp32, processor, tokenizer, special ids): the untrained bundled model."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     tokenizer, ids, vocab = qwen25vl_tokenizer(data.tokenizer_corpus(), TOKENIZER_VOCAB)
     config = qwen25vl_config(size, ids, vocab)
@@ -276,11 +282,11 @@ def command_line(argv: list[str], out: Path) -> str:
         shown.append(a)
     try:
         rel = out.resolve().relative_to(REPO)
-        where = "cd /tmp && $REPO/.venv/bin/python"  # $REPO: the repository root; run from any other folder
+        where = "$REPO/.venv/bin/python"  # $REPO: the repository root
         out_s = f"$REPO/{rel}"
     except ValueError:
         where, out_s = "python", str(out)
-    return " ".join([where, "-m splitq_calibration.toyvqa.train --output", out_s, *shown])
+    return " ".join([where, "-m splitq_toyvqa.train --output", out_s, *shown])
 
 
 def machine() -> str:
@@ -300,7 +306,7 @@ MODEL_CARD = """# ToyVQA Qwen2.5-VL ({params_m:.2f} M parameters)
 
 A small model of the real Qwen2.5-VL architecture (`Qwen2_5_VLForConditionalGeneration`; vLLM loads
 it as `Qwen2_5_VLForConditionalGeneration` too), trained from scratch on ToyVQA, the synthetic
-visual question-answering task of `splitq_calibration.toyvqa.data`: 112x112 pictures of coloured
+visual question-answering task of `splitq_toyvqa.data`: 112x112 pictures of coloured
 shapes (1-3) on a 4x4 grid or of a short printed word, with questions about colours, shapes, counts,
 positions and the word, plus text-only questions (small arithmetic, number words, opposites).
 Answers are one or two words. It is the bundled model of splitq-vllm: it answers well enough in
@@ -337,7 +343,7 @@ Per question kind on the test split:
 
 {per_kind}
 
-Score it again: `python -m splitq_calibration.toyvqa.evaluate --model models/toyvqa-qwen25vl`.
+Score it again: `python -m splitq_toyvqa.evaluate --model models/toyvqa-qwen25vl`.
 """
 
 

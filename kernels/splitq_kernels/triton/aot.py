@@ -86,9 +86,10 @@ def _check_compiled_mode() -> None:
 def compile_cases(cases=CASES) -> list[dict]:
     """cases: (arch, scheme name, symmetric activations, rows) tuples, on a small layer with every
     part present and awkward sizes (only shapes and dtypes matter for compilation)."""
+    from splitq_vllm.testing.layers import random_float_layer
+
     from ..layout import prepare_kernel_layer
     from ..reference import SplitQScheme, quantize_linear
-    from ..reference.random_layer import random_float_layer
 
     _check_compiled_mode()
     fl, _ = random_float_layer(in_features=83, out_features=45, n_text=3, n_vision=8, kron=(18, 4), cws_rank=5,
@@ -112,9 +113,10 @@ def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a
     stand-in layer whose dims are those of the real one (compilation depends on dims only)."""
     import dataclasses
 
+    from splitq_vllm.testing.layers import default_layer_dims, random_quantized_layer
+
     from ..layout import prepare_kernel_layer
     from ..reference import SplitQScheme
-    from ..reference.random_layer import default_layer_dims, random_quantized_layer
 
     _check_compiled_mode()
     scheme = SplitQScheme.from_name(scheme_name)

@@ -8,9 +8,10 @@ What changes from the checkpoint's interchange form (docs/format.md):
   3-bit, so 3-bit weights take exactly 3/8 byte per code). Word (kb * WORD_SUB + kk, n) holds the
   codes k = kb * G * WORD_SUB + g * WORD_SUB + kk (g = 0..G-1) of output n, code g in bits
   [g * bits, (g + 1) * bits), offset-binary (u = code + 2^(bits-1)). The kernel shifts a
-  [WORD_SUB, BN] word tile by g * bits for all g at once and reshapes the result to the
-  [G * WORD_SUB, BN] int8 tile of K rows kb * G * WORD_SUB + (0 .. G * WORD_SUB - 1): one tl.dot per
-  word block, no interleaving. Storage: uint8 [blocks * WORD_SUB, out * word_bytes].
+  [WORD_SUB, BLOCK_N] word tile by g * bits for all g at once and reshapes the result to the
+  [G * WORD_SUB, BLOCK_N] int8 tile of K rows kb * G * WORD_SUB + (0 .. G * WORD_SUB - 1): one
+  tl.dot per word block, no interleaving. Storage: uint8 [blocks * WORD_SUB, out * word_bytes].
+  (G is CODES_PER_WORD_MAIN / CODES_PER_WORD_AUX in the GEMM kernel.)
 - Low-rank factors stay int8 codes, transposed so the kernels read contiguous rank vectors:
   `*_down` as [main, RP] (RP = the rank padded to a power of two >= 16 with zero codes), `*_up`
   as [RP, out]. Column sums of every weight (for the zero-point term of asymmetric activations:
@@ -30,7 +31,7 @@ from .reference.quantizer import QuantizedTensor
 from .reference.scheme import MAC_ROWS, SplitQScheme
 
 WORD_SUB = 8  # word rows per block: a block is G * 8 >= 32 K rows (int8 MMA needs K >= 32)
-MAX_N1 = 256  # the Kronecker kernel keeps P1 tiles of [BA, next_pow2(n1)] in registers
+MAX_N1 = 256  # kernel (a) keeps P1 tiles of [BLOCK_P1_COLS, N1_PADDED = next_pow2(n1)] in registers
 PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot input_precision of the float32 products
 
 

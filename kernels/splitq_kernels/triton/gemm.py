@@ -2,16 +2,18 @@
 
 One int8-MMA GEMM over three K ranges, each with its own per-token and per-output scales:
 main (weight_bits codes) then text and vision outliers (aux_weight_bits). Weights are unpacked
-from packed words in registers (layout.pack_words): a [WORD_SUB, BN] word tile becomes one
-[G * WORD_SUB, BN] int8 tile and one tl.dot with int32 accumulation (exact). Per range, y += (acc - z * colsum(w)) * s_x * s_w (the zero-point term only for asymmetric
-activations). The epilogue adds h_cws @ up_cws and h_mac @ up_mac (h_mac is already zero on rows
-MAC does not target, see kernel (a)), then the bias, in the reference's order, and writes x's dtype
-(bfloat16 rounded to nearest even explicitly).
+from packed words in registers (layout.pack_words): a [WORD_SUB, BLOCK_N] word tile becomes one
+[CODES_PER_WORD * WORD_SUB, BLOCK_N] int8 tile and one tl.dot with int32 accumulation (exact).
+Per range, y += (acc - z * colsum(w)) * s_x * s_w (the zero-point term only for asymmetric
+activations; z is the zero point of the stored codes, common.stored_zero). The epilogue adds
+h_cws @ deq(cws_up) and h_mac @ deq(mac_up) (h_mac is already zero on rows MAC does not target,
+see kernel (a)), then the bias, in the reference's order, and writes x's dtype (bfloat16 rounded
+to nearest even explicitly).
 
-Decode (T <= BM = 16): the K ranges are split over SPLIT_K programs per output tile so that enough
-programs stream the weights. Partial int32 sums go to a zeroed workspace with atomic adds (exact
-and order-independent, so results are deterministic); the last program to arrive for a tile
-(an atomic counter) reads them back while resetting them to zero, and runs the epilogue.
+Decode (T <= BLOCK_M = 16): the K ranges are split over SPLIT_K programs per output tile so that
+enough programs stream the weights. Partial int32 sums go to a zeroed workspace with atomic adds
+(exact and order-independent, so results are deterministic); the last program to arrive for a
+tile (an atomic counter) reads them back while resetting them to zero, and runs the epilogue.
 """
 
 from __future__ import annotations
@@ -28,55 +30,80 @@ from .quantize_input import QuantizedActivations, code_offsets
 
 
 @triton.jit
-def _segment(acc, a_ptr, stride_a, a_off, rows64, rvalid, w_ptr, N, K, cols, cvalid, kb_lo, kb_hi,
-             BITS: tl.constexpr, G: tl.constexpr, NBYTES: tl.constexpr, SUB: tl.constexpr):
-    """acc += A[:, a_off + k] @ W[k, cols] over word blocks [kb_lo, kb_hi) of one K range."""
-    MASK: tl.constexpr = (1 << BITS) - 1
-    OFF: tl.constexpr = 1 << (BITS - 1)
-    gshift = (tl.arange(0, G) * BITS)[:, None, None]
+def _segment(
+    acc,
+    # activation codes; this K range's columns start at codes_col
+    codes_ptr, stride_codes, codes_col, rows64, row_valid,
+    # packed weight words of the range [word rows, N * WORD_BYTES] (layout.pack_words)
+    words_ptr, N, K, cols, col_valid,
+    # word blocks [kb_lo, kb_hi) of the range to sum over
+    kb_lo, kb_hi,
+    # meta-parameters: code width and packing
+    BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr, WORD_SUB: tl.constexpr,
+):
+    """acc += A[:, codes_col + k] @ W[k, cols] over word blocks [kb_lo, kb_hi) of one K range."""
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    CODE_OFFSET: tl.constexpr = 1 << (BITS - 1)  # words hold offset-binary codes u = code + 2^(b-1)
+    gshift = (tl.arange(0, CODES_PER_WORD) * BITS)[:, None, None]
     for kb in range(kb_lo, kb_hi):
-        wr = (kb * SUB + tl.arange(0, SUB)).to(tl.int64)
-        if NBYTES == 4:
-            w32 = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-            w = tl.load(w32 + wr[:, None] * N + cols[None, :], mask=cvalid[None, :], other=0)
-        else:
-            base = w_ptr + wr[:, None] * (N * NBYTES) + cols[None, :] * NBYTES
-            w = tl.load(base, mask=cvalid[None, :], other=0).to(tl.int32)
-            for byte in tl.static_range(1, NBYTES):
-                w = w | (tl.load(base + byte, mask=cvalid[None, :], other=0).to(tl.int32) << (8 * byte))
-        codes = ((w[None, :, :] >> gshift) & MASK) - OFF  # [G, SUB, BN]: K row g * SUB + kk
-        b = tl.reshape(codes.to(tl.int8), (G * SUB, codes.shape[2]))
-        k = kb * (G * SUB) + tl.arange(0, G * SUB)
-        a = tl.load(a_ptr + rows64[:, None] * stride_a + a_off + k[None, :],
-                    mask=rvalid[:, None] & (k < K)[None, :], other=0)
+        wr = (kb * WORD_SUB + tl.arange(0, WORD_SUB)).to(tl.int64)
+        if WORD_BYTES == 4:  # one aligned 32-bit load per word
+            w32 = words_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            w = tl.load(w32 + wr[:, None] * N + cols[None, :], mask=col_valid[None, :], other=0)
+        else:  # 1..3 bytes a word (e.g. 3-bit: 8 codes in 3 bytes): assemble it little-endian
+            base = words_ptr + wr[:, None] * (N * WORD_BYTES) + cols[None, :] * WORD_BYTES
+            w = tl.load(base, mask=col_valid[None, :], other=0).to(tl.int32)
+            for byte in tl.static_range(1, WORD_BYTES):
+                w = w | (tl.load(base + byte, mask=col_valid[None, :], other=0).to(tl.int32) << (8 * byte))
+        # every code of the word at once: [CODES_PER_WORD, WORD_SUB, BLOCK_N], K row g * WORD_SUB + kk
+        codes = ((w[None, :, :] >> gshift) & CODE_MASK) - CODE_OFFSET
+        b = tl.reshape(codes.to(tl.int8), (CODES_PER_WORD * WORD_SUB, codes.shape[2]))
+        k = kb * (CODES_PER_WORD * WORD_SUB) + tl.arange(0, CODES_PER_WORD * WORD_SUB)
+        a = tl.load(codes_ptr + rows64[:, None] * stride_codes + codes_col + k[None, :],
+                    mask=row_valid[:, None] & (k < K)[None, :], other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # int8 MMA, exact int32 sums
     return acc
 
 
 @triton.jit
-def _rescale(acc, s_ptr, z_ptr, SLOT: tl.constexpr, rows, rvalid, colsum_ptr, wscale_ptr, cols, cvalid,
-             SYM: tl.constexpr):
-    """(sum_k (q - z) w) * s_x * s_w for one K range, in float32."""
-    s = tl.load(s_ptr + rows * 4 + SLOT, mask=rvalid, other=0.0)
-    if not SYM:
-        z = tl.load(z_ptr + rows * 4 + SLOT, mask=rvalid, other=0)
-        cs = tl.load(colsum_ptr + cols, mask=cvalid, other=0)
+def _rescale(
+    acc,
+    # per-row activation scale and zero point, column SLOT of [T, 4]
+    scale_ptr, zero_ptr, SLOT: tl.constexpr, rows, row_valid,
+    # per-output weight code sums and scales of the range
+    colsum_ptr, wscale_ptr, cols, col_valid,
+    SYMMETRIC: tl.constexpr,
+):
+    """(sum_k (q - z) w) * s_x * s_w for one K range, in float32 (sum_k (q - z) w =
+    acc - z * colsum(w), the zero-point term only for asymmetric activations)."""
+    s = tl.load(scale_ptr + rows * 4 + SLOT, mask=row_valid, other=0.0)
+    if not SYMMETRIC:
+        z = tl.load(zero_ptr + rows * 4 + SLOT, mask=row_valid, other=0)
+        cs = tl.load(colsum_ptr + cols, mask=col_valid, other=0)
         acc = acc - z[:, None] * cs[None, :]
-    ws = tl.load(wscale_ptr + cols, mask=cvalid, other=0.0)
+    ws = tl.load(wscale_ptr + cols, mask=col_valid, other=0.0)
     return acc.to(tl.float32) * s[:, None] * ws[None, :]
 
 
 @triton.jit
-def _lowrank(y, h_ptr, u_ptr, uscale_ptr, R, RP: tl.constexpr, RB: tl.constexpr, rows64, rvalid, cols, cvalid, N,
-             PREC: tl.constexpr):
+def _lowrank(
+    y,
+    # down product h [T, RANK_PADDED] (kernel a); up factor codes [RANK_PADDED, N] and per-output scale
+    h_ptr, up_ptr, up_scale_ptr, rank,
+    rows64, row_valid, cols, col_valid, N,
+    # meta-parameters
+    RANK_PADDED: tl.constexpr, BLOCK_RANK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
     """y + h @ deq(up): the low-rank "up" product of one branch, accumulated into y by the dot
-    itself (no second [BM, BN] accumulator); deq(up) = codes * scale as the reference forms it."""
-    us = tl.load(uscale_ptr + cols, mask=cvalid, other=0.0)
-    for r0 in range(0, R, RB):
-        r = r0 + tl.arange(0, RB)
-        h = tl.load(h_ptr + rows64[:, None] * RP + r[None, :], mask=rvalid[:, None], other=0.0)
-        u = tl.load(u_ptr + r.to(tl.int64)[:, None] * N + cols[None, :], mask=cvalid[None, :], other=0)
-        y = tl.dot(h, u.to(tl.float32) * us[None, :], y, input_precision=PREC)
+    itself (no second [BLOCK_M, BLOCK_N] accumulator); deq(up) = codes * scale as the reference
+    forms it."""
+    us = tl.load(up_scale_ptr + cols, mask=col_valid, other=0.0)
+    for r0 in range(0, rank, BLOCK_RANK):
+        r = r0 + tl.arange(0, BLOCK_RANK)
+        # the padded ranks (up to RANK_PADDED) hold zeros in h and in up (layout.padded_rank): r needs no mask
+        h = tl.load(h_ptr + rows64[:, None] * RANK_PADDED + r[None, :], mask=row_valid[:, None], other=0.0)
+        u = tl.load(up_ptr + r.to(tl.int64)[:, None] * N + cols[None, :], mask=col_valid[None, :], other=0)
+        y = tl.dot(h, u.to(tl.float32) * us[None, :], y, input_precision=INPUT_PRECISION)
     return y
 
 
@@ -91,23 +118,34 @@ def _round_to_bf16(y):
 
 
 @triton.jit
-def _epilogue(y, rows, rvalid, cols, cvalid, N,
-              hc_ptr, uc_ptr, uc_scale_ptr, RS, hm_ptr, um_ptr, um_scale_ptr, RC, bias_ptr, out_ptr, stride_o,
-              BM: tl.constexpr, BN: tl.constexpr, RSP: tl.constexpr, RCP: tl.constexpr,
-              RBS: tl.constexpr, RBC: tl.constexpr, HAS_CWS: tl.constexpr, HAS_MAC: tl.constexpr,
-              HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+def _epilogue(
+    y, rows, row_valid, cols, col_valid, N,
+    # low-rank branches (None when off): down products h, up factor codes and scales, ranks
+    h_cws_ptr, cws_up_ptr, cws_up_scale_ptr, cws_rank,
+    h_mac_ptr, mac_up_ptr, mac_up_scale_ptr, mac_rank,
+    # bias [N] (None without); output [T, N]
+    bias_ptr, out_ptr, stride_out,
+    # meta-parameters
+    CWS_RANK_PADDED: tl.constexpr, MAC_RANK_PADDED: tl.constexpr,
+    BLOCK_CWS_RANK: tl.constexpr, BLOCK_MAC_RANK: tl.constexpr,
+    HAS_CWS: tl.constexpr, HAS_MAC: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """y + h_cws @ deq(cws_up) + h_mac @ deq(mac_up) + bias, in the reference's order, stored in
+    the output's dtype."""
     rows64 = rows.to(tl.int64)
     if HAS_CWS:
-        y = _lowrank(y, hc_ptr, uc_ptr, uc_scale_ptr, RS, RSP, RBS, rows64, rvalid, cols, cvalid, N, PREC)
+        y = _lowrank(y, h_cws_ptr, cws_up_ptr, cws_up_scale_ptr, cws_rank, rows64, row_valid, cols, col_valid, N,
+                     CWS_RANK_PADDED, BLOCK_CWS_RANK, INPUT_PRECISION)
     if HAS_MAC:
-        y = _lowrank(y, hm_ptr, um_ptr, um_scale_ptr, RC, RCP, RBC, rows64, rvalid, cols, cvalid, N, PREC)
+        y = _lowrank(y, h_mac_ptr, mac_up_ptr, mac_up_scale_ptr, mac_rank, rows64, row_valid, cols, col_valid, N,
+                     MAC_RANK_PADDED, BLOCK_MAC_RANK, INPUT_PRECISION)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=cvalid, other=0.0)[None, :]
+        y += tl.load(bias_ptr + cols, mask=col_valid, other=0.0)[None, :]
     if out_ptr.dtype.element_ty == tl.bfloat16:
         out = _round_to_bf16(y)
     else:
         out = y.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], out, mask=rvalid[:, None] & cvalid[None, :])
+    tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], out, mask=row_valid[:, None] & col_valid[None, :])
 
 
 @triton.jit
@@ -118,92 +156,127 @@ def _split_range(lo, hi, start, n):
 
 @triton.jit
 def _gemm_kernel(
-    a_ptr, stride_a, T, off_t, off_v, s_ptr, z_ptr,
-    wm_ptr, wm_scale_ptr, wm_colsum_ptr, KM,
-    wt_ptr, wt_scale_ptr, wt_colsum_ptr, KT,
-    wv_ptr, wv_scale_ptr, wv_colsum_ptr, KV,
-    hc_ptr, uc_ptr, uc_scale_ptr, RS,
-    hm_ptr, um_ptr, um_scale_ptr, RC,
-    bias_ptr, out_ptr, stride_o, N,
-    ws_ptr, cnt_ptr,
-    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, WBITS: tl.constexpr, AWBITS: tl.constexpr,
-    GM: tl.constexpr, NBM: tl.constexpr, GA: tl.constexpr, NBA: tl.constexpr,
-    SYM: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_VISION: tl.constexpr, HAS_CWS: tl.constexpr,
-    HAS_MAC: tl.constexpr, HAS_BIAS: tl.constexpr, RSP: tl.constexpr, RCP: tl.constexpr,
-    RBS: tl.constexpr, RBC: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, PREC: tl.constexpr,
+    # activations from kernel (a): int8 codes [T, main | text | vision], scale and zero point
+    # [T, 4], down products h_cws / h_mac [T, rank padded] (None when the branch is off)
+    codes_ptr, stride_codes, scale_ptr, zero_ptr, h_cws_ptr, h_mac_ptr,
+    # weights of the three K ranges: packed words, per-output scale and code sum (text and
+    # vision: None when the set is empty)
+    main_words_ptr, main_wscale_ptr, main_colsum_ptr,
+    text_words_ptr, text_wscale_ptr, text_colsum_ptr,
+    vision_words_ptr, vision_wscale_ptr, vision_colsum_ptr,
+    # low-rank "up" factors: int8 codes [rank padded, N], per-output scale (None when the branch
+    # is off); bias [N] (None without)
+    cws_up_ptr, cws_up_scale_ptr, mac_up_ptr, mac_up_scale_ptr, bias_ptr,
+    # output y [T, N]
+    out_ptr, stride_out,
+    # split-K only (None otherwise): int32 partial sums [3, BLOCK_M, N], arrival counter per column tile
+    workspace_ptr, counter_ptr,
+    # sizes: rows, outputs, K of each range and the codes column where text and vision start, ranks
+    T, N, k_main, k_text, k_vision, off_text, off_vision, cws_rank, mac_rank,
+    # tiles: output tile, row tiles per group (L2 reuse), programs per output tile along K
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    # weight packing (layout.pack_words): word rows per block; bits, codes per word and bytes per
+    # word of the main range and of the outlier ranges
+    WORD_SUB: tl.constexpr,
+    WEIGHT_BITS: tl.constexpr, CODES_PER_WORD_MAIN: tl.constexpr, WORD_BYTES_MAIN: tl.constexpr,
+    AUX_WEIGHT_BITS: tl.constexpr, CODES_PER_WORD_AUX: tl.constexpr, WORD_BYTES_AUX: tl.constexpr,
+    # low-rank ranks padded to a power of two >= 16, and the rank blocks of the up products
+    CWS_RANK_PADDED: tl.constexpr, MAC_RANK_PADDED: tl.constexpr,
+    BLOCK_CWS_RANK: tl.constexpr, BLOCK_MAC_RANK: tl.constexpr,
+    # scheme and which parts are present
+    SYMMETRIC: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_VISION: tl.constexpr, HAS_CWS: tl.constexpr,
+    HAS_MAC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    # tl.dot input precision of the float32 products (the up products)
+    INPUT_PRECISION: tl.constexpr,
 ):
     # grouped ordering of output tiles: programs that run together share weight columns in L2
     pid = tl.program_id(0)
-    n_m = tl.cdiv(T, BM)
-    n_n = tl.cdiv(N, BN)
+    n_m = tl.cdiv(T, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * n_n
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(n_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
-    rows = pid_m * BM + tl.arange(0, BM)
-    rvalid = rows < T
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < T
     rows64 = rows.to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    cvalid = cols < N
-    nbm = tl.cdiv(KM, GM * SUB)
-    nbt = tl.cdiv(KT, GA * SUB)
-    nbv = tl.cdiv(KV, GA * SUB)
-    zero = tl.zeros([BM, BN], tl.int32)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = cols < N
+    # word blocks of each K range (a block is CODES_PER_WORD * WORD_SUB K rows)
+    nb_main = tl.cdiv(k_main, CODES_PER_WORD_MAIN * WORD_SUB)
+    nb_text = tl.cdiv(k_text, CODES_PER_WORD_AUX * WORD_SUB)
+    nb_vision = tl.cdiv(k_vision, CODES_PER_WORD_AUX * WORD_SUB)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
 
     if SPLIT_K == 1:
-        acc = _segment(zero, a_ptr, stride_a, 0, rows64, rvalid, wm_ptr, N, KM, cols, cvalid, 0, nbm, WBITS, GM, NBM, SUB)
-        y = _rescale(acc, s_ptr, z_ptr, 0, rows, rvalid, wm_colsum_ptr, wm_scale_ptr, cols, cvalid, SYM)
+        acc = _segment(acc0, codes_ptr, stride_codes, 0, rows64, row_valid, main_words_ptr, N, k_main, cols, col_valid,
+                       0, nb_main, WEIGHT_BITS, CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, WORD_SUB)
+        y = _rescale(acc, scale_ptr, zero_ptr, 0, rows, row_valid, main_colsum_ptr, main_wscale_ptr, cols, col_valid,
+                     SYMMETRIC)
         if HAS_TEXT:
-            acc = _segment(zero, a_ptr, stride_a, off_t, rows64, rvalid, wt_ptr, N, KT, cols, cvalid, 0, nbt, AWBITS, GA, NBA, SUB)
-            y += _rescale(acc, s_ptr, z_ptr, 1, rows, rvalid, wt_colsum_ptr, wt_scale_ptr, cols, cvalid, SYM)
+            acc = _segment(acc0, codes_ptr, stride_codes, off_text, rows64, row_valid, text_words_ptr, N, k_text, cols,
+                           col_valid, 0, nb_text, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX, WORD_SUB)
+            y += _rescale(acc, scale_ptr, zero_ptr, 1, rows, row_valid, text_colsum_ptr, text_wscale_ptr, cols,
+                          col_valid, SYMMETRIC)
         if HAS_VISION:
-            acc = _segment(zero, a_ptr, stride_a, off_v, rows64, rvalid, wv_ptr, N, KV, cols, cvalid, 0, nbv, AWBITS, GA, NBA, SUB)
-            y += _rescale(acc, s_ptr, z_ptr, 2, rows, rvalid, wv_colsum_ptr, wv_scale_ptr, cols, cvalid, SYM)
-        _epilogue(y, rows, rvalid, cols, cvalid, N, hc_ptr, uc_ptr, uc_scale_ptr, RS, hm_ptr, um_ptr, um_scale_ptr,
-                  RC, bias_ptr, out_ptr, stride_o, BM, BN, RSP, RCP, RBS, RBC, HAS_CWS, HAS_MAC, HAS_BIAS, PREC)
+            acc = _segment(acc0, codes_ptr, stride_codes, off_vision, rows64, row_valid, vision_words_ptr, N, k_vision,
+                           cols, col_valid, 0, nb_vision, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX, WORD_SUB)
+            y += _rescale(acc, scale_ptr, zero_ptr, 2, rows, row_valid, vision_colsum_ptr, vision_wscale_ptr, cols,
+                          col_valid, SYMMETRIC)
+        _epilogue(y, rows, row_valid, cols, col_valid, N,
+                  h_cws_ptr, cws_up_ptr, cws_up_scale_ptr, cws_rank, h_mac_ptr, mac_up_ptr, mac_up_scale_ptr, mac_rank,
+                  bias_ptr, out_ptr, stride_out, CWS_RANK_PADDED, MAC_RANK_PADDED, BLOCK_CWS_RANK, BLOCK_MAC_RANK,
+                  HAS_CWS, HAS_MAC, HAS_BIAS, INPUT_PRECISION)
     else:
-        # split-K (decode: one row tile, T <= BM): this program's share of the word blocks of
-        # main | text | vision, summed into the int32 workspace [3, BM, N]
+        # split-K (decode: one row tile, T <= BLOCK_M): this program's share of the word blocks of
+        # main | text | vision, summed into the int32 workspace [3, BLOCK_M, N] (one slab per range:
+        # each has its own scales)
         pid_k = tl.program_id(1)
-        nb = nbm + nbt + nbv
+        nb = nb_main + nb_text + nb_vision
         per = tl.cdiv(nb, SPLIT_K)
         lo = pid_k * per
         hi = tl.minimum(lo + per, nb)
-        wmask = rvalid[:, None] & cvalid[None, :]
-        wsp = ws_ptr + rows[:, None] * N + cols[None, :]
-        l0, h0 = _split_range(lo, hi, 0, nbm)
+        ws_mask = row_valid[:, None] & col_valid[None, :]
+        ws = workspace_ptr + rows[:, None] * N + cols[None, :]
+        l0, h0 = _split_range(lo, hi, 0, nb_main)
         if h0 > l0:
-            acc = _segment(zero, a_ptr, stride_a, 0, rows64, rvalid, wm_ptr, N, KM, cols, cvalid, l0, h0, WBITS, GM, NBM, SUB)
-            tl.atomic_add(wsp, acc, mask=wmask)
+            acc = _segment(acc0, codes_ptr, stride_codes, 0, rows64, row_valid, main_words_ptr, N, k_main, cols,
+                           col_valid, l0, h0, WEIGHT_BITS, CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, WORD_SUB)
+            tl.atomic_add(ws, acc, mask=ws_mask)
         if HAS_TEXT:
-            l1, h1 = _split_range(lo, hi, nbm, nbt)
+            l1, h1 = _split_range(lo, hi, nb_main, nb_text)
             if h1 > l1:
-                acc = _segment(zero, a_ptr, stride_a, off_t, rows64, rvalid, wt_ptr, N, KT, cols, cvalid, l1, h1,
-                               AWBITS, GA, NBA, SUB)
-                tl.atomic_add(wsp + BM * N, acc, mask=wmask)
+                acc = _segment(acc0, codes_ptr, stride_codes, off_text, rows64, row_valid, text_words_ptr, N, k_text,
+                               cols, col_valid, l1, h1, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX, WORD_SUB)
+                tl.atomic_add(ws + BLOCK_M * N, acc, mask=ws_mask)
         if HAS_VISION:
-            l2, h2 = _split_range(lo, hi, nbm + nbt, nbv)
+            l2, h2 = _split_range(lo, hi, nb_main + nb_text, nb_vision)
             if h2 > l2:
-                acc = _segment(zero, a_ptr, stride_a, off_v, rows64, rvalid, wv_ptr, N, KV, cols, cvalid, l2, h2,
-                               AWBITS, GA, NBA, SUB)
-                tl.atomic_add(wsp + 2 * BM * N, acc, mask=wmask)
+                acc = _segment(acc0, codes_ptr, stride_codes, off_vision, rows64, row_valid, vision_words_ptr, N,
+                               k_vision, cols, col_valid, l2, h2, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX,
+                               WORD_SUB)
+                tl.atomic_add(ws + 2 * BLOCK_M * N, acc, mask=ws_mask)
         tl.debug_barrier()  # every thread's partial sums are in before the arrival is counted
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1)
-        if arrived == SPLIT_K - 1:
-            acc = tl.atomic_xchg(wsp, zero, mask=wmask)
-            y = _rescale(acc, s_ptr, z_ptr, 0, rows, rvalid, wm_colsum_ptr, wm_scale_ptr, cols, cvalid, SYM)
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1)
+        if arrived == SPLIT_K - 1:  # the last program of this tile: read back (and zero) the sums
+            acc = tl.atomic_xchg(ws, acc0, mask=ws_mask)
+            y = _rescale(acc, scale_ptr, zero_ptr, 0, rows, row_valid, main_colsum_ptr, main_wscale_ptr, cols,
+                         col_valid, SYMMETRIC)
             if HAS_TEXT:
-                acc = tl.atomic_xchg(wsp + BM * N, zero, mask=wmask)
-                y += _rescale(acc, s_ptr, z_ptr, 1, rows, rvalid, wt_colsum_ptr, wt_scale_ptr, cols, cvalid, SYM)
+                acc = tl.atomic_xchg(ws + BLOCK_M * N, acc0, mask=ws_mask)
+                y += _rescale(acc, scale_ptr, zero_ptr, 1, rows, row_valid, text_colsum_ptr, text_wscale_ptr, cols,
+                              col_valid, SYMMETRIC)
             if HAS_VISION:
-                acc = tl.atomic_xchg(wsp + 2 * BM * N, zero, mask=wmask)
-                y += _rescale(acc, s_ptr, z_ptr, 2, rows, rvalid, wv_colsum_ptr, wv_scale_ptr, cols, cvalid, SYM)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
-            _epilogue(y, rows, rvalid, cols, cvalid, N, hc_ptr, uc_ptr, uc_scale_ptr, RS, hm_ptr, um_ptr,
-                      um_scale_ptr, RC, bias_ptr, out_ptr, stride_o, BM, BN, RSP, RCP, RBS, RBC, HAS_CWS, HAS_MAC,
-                      HAS_BIAS, PREC)
+                acc = tl.atomic_xchg(ws + 2 * BLOCK_M * N, acc0, mask=ws_mask)
+                y += _rescale(acc, scale_ptr, zero_ptr, 2, rows, row_valid, vision_colsum_ptr, vision_wscale_ptr, cols,
+                              col_valid, SYMMETRIC)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next call
+            _epilogue(y, rows, row_valid, cols, col_valid, N,
+                      h_cws_ptr, cws_up_ptr, cws_up_scale_ptr, cws_rank, h_mac_ptr, mac_up_ptr, mac_up_scale_ptr,
+                      mac_rank, bias_ptr, out_ptr, stride_out, CWS_RANK_PADDED, MAC_RANK_PADDED, BLOCK_CWS_RANK,
+                      BLOCK_MAC_RANK, HAS_CWS, HAS_MAC, HAS_BIAS, INPUT_PRECISION)
 
 
 @dataclass(frozen=True)
@@ -264,38 +337,44 @@ def splitk_workspace(device: torch.device, n: int, tiles: int) -> tuple[torch.Te
 
 def plan_gemm(act: QuantizedActivations, kl: KernelLayer, out: torch.Tensor, cfg: GemmConfig) -> Launch:
     T, N = out.shape
-    off_t, off_v, _ = code_offsets(kl)
+    has_text, has_vision, has_cws, has_mac = kl.text > 0, kl.vision > 0, kl.cws_rank > 0, kl.mac_rank > 0
+    off_text, off_vision, _ = code_offsets(kl)
     if cfg.split_k > 1 and (T > cfg.block_m or cfg.block_m != DECODE_ROWS):
         raise ValueError(f"split-K needs one row tile of {DECODE_ROWS} rows (T={T}, block_m={cfg.block_m})")
     n_tiles = triton.cdiv(N, cfg.block_n)
-    if cfg.split_k > 1:
-        ws, cnt = splitk_workspace(out.device, N, n_tiles)
-    else:
-        ws, cnt = act.zero, act.zero  # unused
-    df, di, dq = kl.main_wscale, kl.main_colsum, act.codes
-    rsp = kl.cws_rank_padded or 16
-    rcp = kl.mac_rank_padded or 16
+    workspace, counter = splitk_workspace(out.device, N, n_tiles) if cfg.split_k > 1 else (None, None)
+    # an absent branch still needs a valid shape for its (unused) blocks
+    cws_rank_padded = kl.cws_rank_padded or 16
+    mac_rank_padded = kl.mac_rank_padded or 16
     args = dict(
-        a_ptr=act.codes, stride_a=act.codes.stride(0), T=T, off_t=off_t, off_v=off_v, s_ptr=act.scale, z_ptr=act.zero,
-        wm_ptr=kl.main_words, wm_scale_ptr=kl.main_wscale, wm_colsum_ptr=kl.main_colsum, KM=kl.main,
-        wt_ptr=kl.text_words if kl.text else di, wt_scale_ptr=kl.text_wscale if kl.text else df,
-        wt_colsum_ptr=kl.text_colsum if kl.text else di, KT=kl.text,
-        wv_ptr=kl.vision_words if kl.vision else di, wv_scale_ptr=kl.vision_wscale if kl.vision else df,
-        wv_colsum_ptr=kl.vision_colsum if kl.vision else di, KV=kl.vision,
-        hc_ptr=act.h_cws if kl.cws_rank else df, uc_ptr=kl.cws_up if kl.cws_rank else dq,
-        uc_scale_ptr=kl.cws_up_scale if kl.cws_rank else df, RS=kl.cws_rank,
-        hm_ptr=act.h_mac if kl.mac_rank else df, um_ptr=kl.mac_up if kl.mac_rank else dq,
-        um_scale_ptr=kl.mac_up_scale if kl.mac_rank else df, RC=kl.mac_rank,
-        bias_ptr=kl.bias if kl.bias is not None else df, out_ptr=out, stride_o=out.stride(0), N=N,
-        ws_ptr=ws, cnt_ptr=cnt,
+        codes_ptr=act.codes, stride_codes=act.codes.stride(0), scale_ptr=act.scale, zero_ptr=act.zero,
+        h_cws_ptr=act.h_cws if has_cws else None, h_mac_ptr=act.h_mac if has_mac else None,
+        main_words_ptr=kl.main_words, main_wscale_ptr=kl.main_wscale, main_colsum_ptr=kl.main_colsum,
+        text_words_ptr=kl.text_words if has_text else None, text_wscale_ptr=kl.text_wscale if has_text else None,
+        text_colsum_ptr=kl.text_colsum if has_text else None,
+        vision_words_ptr=kl.vision_words if has_vision else None,
+        vision_wscale_ptr=kl.vision_wscale if has_vision else None,
+        vision_colsum_ptr=kl.vision_colsum if has_vision else None,
+        cws_up_ptr=kl.cws_up if has_cws else None, cws_up_scale_ptr=kl.cws_up_scale if has_cws else None,
+        mac_up_ptr=kl.mac_up if has_mac else None, mac_up_scale_ptr=kl.mac_up_scale if has_mac else None,
+        bias_ptr=kl.bias,
+        out_ptr=out, stride_out=out.stride(0),
+        workspace_ptr=workspace, counter_ptr=counter,
+        T=T, N=N, k_main=kl.main, k_text=kl.text, k_vision=kl.vision, off_text=off_text, off_vision=off_vision,
+        cws_rank=kl.cws_rank, mac_rank=kl.mac_rank,
     )
     constexprs = dict(
-        BM=cfg.block_m, BN=cfg.block_n, SUB=WORD_SUB, WBITS=kl.weight_bits, AWBITS=kl.aux_weight_bits,
-        GM=codes_per_word(kl.weight_bits), NBM=word_bytes(kl.weight_bits),
-        GA=codes_per_word(kl.aux_weight_bits), NBA=word_bytes(kl.aux_weight_bits),
-        SYM=kl.act_symmetric, HAS_TEXT=kl.text > 0, HAS_VISION=kl.vision > 0, HAS_CWS=kl.cws_rank > 0,
-        HAS_MAC=kl.mac_rank > 0, HAS_BIAS=kl.bias is not None, RSP=rsp, RCP=rcp, RBS=min(32, rsp),
-        RBC=min(32, rcp), SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m, PREC=kl.precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
+        WORD_SUB=WORD_SUB,
+        WEIGHT_BITS=kl.weight_bits, CODES_PER_WORD_MAIN=codes_per_word(kl.weight_bits),
+        WORD_BYTES_MAIN=word_bytes(kl.weight_bits),
+        AUX_WEIGHT_BITS=kl.aux_weight_bits, CODES_PER_WORD_AUX=codes_per_word(kl.aux_weight_bits),
+        WORD_BYTES_AUX=word_bytes(kl.aux_weight_bits),
+        CWS_RANK_PADDED=cws_rank_padded, MAC_RANK_PADDED=mac_rank_padded,
+        BLOCK_CWS_RANK=min(32, cws_rank_padded), BLOCK_MAC_RANK=min(32, mac_rank_padded),
+        SYMMETRIC=kl.act_symmetric, HAS_TEXT=has_text, HAS_VISION=has_vision, HAS_CWS=has_cws, HAS_MAC=has_mac,
+        HAS_BIAS=kl.bias is not None,
+        INPUT_PRECISION=kl.precision,
     )
     grid = (triton.cdiv(T, cfg.block_m) * n_tiles, cfg.split_k)
     return Launch(_gemm_kernel, grid, args, constexprs, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

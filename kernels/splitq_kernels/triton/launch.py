@@ -54,6 +54,10 @@ def interpretable_stdlib():
 
 @dataclass
 class Launch:
+    """One kernel launch: grid, runtime arguments (tensors, ints, floats; None for an absent
+    tensor, which Triton treats as a compile-time constant: the kernel only touches it under a
+    HAS_* guard), constexpr meta-parameters and launch options (num_warps, ...)."""
+
     kernel: Any
     grid: tuple[int, ...]
     args: dict[str, Any]
@@ -75,9 +79,12 @@ class Launch:
             self.kernel[self.grid](**self.args, **self.constexprs, **self.options)
 
     def signature(self) -> dict[str, str]:
+        """Triton types of the arguments, as the JIT would specialize them (None -> constexpr)."""
         sig = {}
         for name, value in self.args.items():
-            if isinstance(value, torch.Tensor):
+            if value is None:
+                sig[name] = "constexpr"
+            elif isinstance(value, torch.Tensor):
                 sig[name] = "*" + _TORCH_TO_TRITON[value.dtype]
             elif isinstance(value, bool):
                 sig[name] = "i1"
@@ -99,5 +106,6 @@ class Launch:
 
         if is_interpreted(self.kernel):
             raise RuntimeError("cannot compile an interpreted kernel (TRITON_INTERPRET=1 was set at import)")
-        src = ASTSource(fn=self.kernel, signature=self.signature(), constexprs=dict(self.constexprs))
+        constexprs = {name: None for name, value in self.args.items() if value is None} | self.constexprs
+        src = ASTSource(fn=self.kernel, signature=self.signature(), constexprs=constexprs)
         return triton.compile(src, target=GPUTarget("cuda", arch, warp_size), options=dict(self.options))

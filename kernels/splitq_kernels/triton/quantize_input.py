@@ -1,23 +1,25 @@
 """Kernel (a): one pass over the input rows of a SplitQ linear (reference: `quantize_input`).
 
-Each program owns BT token rows (persistent over token blocks) and, for them:
-1. gathers the main channels, scales them by main_smooth and applies the Kronecker transform
-   P1^T R P2 (R = the row as an n1 x n2 matrix) as two tl.dots per block of n2 columns: first
-   Z = R P2 with rows (token, i), then, after permuting Z in registers to rows i, P1^T Z;
-   the transformed rows go to a float32 scratch while their max |x| (or max/min) is tracked;
+Each program owns BLOCK_T token rows at a time (persistent over token blocks) and, for them:
+1. gathers the main channels, multiplies them by main_smooth and applies the Kronecker transform
+   X' = P1^T R P2 (R = the smoothed row as an n1 x n2 matrix, row-major) as two tl.dots per block
+   of n2 columns: first Z = R P2 for TOKENS_PER_TILE tokens at once (rows (token, i)), then,
+   after permuting Z in registers to rows i, P1^T Z; the transformed rows go to a float32
+   scratch while their max |x| (max and min when asymmetric) is tracked;
 2. quantizes them per token (act_bits), stores the codes, accumulates the CWS down product
-   codes @ cws_down^T in int32 and tracks the max of the MAC residual X' - X^;
-3. quantizes the residual (aux_act_bits) and accumulates the MAC down product; the MAC rows
-   selection (text mask / mac_rows) multiplies the result, branch-free;
-4. does the same for the text and vision outlier sets with their dense transforms.
+   codes @ cws_down^T in int32 and tracks the statistics of the MAC residual X' - X^;
+3. quantizes the residual (aux_act_bits) and accumulates the MAC down product; rows outside the
+   MAC row selection (mac_rows: text rows by the mask, vision rows, or all) get zero, branch-free;
+4. does the same for the text and vision outlier sets with their dense transforms
+   (X'_o = X[:, idx_o] P_o, aux_act_bits).
 The reference multiplies (P1^T R) P2, this kernel P1^T (R P2): equal in exact arithmetic, so a
 code can differ only where the reference's x / scale lies within float32 rounding of a
 half-integer (see splitq_kernels.testing).
 
 Outputs (all rows T): int8 codes [T, main | text | vision] (asymmetric codes stored minus
-2^(b-1)), per-token scale [T, 4] and zero point [T, 4] (int32, minus 2^(b-1) like the codes)
-for main, text, vision, MAC, and the down products h_cws [T, RP_s], h_mac [T, RP_c] (float32,
-already rescaled: h = (sum_k (q - z) d) * s_x * s_d).
+2^(b-1)), per-token scale [T, 4] and zero point [T, 4] (int32, minus 2^(b-1) like the codes:
+common.stored_zero) for main, text, vision, MAC, and the down products h_cws [T, CWS_RANK_PADDED],
+h_mac [T, MAC_RANK_PADDED] (float32, already rescaled: h = (sum_k (q - z) d) * s_x * s_d).
 """
 
 from __future__ import annotations
@@ -29,218 +31,254 @@ import triton
 import triton.language as tl
 
 from ..layout import KernelLayer, next_pow2
-from .common import init_stats, merge_stats, qcodes, qgrid, row_stats, small_mm
+from ..reference.scheme import MAC_ROWS as MAC_ROW_CHOICES  # ("text", "vision", "all")
+from .common import init_stats, merge_stats, qcodes, qgrid, row_stats, small_mm, stored_zero
 from .launch import Launch
 
 
 @triton.jit
 def _outlier_set(
-    x_ptr, stride_x, rt, tv, sr, idx_ptr, p_ptr, NO, scr_ptr, stride_scr, scr_off, a_ptr, stride_a, a_off,
-    s_ptr, z_ptr, SLOT: tl.constexpr, clip,
-    BT: tl.constexpr, BO: tl.constexpr, BJO: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr,
-    PREC: tl.constexpr,
+    # input rows; the set's channel indices [n_set] and dense transform P_o [n_set, n_set]
+    x_ptr, stride_x, rows, row_valid, idx_ptr, p_ptr, n_set,
+    # float32 scratch: this program's rows, the set's columns from scratch_col on
+    scratch_ptr, stride_scratch, scratch_rows, scratch_col,
+    # outputs: codes (the set's columns from codes_col on), per-row scale and zero point in SLOT
+    codes_ptr, stride_codes, codes_col, scale_ptr, zero_ptr, clip,
+    # meta-parameters
+    SLOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_PO_ROWS: tl.constexpr, BLOCK_PO_COLS: tl.constexpr,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """X'_o = X[:, idx] @ P_o, quantized per token (outlier sets: small dense transforms)."""
-    rt64 = rt.to(tl.int64)
-    sr64 = sr.to(tl.int64)
-    hi, lo = init_stats(BT, SYM)
-    for o0 in range(0, NO, BO):
-        o = o0 + tl.arange(0, BO)
-        ov = o < NO
-        acc = tl.zeros([BT, BO], tl.float32)
-        for j0 in range(0, NO, BJO):
-            j = j0 + tl.arange(0, BJO)
-            jv = j < NO
-            idx = tl.load(idx_ptr + j, mask=jv, other=0)
-            xv = tl.load(x_ptr + rt64[:, None] * stride_x + idx[None, :], mask=tv[:, None] & jv[None, :], other=0.0)
-            p = tl.load(p_ptr + j[:, None] * NO + o[None, :], mask=jv[:, None] & ov[None, :], other=0.0)
-            acc = small_mm(xv.to(tl.float32), p, acc, BT >= 16, PREC)
-        valid = tv[:, None] & ov[None, :]
-        tl.store(scr_ptr + sr64[:, None] * stride_scr + scr_off + o[None, :], acc, mask=valid)
-        h, l = row_stats(acc, valid, SYM)
-        hi, lo = merge_stats(hi, lo, h, l, SYM)
+    """X'_o = X[:, idx] @ P_o, quantized per token (outlier sets: small dense transforms). Two
+    passes, as for the main set: the per-row grid needs the whole row first."""
+    rows64 = rows.to(tl.int64)
+    scratch_rows64 = scratch_rows.to(tl.int64)
+    hi, lo = init_stats(BLOCK_T, SYMMETRIC)
+    for o0 in range(0, n_set, BLOCK_PO_COLS):
+        o = o0 + tl.arange(0, BLOCK_PO_COLS)
+        o_valid = o < n_set
+        acc = tl.zeros([BLOCK_T, BLOCK_PO_COLS], tl.float32)
+        for j0 in range(0, n_set, BLOCK_PO_ROWS):
+            j = j0 + tl.arange(0, BLOCK_PO_ROWS)
+            j_valid = j < n_set
+            idx = tl.load(idx_ptr + j, mask=j_valid, other=0)
+            xv = tl.load(x_ptr + rows64[:, None] * stride_x + idx[None, :], mask=row_valid[:, None] & j_valid[None, :],
+                         other=0.0)
+            p = tl.load(p_ptr + j[:, None] * n_set + o[None, :], mask=j_valid[:, None] & o_valid[None, :], other=0.0)
+            acc = small_mm(xv.to(tl.float32), p, acc, BLOCK_T >= 16, INPUT_PRECISION)
+        valid = row_valid[:, None] & o_valid[None, :]
+        tl.store(scratch_ptr + scratch_rows64[:, None] * stride_scratch + scratch_col + o[None, :], acc, mask=valid)
+        h, l = row_stats(acc, valid, SYMMETRIC)
+        hi, lo = merge_stats(hi, lo, h, l, SYMMETRIC)
     tl.debug_barrier()  # the scratch is read back below by other threads
-    s, z = qgrid(hi, lo, clip, BITS, SYM)
-    for o0 in range(0, NO, BO):
-        o = o0 + tl.arange(0, BO)
-        valid = tv[:, None] & (o < NO)[None, :]
-        xo = tl.load(scr_ptr + sr64[:, None] * stride_scr + scr_off + o[None, :], mask=valid, other=0.0)
-        qs, qc = qcodes(xo, s[:, None], z[:, None], BITS, SYM)
-        tl.store(a_ptr + rt64[:, None] * stride_a + a_off + o[None, :], qs.to(tl.int8), mask=valid)
-    if SYM:
-        zeff = tl.zeros([BT], tl.int32)
-    else:
-        zeff = (z - (1 << (BITS - 1))).to(tl.int32)
-    tl.store(s_ptr + rt * 4 + SLOT, s, mask=tv)
-    tl.store(z_ptr + rt * 4 + SLOT, zeff, mask=tv)
+    s, z = qgrid(hi, lo, clip, BITS, SYMMETRIC)
+    for o0 in range(0, n_set, BLOCK_PO_COLS):
+        o = o0 + tl.arange(0, BLOCK_PO_COLS)
+        valid = row_valid[:, None] & (o < n_set)[None, :]
+        xo = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + scratch_col + o[None, :], mask=valid,
+                     other=0.0)
+        qs, qc = qcodes(xo, s[:, None], z[:, None], BITS, SYMMETRIC)
+        tl.store(codes_ptr + rows64[:, None] * stride_codes + codes_col + o[None, :], qs.to(tl.int8), mask=valid)
+    tl.store(scale_ptr + rows * 4 + SLOT, s, mask=row_valid)
+    tl.store(zero_ptr + rows * 4 + SLOT, stored_zero(z, BITS, SYMMETRIC), mask=row_valid)
 
 
 @triton.jit
 def _quantize_input_kernel(
-    x_ptr, stride_x, T, mask_ptr,
-    idx_m_ptr, smooth_ptr, p1_ptr, p2_ptr, n1, n2, M,
-    idx_t_ptr, pt_ptr, NT, idx_v_ptr, pv_ptr, NV,
+    # input rows x [T, in_features]; text mask [T] as uint8 (None: every row is text)
+    x_ptr, stride_x, mask_ptr,
+    # main set: channel indices [n_main], smoothing [n_main], Kronecker factors P1 [n1, n1], P2 [n2, n2]
+    idx_main_ptr, smooth_ptr, p1_ptr, p2_ptr,
+    # outlier sets: channel indices and dense transforms (None when the set is empty)
+    idx_text_ptr, p_text_ptr, idx_vision_ptr, p_vision_ptr,
+    # activation clipping factors [4]: main, text, vision, MAC
     clip_ptr,
-    dc_ptr, dc_scale_ptr, dc_colsum_ptr,
-    dm_ptr, dm_scale_ptr, dm_colsum_ptr,
-    scr_ptr, stride_scr,
-    a_ptr, stride_a, off_t, off_v,
-    s_ptr, z_ptr, hc_ptr, hm_ptr, rmac_ptr,
-    BT: tl.constexpr, BTT: tl.constexpr, N1P: tl.constexpr, BB: tl.constexpr, BJ: tl.constexpr,
-    BA: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, BJO: tl.constexpr,
-    RSP: tl.constexpr, RCP: tl.constexpr,
-    ABITS: tl.constexpr, AUXBITS: tl.constexpr, SYM: tl.constexpr, MAC_ROWS: tl.constexpr,
+    # low-rank "down" factors: int8 codes [n_main, rank padded], per-rank scale and code sum
+    # (None when the branch is off)
+    cws_down_ptr, cws_down_scale_ptr, cws_down_colsum_ptr,
+    mac_down_ptr, mac_down_scale_ptr, mac_down_colsum_ptr,
+    # float32 scratch for the transformed rows: BLOCK_T rows per program, in_features columns
+    scratch_ptr, stride_scratch,
+    # outputs: codes [T, main | text | vision], scale and zero point [T, 4], down products
+    # h_cws / h_mac [T, rank padded] (None when the branch is off), MAC residual codes [T, n_main]
+    # (debug; None unless asked for)
+    codes_ptr, stride_codes, scale_ptr, zero_ptr, h_cws_ptr, h_mac_ptr, mac_codes_ptr,
+    # sizes: rows, Kronecker factors (n_main = n1 * n2), outlier sets, their first codes column
+    T, n1, n2, n_main, n_text, n_vision, off_text, off_vision,
+    # tiles: token rows per program step; tokens per Kronecker tile; blocks of P2 rows (j) and
+    # columns (b), of P1 columns (a), of main channels, of outlier-transform rows and columns
+    BLOCK_T: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, N1_PADDED: tl.constexpr,
+    BLOCK_P2_ROWS: tl.constexpr, BLOCK_P2_COLS: tl.constexpr, BLOCK_P1_COLS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_PO_ROWS: tl.constexpr, BLOCK_PO_COLS: tl.constexpr,
+    # low-rank ranks padded to a power of two >= 16 (layout.padded_rank)
+    CWS_RANK_PADDED: tl.constexpr, MAC_RANK_PADDED: tl.constexpr,
+    # scheme: activation bits (main; outliers and MAC), symmetric grids, MAC rows (0 text, 1 vision, 2 all)
+    ACT_BITS: tl.constexpr, AUX_ACT_BITS: tl.constexpr, SYMMETRIC: tl.constexpr, MAC_ROWS: tl.constexpr,
+    # which parts are present
     HAS_MASK: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_VISION: tl.constexpr, HAS_CWS: tl.constexpr,
-    HAS_MAC: tl.constexpr, STORE_MAC: tl.constexpr, PREC: tl.constexpr,
+    HAS_MAC: tl.constexpr, STORE_MAC_CODES: tl.constexpr,
+    # tl.dot input precision of the float32 products
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    n_blocks = tl.cdiv(T, BT)
-    clip_m = tl.load(clip_ptr + 0)
-    USE_DOT: tl.constexpr = BT >= 16
-    for tb in range(pid, n_blocks, nprog):
+    n_programs = tl.num_programs(0)
+    n_blocks = tl.cdiv(T, BLOCK_T)
+    clip_main = tl.load(clip_ptr + 0)
+    USE_DOT: tl.constexpr = BLOCK_T >= 16  # below 16 rows, the down products run on CUDA cores
+    for tb in range(pid, n_blocks, n_programs):  # persistent: the scratch is per program
         tl.debug_barrier()  # the scratch rows are reused: the previous block must be fully read
-        t0 = tb * BT
-        rt = t0 + tl.arange(0, BT)
-        tv = rt < T
-        rt64 = rt.to(tl.int64)
-        sr = pid * BT + tl.arange(0, BT)  # this program's scratch rows
-        sr64 = sr.to(tl.int64)
+        t0 = tb * BLOCK_T
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_valid = rows < T
+        rows64 = rows.to(tl.int64)
+        scratch_rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # this program's scratch rows
+        scratch_rows64 = scratch_rows.to(tl.int64)
 
-        # ---- 1. main set: gather, smooth, Kronecker transform -> scratch[:, :M], row stats ----
-        hi, lo = init_stats(BT, SYM)
-        for tt in range(0, BT, BTT):
-            r = tl.arange(0, BTT * N1P)  # rows (token, i) of Z = R P2
-            tr = t0 + tt + r // N1P
-            ir = r % N1P
-            rvalid = (tr < T) & (ir < n1)
-            c = tl.arange(0, BTT * BB)  # columns (token, b) of P1^T Z
-            tc = t0 + tt + c // BB
-            sc = pid * BT + tt + c // BB
-            i_all = tl.arange(0, N1P)
-            sub_hi, sub_lo = init_stats(BTT, SYM)
-            for b0 in range(0, n2, BB):
-                bcol = b0 + tl.arange(0, BB)
-                bvalid = bcol < n2
-                z = tl.zeros([BTT * N1P, BB], tl.float32)
-                for j0 in range(0, n2, BJ):
-                    j = j0 + tl.arange(0, BJ)
-                    jvalid = j < n2
-                    ch = ir[:, None] * n2 + j[None, :]
-                    m2 = rvalid[:, None] & jvalid[None, :]
-                    idx = tl.load(idx_m_ptr + ch, mask=m2, other=0)
+        # ---- 1. main set: gather, smooth, Kronecker transform -> scratch[:, :n_main], row stats ----
+        # TOKENS_PER_TILE tokens at a time, so that Z = R P2 has enough rows (token, i) for a tl.dot
+        # even when n1 is small
+        hi, lo = init_stats(BLOCK_T, SYMMETRIC)
+        for tt in range(0, BLOCK_T, TOKENS_PER_TILE):
+            zr = tl.arange(0, TOKENS_PER_TILE * N1_PADDED)  # rows (token, i) of Z = R P2
+            z_token = t0 + tt + zr // N1_PADDED
+            z_i = zr % N1_PADDED
+            z_valid = (z_token < T) & (z_i < n1)
+            c = tl.arange(0, TOKENS_PER_TILE * BLOCK_P2_COLS)  # columns (token, b) of P1^T Z
+            c_token = t0 + tt + c // BLOCK_P2_COLS
+            c_scratch = pid * BLOCK_T + tt + c // BLOCK_P2_COLS  # their scratch rows
+            i_all = tl.arange(0, N1_PADDED)
+            tile_hi, tile_lo = init_stats(TOKENS_PER_TILE, SYMMETRIC)
+            for b0 in range(0, n2, BLOCK_P2_COLS):
+                b = b0 + tl.arange(0, BLOCK_P2_COLS)
+                b_valid = b < n2
+                z = tl.zeros([TOKENS_PER_TILE * N1_PADDED, BLOCK_P2_COLS], tl.float32)
+                for j0 in range(0, n2, BLOCK_P2_ROWS):
+                    j = j0 + tl.arange(0, BLOCK_P2_ROWS)
+                    j_valid = j < n2
+                    ch = z_i[:, None] * n2 + j[None, :]  # R[i, j] is main channel i * n2 + j
+                    m2 = z_valid[:, None] & j_valid[None, :]
+                    idx = tl.load(idx_main_ptr + ch, mask=m2, other=0)
                     sm = tl.load(smooth_ptr + ch, mask=m2, other=0.0)
-                    xv = tl.load(x_ptr + tr.to(tl.int64)[:, None] * stride_x + idx, mask=m2, other=0.0)
-                    p2 = tl.load(p2_ptr + j[:, None] * n2 + bcol[None, :], mask=jvalid[:, None] & bvalid[None, :], other=0.0)
-                    z = tl.dot(xv.to(tl.float32) * sm, p2, z, input_precision=PREC)
-                zt = tl.reshape(tl.permute(tl.reshape(z, (BTT, N1P, BB)), (1, 0, 2)), (N1P, BTT * BB))
-                bc = b0 + c % BB
-                cvalid = (tc < T) & (bc < n2)
-                for a0 in range(0, N1P, BA):
-                    a = a0 + tl.arange(0, BA)
-                    avalid = a < n1
+                    xv = tl.load(x_ptr + z_token.to(tl.int64)[:, None] * stride_x + idx, mask=m2, other=0.0)
+                    p2 = tl.load(p2_ptr + j[:, None] * n2 + b[None, :], mask=j_valid[:, None] & b_valid[None, :],
+                                 other=0.0)
+                    z = tl.dot(xv.to(tl.float32) * sm, p2, z, input_precision=INPUT_PRECISION)
+                # rows (token, i) -> rows i with columns (token, b): every token's Z is multiplied by P1^T
+                zt = tl.reshape(tl.permute(tl.reshape(z, (TOKENS_PER_TILE, N1_PADDED, BLOCK_P2_COLS)), (1, 0, 2)),
+                                (N1_PADDED, TOKENS_PER_TILE * BLOCK_P2_COLS))
+                c_b = b0 + c % BLOCK_P2_COLS
+                c_valid = (c_token < T) & (c_b < n2)
+                for a0 in range(0, N1_PADDED, BLOCK_P1_COLS):
+                    a = a0 + tl.arange(0, BLOCK_P1_COLS)
+                    a_valid = a < n1
                     p1t = tl.load(p1_ptr + i_all[None, :] * n1 + a[:, None],
-                                  mask=avalid[:, None] & (i_all < n1)[None, :], other=0.0)  # P1[i, a] as [a, i]
-                    xp = tl.dot(p1t, zt, input_precision=PREC)  # [BA, (token, b)]
-                    valid = avalid[:, None] & cvalid[None, :]
-                    tl.store(scr_ptr + sc.to(tl.int64)[None, :] * stride_scr + a[:, None] * n2 + bc[None, :], xp, mask=valid)
-                    if SYM:
-                        v3 = tl.reshape(tl.where(valid, tl.abs(xp), 0.0), (BA, BTT, BB))
-                        sub_hi = tl.maximum(sub_hi, tl.max(tl.max(v3, axis=2), axis=0))
+                                  mask=a_valid[:, None] & (i_all < n1)[None, :], other=0.0)  # P1[i, a] as [a, i]
+                    xp = tl.dot(p1t, zt, input_precision=INPUT_PRECISION)  # X'[a, b] of each token: [a, (token, b)]
+                    valid = a_valid[:, None] & c_valid[None, :]
+                    tl.store(scratch_ptr + c_scratch.to(tl.int64)[None, :] * stride_scratch + a[:, None] * n2
+                             + c_b[None, :], xp, mask=valid)
+                    # per-token stats of the tile: reduce over a and b, keep the token axis
+                    if SYMMETRIC:
+                        v3 = tl.reshape(tl.where(valid, tl.abs(xp), 0.0),
+                                        (BLOCK_P1_COLS, TOKENS_PER_TILE, BLOCK_P2_COLS))
+                        tile_hi = tl.maximum(tile_hi, tl.max(tl.max(v3, axis=2), axis=0))
                     else:
-                        v3 = tl.reshape(tl.where(valid, xp, float("-inf")), (BA, BTT, BB))
-                        sub_hi = tl.maximum(sub_hi, tl.max(tl.max(v3, axis=2), axis=0))
-                        w3 = tl.reshape(tl.where(valid, xp, float("inf")), (BA, BTT, BB))
-                        sub_lo = tl.minimum(sub_lo, tl.min(tl.min(w3, axis=2), axis=0))
-            # scatter the BTT sub-block stats into the BT-row vectors
-            onehot = tl.arange(0, BT)[:, None] == (tt + tl.arange(0, BTT))[None, :]
-            if SYM:
-                hi = tl.maximum(hi, tl.max(tl.where(onehot, sub_hi[None, :], 0.0), axis=1))
+                        v3 = tl.reshape(tl.where(valid, xp, float("-inf")),
+                                        (BLOCK_P1_COLS, TOKENS_PER_TILE, BLOCK_P2_COLS))
+                        tile_hi = tl.maximum(tile_hi, tl.max(tl.max(v3, axis=2), axis=0))
+                        w3 = tl.reshape(tl.where(valid, xp, float("inf")),
+                                        (BLOCK_P1_COLS, TOKENS_PER_TILE, BLOCK_P2_COLS))
+                        tile_lo = tl.minimum(tile_lo, tl.min(tl.min(w3, axis=2), axis=0))
+            # scatter the tile's TOKENS_PER_TILE stats into the BLOCK_T-row vectors (no dynamic indexing in Triton)
+            onehot = tl.arange(0, BLOCK_T)[:, None] == (tt + tl.arange(0, TOKENS_PER_TILE))[None, :]
+            if SYMMETRIC:
+                hi = tl.maximum(hi, tl.max(tl.where(onehot, tile_hi[None, :], 0.0), axis=1))
             else:
-                hi = tl.maximum(hi, tl.max(tl.where(onehot, sub_hi[None, :], float("-inf")), axis=1))
-                lo = tl.minimum(lo, tl.min(tl.where(onehot, sub_lo[None, :], float("inf")), axis=1))
+                hi = tl.maximum(hi, tl.max(tl.where(onehot, tile_hi[None, :], float("-inf")), axis=1))
+                lo = tl.minimum(lo, tl.min(tl.where(onehot, tile_lo[None, :], float("inf")), axis=1))
         tl.debug_barrier()  # scratch written above by other threads
 
         # ---- 2. main codes, CWS down product, residual stats ----
-        s_m, z_m = qgrid(hi, lo, clip_m, ABITS, SYM)
-        if SYM:
-            ze_m = tl.zeros([BT], tl.int32)
-        else:
-            ze_m = (z_m - (1 << (ABITS - 1))).to(tl.int32)
-        tl.store(s_ptr + rt * 4 + 0, s_m, mask=tv)
-        tl.store(z_ptr + rt * 4 + 0, ze_m, mask=tv)
-        acc_c = tl.zeros([BT, RSP], tl.int32)
-        rhi, rlo = init_stats(BT, SYM)
-        for k0 in range(0, M, BK):
-            k = k0 + tl.arange(0, BK)
-            kv = k < M
-            m2 = tv[:, None] & kv[None, :]
-            xp = tl.load(scr_ptr + sr64[:, None] * stride_scr + k[None, :], mask=m2, other=0.0)
-            qs, qc = qcodes(xp, s_m[:, None], z_m[:, None], ABITS, SYM)
+        s_main, z_main = qgrid(hi, lo, clip_main, ACT_BITS, SYMMETRIC)
+        zs_main = stored_zero(z_main, ACT_BITS, SYMMETRIC)
+        tl.store(scale_ptr + rows * 4 + 0, s_main, mask=row_valid)
+        tl.store(zero_ptr + rows * 4 + 0, zs_main, mask=row_valid)
+        acc_cws = tl.zeros([BLOCK_T, CWS_RANK_PADDED], tl.int32)
+        res_hi, res_lo = init_stats(BLOCK_T, SYMMETRIC)
+        for k0 in range(0, n_main, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_valid = k < n_main
+            m2 = row_valid[:, None] & k_valid[None, :]
+            xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0)
+            qs, qc = qcodes(xp, s_main[:, None], z_main[:, None], ACT_BITS, SYMMETRIC)
             qs = tl.where(m2, qs, 0.0).to(tl.int8)
-            tl.store(a_ptr + rt64[:, None] * stride_a + k[None, :], qs, mask=m2)
+            tl.store(codes_ptr + rows64[:, None] * stride_codes + k[None, :], qs, mask=m2)
             if HAS_CWS:
-                d = tl.load(dc_ptr + k[:, None] * RSP + tl.arange(0, RSP)[None, :], mask=kv[:, None], other=0)
-                acc_c = small_mm(qs, d, acc_c, USE_DOT, PREC)
+                d = tl.load(cws_down_ptr + k[:, None] * CWS_RANK_PADDED + tl.arange(0, CWS_RANK_PADDED)[None, :],
+                            mask=k_valid[:, None], other=0)
+                acc_cws = small_mm(qs, d, acc_cws, USE_DOT, INPUT_PRECISION)
             if HAS_MAC:
-                res = xp - qc * s_m[:, None]
-                h, l = row_stats(res, m2, SYM)
-                rhi, rlo = merge_stats(rhi, rlo, h, l, SYM)
+                res = xp - qc * s_main[:, None]  # X' - X^ (no FMA: the kernel is compiled without fusion)
+                h, l = row_stats(res, m2, SYMMETRIC)
+                res_hi, res_lo = merge_stats(res_hi, res_lo, h, l, SYMMETRIC)
         if HAS_CWS:
-            rr = tl.arange(0, RSP)
-            dsc = tl.load(dc_scale_ptr + rr)
-            dcs = tl.load(dc_colsum_ptr + rr)
-            hcw = (acc_c - ze_m[:, None] * dcs[None, :]).to(tl.float32) * s_m[:, None] * dsc[None, :]
-            tl.store(hc_ptr + rt64[:, None] * RSP + rr[None, :], hcw, mask=tv[:, None])
+            r = tl.arange(0, CWS_RANK_PADDED)
+            d_scale = tl.load(cws_down_scale_ptr + r)
+            d_colsum = tl.load(cws_down_colsum_ptr + r)
+            h_cws = (acc_cws - zs_main[:, None] * d_colsum[None, :]).to(tl.float32) * s_main[:, None] * d_scale[None, :]
+            tl.store(h_cws_ptr + rows64[:, None] * CWS_RANK_PADDED + r[None, :], h_cws, mask=row_valid[:, None])
 
         # ---- 3. MAC residual codes and down product, on the selected rows only ----
         if HAS_MAC:
-            clip_r = tl.load(clip_ptr + 3)
-            s_r, z_r = qgrid(rhi, rlo, clip_r, AUXBITS, SYM)
-            if SYM:
-                ze_r = tl.zeros([BT], tl.int32)
-            else:
-                ze_r = (z_r - (1 << (AUXBITS - 1))).to(tl.int32)
-            tl.store(s_ptr + rt * 4 + 3, s_r, mask=tv)
-            tl.store(z_ptr + rt * 4 + 3, ze_r, mask=tv)
-            acc_m = tl.zeros([BT, RCP], tl.int32)
-            for k0 in range(0, M, BK):
-                k = k0 + tl.arange(0, BK)
-                kv = k < M
-                m2 = tv[:, None] & kv[None, :]
-                xp = tl.load(scr_ptr + sr64[:, None] * stride_scr + k[None, :], mask=m2, other=0.0)
-                qs, qc = qcodes(xp, s_m[:, None], z_m[:, None], ABITS, SYM)
-                res = xp - qc * s_m[:, None]
-                rs, rc = qcodes(res, s_r[:, None], z_r[:, None], AUXBITS, SYM)
+            clip_res = tl.load(clip_ptr + 3)
+            s_res, z_res = qgrid(res_hi, res_lo, clip_res, AUX_ACT_BITS, SYMMETRIC)
+            zs_res = stored_zero(z_res, AUX_ACT_BITS, SYMMETRIC)
+            tl.store(scale_ptr + rows * 4 + 3, s_res, mask=row_valid)
+            tl.store(zero_ptr + rows * 4 + 3, zs_res, mask=row_valid)
+            acc_mac = tl.zeros([BLOCK_T, MAC_RANK_PADDED], tl.int32)
+            for k0 in range(0, n_main, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_valid = k < n_main
+                m2 = row_valid[:, None] & k_valid[None, :]
+                # the residual is recomputed from the scratch: its grid needs the whole row's
+                # residual stats, known only after pass 2
+                xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0)
+                qs, qc = qcodes(xp, s_main[:, None], z_main[:, None], ACT_BITS, SYMMETRIC)
+                res = xp - qc * s_main[:, None]
+                rs, rc = qcodes(res, s_res[:, None], z_res[:, None], AUX_ACT_BITS, SYMMETRIC)
                 rs = tl.where(m2, rs, 0.0).to(tl.int8)
-                if STORE_MAC:
-                    tl.store(rmac_ptr + rt64[:, None] * M + k[None, :], rs, mask=m2)
-                d = tl.load(dm_ptr + k[:, None] * RCP + tl.arange(0, RCP)[None, :], mask=kv[:, None], other=0)
-                acc_m = small_mm(rs, d, acc_m, USE_DOT, PREC)
+                if STORE_MAC_CODES:
+                    tl.store(mac_codes_ptr + rows64[:, None] * n_main + k[None, :], rs, mask=m2)
+                d = tl.load(mac_down_ptr + k[:, None] * MAC_RANK_PADDED + tl.arange(0, MAC_RANK_PADDED)[None, :],
+                            mask=k_valid[:, None], other=0)
+                acc_mac = small_mm(rs, d, acc_mac, USE_DOT, INPUT_PRECISION)
             if HAS_MASK:
-                is_text = tl.load(mask_ptr + rt, mask=tv, other=0) != 0
+                is_text = tl.load(mask_ptr + rows, mask=row_valid, other=0) != 0
             else:
-                is_text = tv  # no mask: every row is text
+                is_text = row_valid  # no mask: every row is text
             if MAC_ROWS == 0:
-                sel = is_text
+                selected = is_text
             elif MAC_ROWS == 1:
-                sel = ~is_text
+                selected = ~is_text
             else:
-                sel = tv | ~tv
-            rr = tl.arange(0, RCP)
-            dsc = tl.load(dm_scale_ptr + rr)
-            dcs = tl.load(dm_colsum_ptr + rr)
-            hmc = (acc_m - ze_r[:, None] * dcs[None, :]).to(tl.float32) * s_r[:, None] * dsc[None, :]
-            hmc = tl.where(sel[:, None], hmc, 0.0)
-            tl.store(hm_ptr + rt64[:, None] * RCP + rr[None, :], hmc, mask=tv[:, None])
+                selected = row_valid | ~row_valid  # all rows
+            r = tl.arange(0, MAC_RANK_PADDED)
+            d_scale = tl.load(mac_down_scale_ptr + r)
+            d_colsum = tl.load(mac_down_colsum_ptr + r)
+            h_mac = (acc_mac - zs_res[:, None] * d_colsum[None, :]).to(tl.float32) * s_res[:, None] * d_scale[None, :]
+            h_mac = tl.where(selected[:, None], h_mac, 0.0)  # so the GEMM's epilogue needs no mask
+            tl.store(h_mac_ptr + rows64[:, None] * MAC_RANK_PADDED + r[None, :], h_mac, mask=row_valid[:, None])
 
-        # ---- 4. outlier sets ----
+        # ---- 4. outlier sets (scratch columns after the main set's) ----
         if HAS_TEXT:
-            _outlier_set(x_ptr, stride_x, rt, tv, sr, idx_t_ptr, pt_ptr, NT, scr_ptr, stride_scr, M, a_ptr, stride_a,
-                         off_t, s_ptr, z_ptr, 1, tl.load(clip_ptr + 1), BT, BO, BJO, AUXBITS, SYM, PREC)
+            _outlier_set(x_ptr, stride_x, rows, row_valid, idx_text_ptr, p_text_ptr, n_text,
+                         scratch_ptr, stride_scratch, scratch_rows, n_main,
+                         codes_ptr, stride_codes, off_text, scale_ptr, zero_ptr, tl.load(clip_ptr + 1),
+                         1, BLOCK_T, BLOCK_PO_ROWS, BLOCK_PO_COLS, AUX_ACT_BITS, SYMMETRIC, INPUT_PRECISION)
         if HAS_VISION:
-            _outlier_set(x_ptr, stride_x, rt, tv, sr, idx_v_ptr, pv_ptr, NV, scr_ptr, stride_scr, M + NT, a_ptr,
-                         stride_a, off_v, s_ptr, z_ptr, 2, tl.load(clip_ptr + 2), BT, BO, BJO, AUXBITS, SYM, PREC)
+            _outlier_set(x_ptr, stride_x, rows, row_valid, idx_vision_ptr, p_vision_ptr, n_vision,
+                         scratch_ptr, stride_scratch, scratch_rows, n_main + n_text,
+                         codes_ptr, stride_codes, off_vision, scale_ptr, zero_ptr, tl.load(clip_ptr + 2),
+                         2, BLOCK_T, BLOCK_PO_ROWS, BLOCK_PO_COLS, AUX_ACT_BITS, SYMMETRIC, INPUT_PRECISION)
 
 
 @dataclass
@@ -250,8 +288,8 @@ class QuantizedActivations:
     codes: torch.Tensor  # int8 [T, codes_width]: main at 0, text at off_text, vision at off_vision
     scale: torch.Tensor  # f32 [T, 4]: main, text, vision, mac
     zero: torch.Tensor  # int32 [T, 4], code-domain zero point minus 2^(b-1) (0 when symmetric)
-    h_cws: torch.Tensor | None  # f32 [T, RP_s]
-    h_mac: torch.Tensor | None  # f32 [T, RP_c], zero on rows MAC does not target
+    h_cws: torch.Tensor | None  # f32 [T, cws_rank_padded]
+    h_mac: torch.Tensor | None  # f32 [T, mac_rank_padded], zero on rows MAC does not target
     mac_codes: torch.Tensor | None = None  # int8 [T, main] residual codes (debug only)
 
 
@@ -266,9 +304,11 @@ def code_offsets(kl: KernelLayer) -> tuple[int, int, int]:
     return off_t, off_v, off_v + _align16(kl.vision)
 
 
-# register budget of the Kronecker tiles: Z = [BTT * N1P, BB] <= TILE["z"] elements; the gathered
-# input tile is [BTT * N1P, BJ] (three of them live: indices, smoothing, values)
-TILE = {"z": 4096, "bb": 16, "bj": 16, "ba": 16}  # spill-free at 7B shapes on sm_90 (AOT check)
+# Kronecker tiles live in registers: Z = [TOKENS_PER_TILE * N1_PADDED, BLOCK_P2_COLS] has at most
+# KRON_Z_ELEMENTS elements; the gathered input tile [TOKENS_PER_TILE * N1_PADDED, BLOCK_P2_ROWS] is
+# live three times (indices, smoothing, values). Spill-free at 7B shapes on sm_90 (AOT check).
+KRON_Z_ELEMENTS = 4096
+KRON_BLOCK = 16  # BLOCK_P2_ROWS, BLOCK_P2_COLS and BLOCK_P1_COLS (16: the smallest tl.dot dim)
 
 
 def plan_quantize_input(
@@ -281,46 +321,47 @@ def plan_quantize_input(
     n_programs: int,
 ) -> Launch:
     T = x.shape[0]
-    n1p = max(16, next_pow2(kl.n1))
-    bb = 16 if kl.n2 <= 16 else TILE["bb"]
-    btt = max(1, min(block_t, TILE["z"] // (n1p * bb)))
-    rsp = kl.cws_rank_padded or 16
-    rcp = kl.mac_rank_padded or 16
-    bk = 64 if block_t >= 16 else max(32, min(64, 2048 // (block_t * max(rsp, rcp))))  # broadcast down product
-    off_t, off_v, _ = code_offsets(kl)
-    dummy_f = kl.main_smooth
-    dummy_i = kl.idx_main
-    dummy_q = out.codes
-    mask = text_mask.view(torch.uint8) if text_mask is not None else dummy_q
+    has_text, has_vision, has_cws, has_mac = kl.text > 0, kl.vision > 0, kl.cws_rank > 0, kl.mac_rank > 0
+    n1_padded = max(16, next_pow2(kl.n1))
+    block_p2_cols = 16 if kl.n2 <= 16 else KRON_BLOCK
+    tokens_per_tile = max(1, min(block_t, KRON_Z_ELEMENTS // (n1_padded * block_p2_cols)))
+    # an absent branch still needs a valid shape for its (unused) accumulator
+    cws_rank_padded = kl.cws_rank_padded or 16
+    mac_rank_padded = kl.mac_rank_padded or 16
+    # below 16 rows the down products are broadcast products [BLOCK_T, BLOCK_K, rank] on CUDA cores:
+    # bound their size
+    block_k = 64 if block_t >= 16 else max(32, min(64, 2048 // (block_t * max(cws_rank_padded, mac_rank_padded))))
+    off_text, off_vision, _ = code_offsets(kl)
     args = dict(
-        x_ptr=x, stride_x=x.stride(0), T=T, mask_ptr=mask,
-        idx_m_ptr=kl.idx_main, smooth_ptr=kl.main_smooth, p1_ptr=kl.main_p1, p2_ptr=kl.main_p2,
-        n1=kl.n1, n2=kl.n2, M=kl.main,
-        idx_t_ptr=kl.idx_text if kl.text else dummy_i, pt_ptr=kl.text_p if kl.text else dummy_f, NT=kl.text,
-        idx_v_ptr=kl.idx_vision if kl.vision else dummy_i, pv_ptr=kl.vision_p if kl.vision else dummy_f,
-        NV=kl.vision,
+        x_ptr=x, stride_x=x.stride(0), mask_ptr=text_mask.view(torch.uint8) if text_mask is not None else None,
+        idx_main_ptr=kl.idx_main, smooth_ptr=kl.main_smooth, p1_ptr=kl.main_p1, p2_ptr=kl.main_p2,
+        idx_text_ptr=kl.idx_text if has_text else None, p_text_ptr=kl.text_p if has_text else None,
+        idx_vision_ptr=kl.idx_vision if has_vision else None, p_vision_ptr=kl.vision_p if has_vision else None,
         clip_ptr=kl.act_clip,
-        dc_ptr=kl.cws_down if kl.cws_rank else dummy_q,
-        dc_scale_ptr=kl.cws_down_scale if kl.cws_rank else dummy_f,
-        dc_colsum_ptr=kl.cws_down_colsum if kl.cws_rank else dummy_i,
-        dm_ptr=kl.mac_down if kl.mac_rank else dummy_q,
-        dm_scale_ptr=kl.mac_down_scale if kl.mac_rank else dummy_f,
-        dm_colsum_ptr=kl.mac_down_colsum if kl.mac_rank else dummy_i,
-        scr_ptr=scratch, stride_scr=scratch.stride(0),
-        a_ptr=out.codes, stride_a=out.codes.stride(0), off_t=off_t, off_v=off_v,
-        s_ptr=out.scale, z_ptr=out.zero,
-        hc_ptr=out.h_cws if out.h_cws is not None else dummy_f,
-        hm_ptr=out.h_mac if out.h_mac is not None else dummy_f,
-        rmac_ptr=out.mac_codes if out.mac_codes is not None else dummy_q,
+        cws_down_ptr=kl.cws_down if has_cws else None,
+        cws_down_scale_ptr=kl.cws_down_scale if has_cws else None,
+        cws_down_colsum_ptr=kl.cws_down_colsum if has_cws else None,
+        mac_down_ptr=kl.mac_down if has_mac else None,
+        mac_down_scale_ptr=kl.mac_down_scale if has_mac else None,
+        mac_down_colsum_ptr=kl.mac_down_colsum if has_mac else None,
+        scratch_ptr=scratch, stride_scratch=scratch.stride(0),
+        codes_ptr=out.codes, stride_codes=out.codes.stride(0), scale_ptr=out.scale, zero_ptr=out.zero,
+        h_cws_ptr=out.h_cws if has_cws else None, h_mac_ptr=out.h_mac if has_mac else None,
+        mac_codes_ptr=out.mac_codes,
+        T=T, n1=kl.n1, n2=kl.n2, n_main=kl.main, n_text=kl.text, n_vision=kl.vision,
+        off_text=off_text, off_vision=off_vision,
     )
     constexprs = dict(
-        BT=block_t, BTT=btt, N1P=n1p, BB=bb, BJ=TILE["bj"] if kl.n2 > 16 else 16, BA=min(n1p, TILE["ba"]), BK=bk,
-        BO=64 if kl.text > 32 or kl.vision > 32 else 32, BJO=16, RSP=rsp, RCP=rcp,
-        ABITS=kl.act_bits, AUXBITS=kl.aux_act_bits, SYM=kl.act_symmetric,
-        MAC_ROWS=("text", "vision", "all").index(kl.mac_rows),
-        HAS_MASK=text_mask is not None, HAS_TEXT=kl.text > 0, HAS_VISION=kl.vision > 0,
-        HAS_CWS=kl.cws_rank > 0, HAS_MAC=kl.mac_rank > 0, STORE_MAC=out.mac_codes is not None,
-        PREC=kl.precision,
+        BLOCK_T=block_t, TOKENS_PER_TILE=tokens_per_tile, N1_PADDED=n1_padded,
+        BLOCK_P2_ROWS=KRON_BLOCK if kl.n2 > 16 else 16, BLOCK_P2_COLS=block_p2_cols,
+        BLOCK_P1_COLS=min(n1_padded, KRON_BLOCK), BLOCK_K=block_k,
+        BLOCK_PO_ROWS=16, BLOCK_PO_COLS=64 if kl.text > 32 or kl.vision > 32 else 32,
+        CWS_RANK_PADDED=cws_rank_padded, MAC_RANK_PADDED=mac_rank_padded,
+        ACT_BITS=kl.act_bits, AUX_ACT_BITS=kl.aux_act_bits, SYMMETRIC=kl.act_symmetric,
+        MAC_ROWS=MAC_ROW_CHOICES.index(kl.mac_rows),
+        HAS_MASK=text_mask is not None, HAS_TEXT=has_text, HAS_VISION=has_vision,
+        HAS_CWS=has_cws, HAS_MAC=has_mac, STORE_MAC_CODES=out.mac_codes is not None,
+        INPUT_PRECISION=kl.precision,
     )
     grid = (max(1, min(triton.cdiv(T, block_t), n_programs)),)
     # fp fusion off: the residual x' - (q - z) * s must round like the reference (no FMA)

@@ -17,10 +17,8 @@ $(STAMP): pyproject.toml scripts/setup_env.sh scripts/torchvision_cpu_fix.py
 DEMO_ARGS = $(if $(MODEL),--model $(abspath $(MODEL))) $(if $(DATA),--data $(abspath $(DATA))) \
             $(if $(IMAGE_DIR),--image-dir $(abspath $(IMAGE_DIR))) $(if $(SCHEME),--scheme $(SCHEME))
 demo: $(STAMP)
-	cd /tmp && VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(abspath $(PY)) $(abspath examples/demo.py) $(DEMO_ARGS)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(PY) examples/demo.py $(DEMO_ARGS)
 
-# pytest from the venv's script (not `python -m pytest`, which would put the repo root, and with
-# it a top-level `kernels/` folder, on sys.path).
 test: $(STAMP)
 	$(VENV)/bin/pytest
 

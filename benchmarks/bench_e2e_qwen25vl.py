@@ -30,9 +30,6 @@ import time
 
 import torch
 
-from _bootstrap import ensure_splitq_kernels
-
-ensure_splitq_kernels()
 QWEN25VL_7B_TEXT = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
     num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=151643,
@@ -154,7 +151,7 @@ def replace_linears(model, scheme, device, precision: str, mask: TextMask, check
     kernel tensors are cloned for every decoder layer (real memory and cold weights, without drawing
     7B random codes 28 times on the CPU)."""
     from splitq_kernels.layout import prepare_kernel_layer
-    from splitq_kernels.reference.random_layer import default_layer_dims, random_quantized_layer
+    from splitq_vllm.testing.layers import default_layer_dims, random_quantized_layer
 
     text = model.config.text_config
     h, i = text.hidden_size, text.intermediate_size

@@ -38,9 +38,6 @@ import traceback
 
 import torch
 
-from _bootstrap import ensure_splitq_kernels
-
-ensure_splitq_kernels()
 MODELS = {
     "7b": {"qkv": (3584, 4608), "o_proj": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)},
     "3b": {"qkv": (2048, 2560), "o_proj": (2048, 2048), "gate_up": (2048, 22016), "down": (11008, 2048)},
@@ -61,7 +58,7 @@ def log(*a) -> None:
 
 
 def layer_for(variant: str, d_in: int, d_out: int, scheme, bias: bool, seed: int):
-    from splitq_kernels.reference.random_layer import default_layer_dims, random_quantized_layer
+    from splitq_vllm.testing.layers import default_layer_dims, random_quantized_layer
 
     multiple = 64 if d_in >= 1024 else 16
     if variant == "w4a4_gemm":

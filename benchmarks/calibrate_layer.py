@@ -11,9 +11,6 @@ channels (large on vision tokens, unstable on text tokens) so MOCD has something
 Projection: whole model = per-layer time x 28 layers (capturing layer-0 inputs, which runs the
 vision tower once per sample, and the export are not included; both are small next to 28 layers
 of training).
-
-Run it from outside the repository root (or as a file path, as above: Python puts the script's
-folder, not the repository root, on sys.path).
 """
 
 from __future__ import annotations
@@ -71,7 +68,7 @@ def build_layer(shapes: dict, dtype: torch.dtype, seed: int):
 
 
 def synthetic_inputs(hidden: int, samples: int, tokens: int, vision_frac: float, rotary, seed: int):
-    from splitq_calibration.blockwise import LayerInputs
+    from splitq_calibration.capture import LayerInputs
 
     g = torch.Generator().manual_seed(seed)
     v_out = torch.randperm(hidden, generator=g)[: max(1, hidden // 100)]
@@ -113,7 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)
 
-    from splitq_calibration.blockwise import calibrate_layer, peak_memory_mb, resolve_device
+    from splitq_calibration.memory import peak_memory_mb
+    from splitq_calibration.method import calibrate_layer
+    from splitq_calibration.pipeline import resolve_device
     from splitq_calibration.recipe import CalibrationConfig
 
     shapes = QUICK if args.quick else QWEN25VL_7B

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--workdir", help="where to build models and write checkpoints (default: a temp dir)")
     args = p.parse_args(argv)
 
-    from splitq_calibration.tiny_models import build_tiny_llava, build_tiny_qwen25vl
+    from splitq_vllm.testing.models import build_tiny_llava, build_tiny_qwen25vl
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="splitq-bench-"))
     data = write_data(work / "data", args.samples)

@@ -88,7 +88,8 @@ def make_data(
 
 def calibrate_one(weight, bias, train: Data, method: str, scheme: str, epochs: int, **overrides):
     """The project's calibration of one linear group: returns the frozen SplitQLinear and info."""
-    from splitq_calibration.blockwise import GroupRunner, MaskHolder, init_group, train_runners
+    from splitq_calibration.layer import GroupRunner, MaskHolder
+    from splitq_calibration.method import init_group, train_groups
     from splitq_calibration.mocd import ChannelStats
     from splitq_calibration.recipe import CalibrationConfig
     from splitq_kernels.reference import quantize_linear
@@ -107,8 +108,8 @@ def calibrate_one(weight, bias, train: Data, method: str, scheme: str, epochs: i
         holder.mask = train.text_mask[i]
         return runner(train.x[i])
 
-    power = sum(float((t**2).sum()) for t in targets) / sum(t.numel() for t in targets)
-    init_loss, losses, _ = train_runners({"layer": runner}, run, targets, cfg, torch.device("cpu"), method, power)
+    trained = train_groups({"layer": runner}, run, targets, cfg, torch.device("cpu"))
+    power = trained.output_power
     with torch.no_grad():
         q = quantize_linear(params.float_layer(), cfg.quant_scheme)
     info = {
@@ -116,7 +117,7 @@ def calibrate_one(weight, bias, train: Data, method: str, scheme: str, epochs: i
         "vision_channels": params.idx_vision.tolist(),
         "cws_rank": params.cws_rank,
         "mac_rank": params.mac_rank,
-        "train_loss": [init_loss / power, losses[-1] / power],
+        "train_loss": [trained.init_loss / power, trained.losses[-1] / power],
     }
     return q, cfg.quant_scheme, info
 

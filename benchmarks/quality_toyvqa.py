@@ -1,6 +1,6 @@
 """Held-out accuracy of the bundled ToyVQA model, FP and quantized by each method (Tables 1 and 6).
 
-    cd /tmp && $REPO/.venv/bin/python $REPO/benchmarks/quality_toyvqa.py --work /tmp/toyvqa-quality \
+    .venv/bin/python benchmarks/quality_toyvqa.py --work /tmp/toyvqa-quality \
         --json quality.json --markdown quality.md [--jobs 2] [--n 500] [--plot-dir docs/img]
 
 For each scheme (W4A8, W4A4, W3A3, W3A2) and method (RTN, SmoothQuant, FlatQuant, MOCD, +CWS,
@@ -35,7 +35,7 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "smoothquant": "SmoothQuant", "flatquant
 
 
 def calib_data(work: Path, n: int) -> Path:
-    from splitq_calibration.toyvqa.data import export_sharegpt4v
+    from splitq_toyvqa.data import export_sharegpt4v
 
     path = work / f"data-{n}" / "calibration.json"
     if not path.exists():
@@ -46,7 +46,7 @@ def calib_data(work: Path, n: int) -> Path:
 def _score_reference(model_dir: Path, n: int) -> dict:
     """Test accuracy in transformers, fp32: a SplitQ checkpoint through the integer reference."""
     from splitq_calibration.evaluate import load_any_model
-    from splitq_calibration.toyvqa.evaluate import evaluate_transformers
+    from splitq_toyvqa.evaluate import evaluate_transformers
 
     return evaluate_transformers(model_dir, "test", n, model_and_processor=load_any_model(model_dir)).to_json()
 
@@ -62,7 +62,7 @@ def run_task(task: dict) -> dict:
     t0 = time.time()
     if task["method"] == "fp16":
         return {**task, **_score_reference(Path(task["model"]), task["n"]), "seconds": time.time() - t0}
-    from splitq_calibration.blockwise import calibrate
+    from splitq_calibration.pipeline import calibrate
 
     ckpt = Path(task["ckpt"])
     if not (ckpt / "config.json").exists():
@@ -76,8 +76,8 @@ def run_task(task: dict) -> dict:
 
 def score_vllm(ckpt: Path, n: int, concurrency: int = 8) -> dict:
     """Accuracy of a checkpoint served by vLLM's OpenAI server (--quantization splitq)."""
-    from splitq_calibration.toyvqa.data import load_split
-    from splitq_calibration.toyvqa.evaluate import openai_messages, score_answers
+    from splitq_toyvqa.data import load_split
+    from splitq_toyvqa.evaluate import openai_messages, score_answers
     from splitq_vllm.server import OpenAIServer
 
     samples = load_split("test", n)

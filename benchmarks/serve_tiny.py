@@ -1,7 +1,7 @@
 """Serve the tiny Qwen2.5-VL (or LLaVA) through the real OpenAI server, unquantized and SplitQ (synthetic
 W4A4 checkpoint, reference backend), and report start-up time and generation throughput.
 
-    cd /tmp && /path/to/repo/.venv/bin/python /path/to/repo/benchmarks/serve_tiny.py [--model qwen|llava]
+    .venv/bin/python benchmarks/serve_tiny.py [--model qwen|llava]
         [--compile] [--requests 16] [--max-tokens 64]
 
 Random weights: the numbers say what the serving path costs (plugin start-up, the reference math
@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the test conversations
-
 
 def run(model_dir: Path, args, quantized: bool, cache: Path) -> dict:
-    from plugin_utils import CONVERSATIONS
     from splitq_vllm.server import OpenAIServer
+    from splitq_vllm.testing.conversations import CONVERSATIONS
 
     server_args = [
         "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", str(args.requests),
@@ -74,9 +70,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    from splitq_calibration.synthetic import synthesize_checkpoint
-    from splitq_calibration.tiny_models import build_tiny_llava, build_tiny_qwen25vl
     from splitq_kernels.reference import SplitQScheme
+    from splitq_vllm.testing.models import build_tiny_llava, build_tiny_qwen25vl
+    from splitq_vllm.testing.synthetic import synthesize_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         build = build_tiny_qwen25vl if args.model == "qwen" else build_tiny_llava

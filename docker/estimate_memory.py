@@ -6,7 +6,7 @@
 Computed from the format, not measured (no GPU here). For each model:
 - the model is instantiated on PyTorch's meta device from the public config numbers
   (../shared/notes/anchors.md: Qwen2.5-VL-3B / 7B), so every tensor shape is transformers' own;
-- `splitq_calibration.model_layout.linear_groups` lists the linears calibration quantizes (q/k/v,
+- `splitq_vllm.model_layout.linear_groups` lists the linears calibration quantizes (q/k/v,
   o, gate/up, down of every decoder layer), and each gets the `LayerDims` that `splitq-calibrate`
   gives it with its default settings (`CalibrationConfig` and the `splitq` preset: 2% text and 2%
   vision outlier channels via `calibration.dims.outlier_counts`, Kronecker factors via
@@ -37,7 +37,7 @@ from dataclasses import replace
 GIB = 1024**3
 MIB = 1024**2
 RTX_4090_MIB = 24564  # what nvidia-smi reports for a 24 GB RTX 4090
-# docker-compose.yml's settings (tests/test_deploy_memory.py keeps them equal)
+# docker-compose.yml's settings (tests/deploy/test_memory.py keeps them equal)
 MAX_MODEL_LEN = 16384
 GPU_MEMORY_UTILIZATION = 0.90
 
@@ -85,7 +85,7 @@ def default_dims(group, has_bias: bool):
     d_in, d_out = group.in_features, sum(group.out_features)
     k_t, k_v = outlier_counts(d_in, cfg.text_ratio, cfg.vision_ratio)
     main = d_in - k_t - k_v
-    # quantizer_init.GroupParams: rank of the fused group's weight, capped by its dimensions
+    # group_params.GroupParams: rank of the fused group's weight, capped by its dimensions
     cws = min(rank_for(d_in, d_out, cfg.cws_ratio), main, d_out)
     mac = min(rank_for(d_in, d_out, cfg.mac_ratio), main, d_out)
     return [
@@ -141,9 +141,9 @@ def estimate(name: str, scheme_name: str = "w4a4", max_model_len: int = MAX_MODE
 
 def estimate_model(model, config, scheme_name: str = "w4a4", max_model_len: int = MAX_MODEL_LEN, dtype_bytes: int = 2) -> dict:
     """The numbers for any transformers model calibration supports (meta device or real)."""
-    from splitq_calibration.model_layout import linear_groups
     from splitq_kernels.reference import SplitQScheme
     from splitq_vllm.checkpoint.tensors import layer_tensor_specs
+    from splitq_vllm.model_layout import linear_groups
 
     scheme = SplitQScheme.from_name(scheme_name)
     groups = linear_groups(model, list(model.state_dict().keys()))

@@ -26,7 +26,7 @@ copy; --offload-dtype bfloat16 halves that), and several hours (15 epochs x 28 l
 run resumes where it stopped when started again with the same arguments.
 
 Everything comes from arguments (or $SPLITQ_CALIB_* variables), so the same file runs on the
-tiny test model on a CPU: tests/test_examples.py does that with --device cpu --epochs 1.
+tiny test model on a CPU: tests/examples/test_examples.py does that with --device cpu --epochs 1.
 """
 
 # %% Settings

@@ -77,7 +77,7 @@ def calibration_data(args: argparse.Namespace, n: int) -> tuple[Path, Path]:
     place: an interrupted calibration resumes only with the same settings, image folder included)."""
     if args.data is not None:
         return args.data, args.image_dir or args.data.parent
-    from splitq_calibration.toyvqa.data import export_sharegpt4v
+    from splitq_toyvqa.data import export_sharegpt4v
 
     folder = CACHE / f"toyvqa-calibration-{n}"
     path = folder / "calibration.json"
@@ -112,7 +112,7 @@ def calibrate(args: argparse.Namespace, ckpt: Path) -> None:
 
 def demo_samples(n: int):
     """The first test-split question of each DEMO_KINDS kind, then more test questions."""
-    from splitq_calibration.toyvqa.data import load_split
+    from splitq_toyvqa.data import load_split
 
     test = [s for s in load_split("test") if s.image is not None]
     picked = [next(s for s in test if s.kind == k) for k in DEMO_KINDS]
@@ -121,7 +121,7 @@ def demo_samples(n: int):
 
 
 def ask(server, samples, relaxed: bool) -> int:
-    from splitq_calibration.toyvqa.evaluate import is_correct, openai_messages
+    from splitq_toyvqa.evaluate import is_correct, openai_messages
 
     client = server.client()
     model = client.models.list().data[0].id

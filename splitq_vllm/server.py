@@ -56,7 +56,7 @@ class OpenAIServer:
     with OpenAIServer(ckpt, ["--quantization", "splitq", "--enforce-eager"]) as server:
         server.client().chat.completions.create(model=server.model, ...)
 
-    Runs from a temporary directory (never the repo root) with `vllm_env()`; stdout and stderr go
+    Runs from a temporary directory (vLLM may write files in its working directory) with `vllm_env()`; stdout and stderr go
     to a log file (`server.log_path`, `server.logs()`), whose tail is in every failure message.
     The process group is stopped on exit (SIGTERM, then SIGKILL), engine and worker processes
     included.

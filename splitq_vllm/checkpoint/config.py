@@ -168,11 +168,18 @@ class SplitQConfig:
         }
 
     def is_ignored(self, name: str) -> bool:
-        """True when `name` (an HF module name) matches the ignore list: exact, prefix, or re:."""
-        for pattern in self.ignore:
-            if pattern.startswith("re:"):
-                if re.fullmatch(pattern[3:], name):
-                    return True
-            elif name == pattern or name.startswith(pattern + ".") or name.endswith("." + pattern):
+        """True when `name` (an HF module name) matches the ignore list (`matches_ignore`)."""
+        return matches_ignore(name, self.ignore)
+
+
+def matches_ignore(name: str, patterns: list[str]) -> bool:
+    """The ignore-list rule, for calibration and serving alike: `name` (a module name) matches a
+    pattern that is `re:REGEX` (full match), equal to it, or a dotted prefix or suffix of it
+    (`visual` matches `visual.blocks.0.attn.qkv`; `lm_head` matches `model.lm_head`)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
                 return True
-        return False
+        elif name == pattern or name.startswith(pattern + ".") or name.endswith("." + pattern):
+            return True
+    return False

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from splitq_kernels.packing import packed_row_bytes
+from splitq_kernels.packing import pack_codes, packed_row_bytes, unpack_codes
 from splitq_kernels.reference import QuantizedTensor, SplitQLinear, SplitQScheme
-from splitq_kernels.packing import pack_codes, unpack_codes
 
 from .config import LayerDims
 

@@ -1,9 +1,12 @@
-"""How a loaded SplitQ layer computes: the torch reference, or (on CUDA) the Triton kernels.
+"""How a loaded SplitQ layer computes: the Triton kernels (CUDA) or the torch reference (anywhere).
 
-The backend is chosen once per layer in `process_weights_after_loading`:
-`SPLITQ_BACKEND=reference|triton|auto` (default auto: triton on CUDA when the kernels
-(`splitq_kernels.ops`) can be imported, the reference otherwise). `triton` on a CPU device runs
-the kernels in Triton's interpreter: slow, for tests and CI only. Each backend has two steps:
+Chosen once per layer in `process_weights_after_loading`, the way vLLM chooses kernels: each
+backend answers `can_implement(kron, scheme, device) -> (ok, reason)`; the candidates are tried in
+order and the first that can implement the layer is used, the reasons of the others are logged.
+`SPLITQ_BACKEND` sets the candidates: `auto` (default) = Triton, then the reference; `triton` =
+Triton alone (on a CPU device it runs the kernels in Triton's interpreter: slow, for tests and
+CI), failing the load with the reason when it cannot; `reference` = the reference alone.
+Each backend has two steps:
 - `prepare(layer, ref, scheme)`: once, after loading: turn the reference `SplitQLinear` `ref`
   (codes unpacked, fused outputs concatenated) into whatever the forward wants, stored as
   buffers on the vLLM layer so that the model's `.to()`, torch.compile and CUDA graphs see them.
@@ -47,23 +50,35 @@ def triton_available() -> bool:
     return hasattr(mod, "prepare_kernel_layer") and hasattr(mod, "splitq_linear_triton")
 
 
-def select_backend(device: torch.device) -> "Backend":
-    """The backend for a layer on `device` (see the module doc)."""
+def select_backend(kron: tuple[int, int], scheme: SplitQScheme, device: torch.device) -> "Backend":
+    """The first backend of SPLITQ_BACKEND's candidates that can implement the layer (module doc)."""
+    import logging
+
     want = requested_backend()
-    if want == "auto":
-        want = "triton" if device.type == "cuda" and triton_available() else "reference"
-    if want == "triton":
-        if not triton_available():
-            raise RuntimeError(
-                f"{ENV_BACKEND}=triton, but the SplitQ Triton kernels ({TRITON_MODULE}: prepare_kernel_layer, "
-                "splitq_linear_triton) are not available in this installation"
-            )
-        return TritonBackend()
-    return ReferenceBackend()
+    candidates = {
+        "auto": [TritonBackend(), ReferenceBackend()],
+        "triton": [TritonBackend(interpreter=True)],
+        "reference": [ReferenceBackend()],
+    }[want]
+    passed_over = []
+    for backend in candidates:
+        ok, reason = backend.can_implement(kron, scheme, device)
+        if ok:
+            if passed_over:
+                logging.getLogger(f"vllm.{__name__}").info(
+                    "SplitQ: %s backend for a layer with kron %s on %s (%s)", backend.name, kron, device,
+                    "; ".join(passed_over),
+                )
+            return backend
+        passed_over.append(f"{backend.name} passed over: {reason}")
+    raise RuntimeError(f"{ENV_BACKEND}={want}: no backend can run this layer ({'; '.join(passed_over)})")
 
 
 class Backend:
     name = "?"
+
+    def can_implement(self, kron: tuple[int, int], scheme: SplitQScheme, device: torch.device) -> tuple[bool, str]:
+        raise NotImplementedError
 
     def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
         raise NotImplementedError
@@ -147,6 +162,9 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
+    def can_implement(self, kron: tuple[int, int], scheme: SplitQScheme, device: torch.device) -> tuple[bool, str]:
+        return True, ""
+
     def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
         layout, tensors = _layout_of(ref)
         for i, t in enumerate(tensors):
@@ -178,6 +196,16 @@ class TritonBackend(Backend):
     """
 
     name = "triton"
+
+    def __init__(self, interpreter: bool = False) -> None:
+        self.interpreter = interpreter  # accept a CPU device (Triton's interpreter)
+
+    def can_implement(self, kron: tuple[int, int], scheme: SplitQScheme, device: torch.device) -> tuple[bool, str]:
+        if not triton_available():
+            return False, f"the SplitQ Triton kernels ({TRITON_MODULE}) are not available in this installation"
+        from splitq_kernels.support import can_implement
+
+        return can_implement(kron, scheme, device, interpreter=self.interpreter)
 
     def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
         import logging

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from splitq_vllm.checkpoint import CheckpointError, SplitQCheckpoint, SplitQConfig
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+
+from splitq_vllm.checkpoint import CheckpointError, SplitQCheckpoint, SplitQConfig, matches_ignore
 
 from .backends import requested_backend, triton_available
 from .text_mask import install_embed_hook, mask_mode, new_mask_buffer
@@ -174,8 +174,7 @@ class SplitQVllmConfig(QuantizationConfig):
             )
 
     def _is_ignored(self, prefix: str) -> bool:
-        probe = SplitQConfig(scheme=self.splitq.scheme, layers={}, ignore=self.ignore)
-        return probe.is_ignored(prefix)
+        return matches_ignore(prefix, self.ignore)
 
     def text_mask_buffer(self) -> torch.Tensor:
         """The model's one mask buffer (created at the first SplitQ layer, on the current device)."""

@@ -26,12 +26,19 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-
-from splitq_kernels.reference import SplitQScheme, concat_outputs
-from splitq_vllm.checkpoint import CheckpointError, LayerDims, TensorSpec, check_layer_values, layer_tensor_specs, tensors_to_layer
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScaleParameter, ModelWeightParameter
+
+from splitq_kernels.reference import SplitQScheme, concat_outputs
+from splitq_vllm.checkpoint import (
+    CheckpointError,
+    LayerDims,
+    TensorSpec,
+    check_layer_values,
+    layer_tensor_specs,
+    tensors_to_layer,
+)
 
 from .backends import Backend, select_backend
 from .text_mask import BUFFER_NAME
@@ -231,7 +238,7 @@ class SplitQLinearMethod(LinearMethodBase):
         ref = concat_outputs(members) if len(members) > 1 else members[0]
         for s in self.specs:  # the packed copies are not needed any more
             delattr(layer, s.suffix)
-        self.backend = select_backend(ref.main_w.codes.device)
+        self.backend = select_backend(ref.kron_shape, self.scheme, ref.main_w.codes.device)
         self.backend.prepare(layer, ref, self.scheme)
         layer.splitq_backend = self.backend.name
         logger.info_once("SplitQ: %s backend on %s", self.backend.name, ref.main_w.codes.device)

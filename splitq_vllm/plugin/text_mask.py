@@ -15,7 +15,7 @@ as a non-persistent buffer): `apply` slices `buf[:num_rows]` and selects with `t
 data-dependent control flow, so torch.compile traces it once and a CUDA graph replays it (the
 buffer's address never changes; its content is updated in place outside the graph).
 
-The same rule as the transformers loader (`splitq_calibration.quantized_model`): a row is vision
+The same rule as the transformers loader (`splitq_vllm.hf.model`): a row is vision
 when its embedding came from the vision tower (the image/video placeholder tokens), text
 otherwise; every decoded token is text. A model that never calls `embed_input_ids` (a text-only
 model) keeps the initial all-text mask.

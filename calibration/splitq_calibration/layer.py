@@ -1,0 +1,177 @@
+"""One decoder layer under calibration: its linears swapped for stand-ins that run FP (and record
+the statistics of their input) or fake-quantized, and its FP forward over the calibration set.
+
+Each member linear of a quantized input group (q/k/v, o, gate/up, down) becomes a `CalibLinear`.
+In FP mode it runs the original nn.Linear; the group's first member also updates the group's
+`ChannelStats` with its input. Once the group has a `GroupRunner` (the method's trainable
+parameters), every member runs the fused fake-quant forward of the group, computed once per input
+by the runner, and takes its slice of the outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitq_kernels.reference import SplitQScheme, splitq_linear_fake
+from splitq_vllm.model_layout import GROUP_SPECS
+
+from .capture import LayerInputs, to_device
+from .errors import CalibrationError
+from .group_params import GroupParams
+from .mocd import ChannelStats
+
+
+class MaskHolder:
+    """The text mask of the sample being run, shared by the layer's stand-ins."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+
+class GroupRunner:
+    """Computes the fused group output once per input and hands each member its slice."""
+
+    def __init__(self, params: GroupParams, scheme: SplitQScheme, mask: MaskHolder) -> None:
+        self.params = params
+        self.scheme = scheme
+        self.mask = mask
+        self.float_layer = None
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+
+    def refresh(self) -> None:
+        """Rebuild the float layer from the current parameters (once per optimizer step)."""
+        self.float_layer = self.params.float_layer()
+        self.clear()
+
+    def clear(self) -> None:
+        self._x = self._y = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._x is not x:
+            self._y = splitq_linear_fake(x, self.mask.mask, self.float_layer, self.scheme)
+            self._x = x
+        return self._y
+
+
+class CalibLinear(nn.Module):
+    """Stands in for one member linear: FP (optionally recording input statistics) or fake-quant."""
+
+    def __init__(self, linear: nn.Linear, mask: MaskHolder, offset: int, first: bool) -> None:
+        super().__init__()
+        self.linear = linear
+        self.mask = mask
+        self.offset = offset
+        self.first = first  # the member whose input statistics stand for the group
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.runner: GroupRunner | None = None
+        self.stats: ChannelStats | None = None
+        self.keep_rows: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runner is not None:
+            return self.runner(x)[..., self.offset : self.offset + self.out_features]
+        if self.stats is not None and self.first:
+            self.stats.update(x, self.mask.mask, self.keep_rows)
+        return self.linear(x)
+
+
+def _group_members(kind: str) -> tuple[str, tuple[str, ...]]:
+    for parent, k, members in GROUP_SPECS:
+        if k == kind:
+            return parent, members
+    raise KeyError(kind)
+
+
+def install_calib_linears(layer: nn.Module, kinds: list[str], mask: MaskHolder) -> dict[str, list[CalibLinear]]:
+    """Replace the member linears of the given group kinds in `layer` by CalibLinear modules."""
+    out = {}
+    for kind in kinds:
+        parent_name, members = _group_members(kind)
+        parent = getattr(layer, parent_name)
+        mods, offset = [], 0
+        for i, m in enumerate(members):
+            lin = getattr(parent, m)
+            if not isinstance(lin, nn.Linear):
+                raise CalibrationError(f"{parent_name}.{m} is {type(lin).__name__}, expected nn.Linear")
+            cl = CalibLinear(lin, mask, offset, first=i == 0)
+            setattr(parent, m, cl)
+            mods.append(cl)
+            offset += lin.out_features
+        out[kind] = mods
+    return out
+
+
+def fused_weight(mods: list[CalibLinear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The group's weights concatenated along the output (out, in) and its bias (or None)."""
+    w = torch.cat([m.linear.weight.detach() for m in mods])
+    if all(m.linear.bias is None for m in mods):
+        return w, None
+    return w, torch.cat(
+        [
+            m.linear.bias.detach() if m.linear.bias is not None else torch.zeros(m.out_features, device=w.device)
+            for m in mods
+        ]
+    )
+
+
+def layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_sample(work: nn.Module, mask: MaskHolder, inputs: LayerInputs, i: int, device: torch.device) -> torch.Tensor:
+    """The layer's output for sample i (float32 on `device`), with the sample's text mask set."""
+    mask.mask = inputs.text_masks[i].to(device)
+    x = inputs.hidden[i].to(device=device, dtype=torch.float32)
+    return layer_output(work(x, **to_device(inputs.kwargs[i], device, torch.float32)))
+
+
+def _offload(y: torch.Tensor, device: torch.device, offload_dtype: torch.dtype) -> torch.Tensor:
+    return y.to("cpu", offload_dtype) if device.type != "cpu" or offload_dtype != torch.float32 else y
+
+
+def collect_stats(
+    work: nn.Module,
+    calib: dict[str, list[CalibLinear]],
+    mask: MaskHolder,
+    inputs: LayerInputs,
+    text_rows: list[torch.Tensor],
+    device: torch.device,
+    offload_dtype: torch.dtype,
+) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
+    """FP forward of the (CalibLinear-equipped) layer over every sample: per-group input
+    statistics and the layer outputs (kept in CPU memory in offload_dtype)."""
+    stats = {}
+    for kind, mods in calib.items():
+        stats[kind] = ChannelStats.empty(mods[0].in_features)
+        mods[0].stats = stats[kind]
+    targets: list[torch.Tensor] = []
+    try:
+        with torch.no_grad():
+            for i in range(len(inputs.hidden)):
+                for mods in calib.values():
+                    mods[0].keep_rows = text_rows[i]
+                targets.append(_offload(run_sample(work, mask, inputs, i, device), device, offload_dtype))
+    finally:
+        for mods in calib.values():
+            mods[0].stats = None
+            mods[0].keep_rows = None
+    return stats, targets
+
+
+def fp_layer_forward(
+    layer: nn.Module, inputs: LayerInputs, device: torch.device, offload_dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """The FP outputs of one decoder layer (float32 copy on `device`), as calibrate_layer computes them."""
+    work = copy.deepcopy(layer).to(device=device, dtype=torch.float32).eval()
+    mask = MaskHolder()
+    out = []
+    with torch.no_grad():
+        for i in range(len(inputs.hidden)):
+            out.append(_offload(run_sample(work, mask, inputs, i, device), device, offload_dtype))
+    del work
+    return out

@@ -1,0 +1,229 @@
+"""The per-group method, applied to one decoder layer: init, train, fold and quantize.
+
+For the layer's quantized input groups (q/k/v, o, gate/up, down), given the layer's inputs over the
+calibration set:
+a. the FP forward gives the target outputs and, through the group inputs, per-channel statistics
+   (layer.collect_stats);
+b. per group: channel selection (MOCD by default, mocd.py) and the parameter init
+   (group_params.GroupParams: transforms, clipping, CWS/MAC branches);
+c. training: all linears of the layer fake-quantized at once through the reference's
+   `splitq_linear_fake` with each sample's text mask; loss = MSE between the FP layer output and
+   the quantized layer output; AdamW with two learning rates, cosine decay (FlatQuant's recipe; the
+   loss is divided by its own detached value before backward, as FlatQuant does);
+d. fold (P^-1 into the weights, clipping into the scales) and quantize (`quantize_linear`).
+Every random draw is seeded by (seed, layer, group), so a layer's result does not depend on what
+ran before it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitq_kernels.reference import SplitQLinear, quantize_linear
+
+from .capture import LayerInputs
+from .dims import outlier_counts
+from .errors import CalibrationError
+from .group_params import GroupParams
+from .layer import GroupRunner, MaskHolder, collect_stats, fused_weight, install_calib_linears, run_sample
+from .memory import peak_memory_mb
+from .mocd import ChannelStats, select_channels, text_row_plan
+from .progress import log, where
+from .recipe import CalibrationConfig
+
+
+def seed_for(seed: int, layer: int, group: int) -> int:
+    """The seed of group `group` of decoder layer `layer` (independent of the order of the run)."""
+    return (seed * 1_000_003 + layer * 101 + group) % (2**63 - 1)
+
+
+def init_group(
+    stats: ChannelStats,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: CalibrationConfig,
+    gen: torch.Generator,
+    device: torch.device,
+) -> GroupParams:
+    """Channel selection (cfg.selection: MOCD or a Table 4 rule) and the parameter init of one
+    linear-input group with weight (out, in) on `device`."""
+    if cfg.selection == "none":
+        k_t = k_v = 0
+    else:
+        k_t, k_v = outlier_counts(weight.shape[1], cfg.text_ratio, cfg.vision_ratio)
+    idx_t, idx_v = select_channels(stats, cfg.selection, k_t, k_v, cfg.mocd_k, generator=gen, device=device)
+    return GroupParams(weight, bias, idx_t, idx_v, stats, cfg, gen)
+
+
+@dataclass
+class TrainResult:
+    init_loss: float
+    losses: list[float]  # per epoch (running averages), then the loss after training
+    epoch_seconds: list[float]
+    output_power: float  # mean square of the targets: losses relative to it are in the log
+
+
+def train_groups(
+    runners: dict[str, GroupRunner],
+    run: Callable[[int], torch.Tensor],
+    targets: list[torch.Tensor],
+    cfg: CalibrationConfig,
+    device: torch.device,
+) -> TrainResult:
+    """FlatQuant's training of the groups' parameters: MSE between run(i) (the quantized forward
+    of sample i) and targets[i], AdamW with two learning rates (transforms and gates; clipping),
+    cosine decay, batches of cfg.batch_size samples; the runners' parameters are trained in place."""
+    n = len(targets)
+    power = sum(float((t.float() ** 2).sum()) for t in targets) / max(sum(t.numel() for t in targets), 1)
+
+    def epoch_loss(train: bool, order: list[int], optimizer=None, scheduler=None) -> float:
+        total, count = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            batch = order[start : start + cfg.batch_size]
+            with torch.set_grad_enabled(train):
+                for r in runners.values():
+                    r.refresh()
+                sse = torch.zeros((), device=device)
+                elems = 0
+                for i in batch:
+                    y = run(i)
+                    t = targets[i].to(device=device, dtype=torch.float32)
+                    sse = sse + ((y - t) ** 2).sum()
+                    elems += t.numel()
+                    for r in runners.values():
+                        r.clear()
+                loss = sse / elems
+            if not torch.isfinite(loss):
+                raise CalibrationError(where(f"the calibration loss became {loss.item()} (try a lower --lr)"))
+            if train:
+                optimizer.zero_grad(set_to_none=True)
+                (loss / loss.detach().clamp(min=1e-30)).backward()
+                optimizer.step()
+                scheduler.step()
+            total += loss.item() * elems
+            count += elems
+        for r in runners.values():
+            r.float_layer = None
+            r.clear()
+        return total / max(count, 1)
+
+    order = list(range(n))
+    init_loss = epoch_loss(False, order)
+    losses = [init_loss]
+    log.info("initial loss %.4e (relative %.3e; %d samples)", init_loss, init_loss / max(power, 1e-30), n)
+    main_params, clip_params = [], []
+    epoch_seconds: list[float] = []
+    for r in runners.values():
+        a, b = r.params.param_groups()
+        main_params += a
+        clip_params += b
+    if cfg.train and cfg.epochs > 0 and (main_params or clip_params):
+        groups = []
+        if main_params:
+            groups.append({"params": main_params, "lr": cfg.lr})
+        if clip_params:
+            groups.append({"params": clip_params, "lr": cfg.clip_lr})
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps = cfg.epochs * math.ceil(n / cfg.batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=cfg.lr * 1e-3)
+        for epoch in range(cfg.epochs):
+            te = time.perf_counter()
+            loss = epoch_loss(True, order, optimizer, scheduler)
+            losses.append(loss)
+            epoch_seconds.append(time.perf_counter() - te)
+            if (epoch + 1) % cfg.log_every == 0 or epoch + 1 == cfg.epochs:
+                log.info(
+                    "epoch %d/%d: loss %.4e (relative %.3e, lr %.2e, %.1f s)",
+                    epoch + 1,
+                    cfg.epochs,
+                    loss,
+                    loss / max(power, 1e-30),
+                    optimizer.param_groups[0]["lr"],
+                    time.perf_counter() - te,
+                )
+        losses.append(epoch_loss(False, order))  # the loss after training (epoch losses are running averages)
+    return TrainResult(init_loss, losses, epoch_seconds, power)
+
+
+@dataclass
+class LayerResult:
+    quantized: dict[str, SplitQLinear]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def calibrate_layer(
+    layer: nn.Module,
+    layer_index: int,
+    inputs: LayerInputs,
+    kinds: list[str],
+    config: CalibrationConfig,
+    device: torch.device,
+    offload_dtype: torch.dtype = torch.float32,
+    text_rows: list[torch.Tensor] | None = None,
+    want_outputs: bool = True,
+) -> tuple[LayerResult, list[torch.Tensor] | None]:
+    """Calibrate one decoder layer (a module of the model; it is not modified: a float32 copy
+    runs on `device`). Returns the quantized fused groups by kind and the FP layer outputs
+    (the next layer's inputs) in CPU memory."""
+    cfg = config
+    scheme = cfg.quant_scheme
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    work = copy.deepcopy(layer).to(device=device, dtype=torch.float32)
+    work.eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    mask = MaskHolder()
+    calib = install_calib_linears(work, kinds, mask)
+    if text_rows is None:
+        text_rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
+
+    # (a) FP targets and statistics
+    stats, targets = collect_stats(work, calib, mask, inputs, text_rows, device, offload_dtype)
+
+    # (b) channel selection and init
+    runners: dict[str, GroupRunner] = {}
+    info: dict[str, Any] = {"groups": {}}
+    for gi, (kind, mods) in enumerate(calib.items()):
+        gen = torch.Generator().manual_seed(seed_for(cfg.seed, layer_index, gi))
+        w, b = fused_weight(mods)  # on the device: the SVD of Eq. 20 runs there
+        params = init_group(stats[kind], w, b, cfg, gen, device)
+        runners[kind] = GroupRunner(params, scheme, mask)
+        for m in mods:
+            m.runner = runners[kind]
+        info["groups"][kind] = {
+            "text_channels": params.idx_text.tolist(),
+            "vision_channels": params.idx_vision.tolist(),
+            "cws_rank": params.cws_rank,
+            "mac_rank": params.mac_rank,
+        }
+    log.info("groups %s initialised", ", ".join(kinds))
+
+    # (c) training
+    trained = train_groups(runners, lambda i: run_sample(work, mask, inputs, i, device), targets, cfg, device)
+
+    # (d) fold and quantize
+    quantized = {}
+    with torch.no_grad():
+        for kind, r in runners.items():
+            quantized[kind] = quantize_linear(r.params.float_layer(), scheme).to("cpu")
+    info.update(
+        init_loss=trained.init_loss,
+        final_loss=trained.losses[-1],
+        output_power=trained.output_power,
+        epoch_losses=trained.losses[1:-1] if len(trained.losses) > 1 else [],
+        epoch_seconds=trained.epoch_seconds,
+        seconds=time.perf_counter() - t0,
+        **peak_memory_mb(device),
+    )
+    log.info("done in %.1f s: loss %.4e -> %.4e", info["seconds"], trained.init_loss, trained.losses[-1])
+    return LayerResult(quantized, info), (targets if want_outputs else None)

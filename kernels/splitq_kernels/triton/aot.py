@@ -1,0 +1,152 @@
+"""Compile the kernels ahead of time for NVIDIA targets without a GPU, to catch what the CPU
+interpreter does not check (tl.dot shape limits, types, register pressure) and to confirm the
+rounding survives compilation (the rint magic constant, IEEE division).
+
+    python -m splitq_kernels.triton.aot                  # small awkward layer, sm_90 and sm_89
+    python -m splitq_kernels.triton.aot --model-shapes   # Qwen2.5-VL 7B/3B layer shapes (BENCHMARKS.md)
+
+Prints one JSON line per compiled kernel: registers and stack (spill) bytes per thread from
+cuobjdump, shared memory, and whether the rounding constants made it into the PTX.
+
+Must run in a process where TRITON_INTERPRET is not set when the kernels are imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return {} if m is None else {"regs": int(m.group(1)), "stack": int(m.group(2))}
+
+
+CASES = [(arch, name, sym, rows) for arch in (90, 89) for name, sym in (("w4a4", True), ("w3a2", False))
+         for rows in (2048, 1)]
+
+
+def _plans(kl, T: int):
+    from .gemm import default_config, plan_gemm
+    from .quantize_input import alloc_activations, plan_quantize_input
+
+    x = torch.empty(T, kl.in_features, dtype=torch.bfloat16)
+    act = alloc_activations(kl, T, x.device)
+    block_t = min(16, 1 << (T - 1).bit_length())
+    cfg = default_config(kl, T, torch.device("cpu"))
+    if T <= 16:  # what an H100 gets: 4 * 132 programs over the output tiles
+        tiles = -(-kl.out_features // cfg.block_n)
+        cfg = type(cfg)(**{**cfg.__dict__, "split_k": max(1, min(64, 528 // tiles))})
+    return cfg, {
+        "quantize_input": plan_quantize_input(x, torch.ones(T, dtype=torch.bool), kl, act,
+                                              torch.empty(block_t, kl.in_features), block_t, 132),
+        "gemm": plan_gemm(act, kl, torch.empty(T, kl.out_features, dtype=torch.bfloat16), cfg),
+    }
+
+
+def _compile(kl, T: int, arch: int, tags: dict) -> list[dict]:
+    cfg, plans = _plans(kl, T)
+    out = []
+    for kname, plan in plans.items():
+        k = plan.compile(arch)
+        ptx = k.asm["ptx"]
+        out.append({
+            "kernel": kname, **tags, "rows": T, "arch": arch, "split_k": cfg.split_k if kname == "gemm" else None,
+            "rint_magic": "0f4B400000" in ptx, "div_rn": "div.rn.f32" in ptx, "shared": k.metadata.shared,
+            **_resource_usage(k.asm["cubin"]),
+        })
+    return out
+
+
+def _check_compiled_mode() -> None:
+    from .launch import is_interpreted
+    from .quantize_input import _quantize_input_kernel
+
+    if is_interpreted(_quantize_input_kernel):
+        raise RuntimeError("kernels were imported with TRITON_INTERPRET=1; run in a fresh process without it")
+
+
+def compile_cases(cases=CASES) -> list[dict]:
+    """cases: (arch, scheme name, symmetric activations, rows) tuples, on a small layer with every
+    part present and awkward sizes (only shapes and dtypes matter for compilation)."""
+    from splitq_vllm.testing.layers import random_float_layer
+
+    from ..layout import prepare_kernel_layer
+    from ..reference import SplitQScheme, quantize_linear
+
+    _check_compiled_mode()
+    fl, _ = random_float_layer(in_features=83, out_features=45, n_text=3, n_vision=8, kron=(18, 4), cws_rank=5,
+                               mac_rank=17, seed=0)
+    results = []
+    for arch, name, sym, T in cases:
+        scheme = SplitQScheme.from_name(name, act_symmetric=sym)
+        kl = prepare_kernel_layer(quantize_linear(fl, scheme), scheme, "cpu", precision="tf32x3")
+        results += _compile(kl, T, arch, {"scheme": name, "symmetric": sym})
+    return results
+
+
+MODEL_SHAPES = {
+    "7b.qkv": (3584, 4608), "7b.o_proj": (3584, 3584), "7b.gate_up": (3584, 37888), "7b.down": (18944, 3584),
+    "3b.qkv": (2048, 2560), "3b.down": (11008, 2048),
+}
+
+
+def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a4") -> list[dict]:
+    """The kernels as configured for the real Qwen2.5-VL layer shapes (default channel split), on a
+    stand-in layer whose dims are those of the real one (compilation depends on dims only)."""
+    import dataclasses
+
+    from splitq_vllm.testing.layers import default_layer_dims, random_quantized_layer
+
+    from ..layout import prepare_kernel_layer
+    from ..reference import SplitQScheme
+
+    _check_compiled_mode()
+    scheme = SplitQScheme.from_name(scheme_name)
+    base = prepare_kernel_layer(random_quantized_layer(53, 37, 3, 5, (5, 9), scheme, 3, 4), scheme, "cpu",
+                                precision="tf32x3")
+    results = []
+    for name, (d_in, d_out) in MODEL_SHAPES.items():
+        d = default_layer_dims(d_in, d_out)
+        kl = dataclasses.replace(base, in_features=d_in, out_features=d_out, main=d_in - d["n_text"] - d["n_vision"],
+                                 text=d["n_text"], vision=d["n_vision"], n1=d["kron"][0], n2=d["kron"][1],
+                                 cws_rank=d["cws_rank"], mac_rank=d["mac_rank"])
+        for arch in archs:
+            for T in rows:
+                results += _compile(kl, T, arch, {"layer": name, "scheme": scheme_name})
+    return results
+
+
+def main() -> None:
+    """Arguments: none (all of CASES) or ARCH:SCHEME:sym|asym:ROWS ... (e.g. 90:w4a4:sym:2048)."""
+    if sys.argv[1:] == ["--model-shapes"]:
+        results = compile_model_shapes()
+    else:
+        cases = CASES
+        if len(sys.argv) > 1:
+            cases = [(int(a), n, s == "sym", int(r)) for a, n, s, r in (c.split(":") for c in sys.argv[1:])]
+        results = compile_cases(cases)
+    for r in results:
+        print(json.dumps(r))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""A SplitQ checkpoint loaded back into its transformers model, for evaluation without vLLM.
+
+Every quantized linear becomes a SplitQLinearModule that runs the reference integer forward
+(`splitq_kernels.reference.splitq_linear`), so this model computes exactly what the checkpoint
+defines. The text mask comes from the token ids of each forward call: a row is vision when its
+token is an image or video placeholder, text otherwise (decoded tokens included), the same rule
+the vLLM plugin applies.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from splitq_kernels.reference import SplitQLinear, SplitQScheme, splitq_linear
+from splitq_vllm.checkpoint import read_checkpoint
+from splitq_vllm.model_layout import linear_groups, vision_token_ids
+
+
+class TextMask:
+    """Which rows of the current forward are text; shared by all SplitQ modules of one model."""
+
+    def __init__(self, vision_ids: list[int]) -> None:
+        self.vision_ids = torch.tensor(vision_ids)
+        self.mask: torch.Tensor | None = None
+
+    def update(self, input_ids: torch.Tensor | None) -> None:
+        self.mask = None if input_ids is None else ~torch.isin(input_ids, self.vision_ids.to(input_ids.device))
+
+
+class SplitQLinearModule(nn.Module):
+    """nn.Linear stand-in running the SplitQ reference forward on the current text mask.
+
+    The layer's tensors keep their checkpoint dtypes (float32 transforms and scales, integer
+    codes): `model.to(dtype)` moves them but does not cast them; the output follows x's dtype.
+    """
+
+    def __init__(self, layer: SplitQLinear, scheme: SplitQScheme, text_mask: TextMask) -> None:
+        super().__init__()
+        self.layer = layer
+        self.scheme = scheme
+        self.text_mask = text_mask
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+
+    def _apply(self, fn, recurse=True):
+        # Find where `fn` sends tensors (device only: integer tensors are never cast).
+        device = fn(torch.zeros(0, dtype=torch.int8, device=self.layer.main_w.codes.device)).device
+        self.layer = self.layer.to(device)
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.text_mask.mask
+        rows = x.numel() // x.shape[-1]
+        if mask is None or mask.numel() != rows:
+            raise RuntimeError(
+                "SplitQ layers need the token ids of each forward call to know which rows are text "
+                f"(got {None if mask is None else mask.numel()} mask rows for {rows} input rows); "
+                "call the model with input_ids, not inputs_embeds"
+            )
+        return splitq_linear(x, mask, self.layer, self.scheme)
+
+    def extra_repr(self) -> str:
+        l = self.layer
+        return (
+            f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, main={l.idx_main.numel()}, "
+            f"text={l.idx_text.numel()}, vision={l.idx_vision.numel()}, cws={l.cws_rank}, mac={l.mac_rank}"
+        )
+
+
+def install_text_mask(model: nn.Module) -> TextMask:
+    """A TextMask refreshed from `input_ids` before every forward of `model`."""
+    text_mask = TextMask(vision_token_ids(model.config))
+
+    def hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        text_mask.update(input_ids)
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return text_mask
+
+
+def replace_linears(model: nn.Module, layers: dict[str, SplitQLinear], scheme: SplitQScheme) -> TextMask:
+    """Swap the named nn.Linear modules (transformers names) for SplitQ modules sharing one mask."""
+    text_mask = install_text_mask(model)
+    for module_name, layer in layers.items():
+        parent_name, child = module_name.rsplit(".", 1)
+        old = model.get_submodule(module_name)
+        if (old.in_features, old.out_features) != (layer.in_features, layer.out_features):
+            raise ValueError(
+                f"{module_name}: checkpoint layer is {layer.in_features}->{layer.out_features}, "
+                f"model layer is {old.in_features}->{old.out_features}"
+            )
+        device = old.weight.device
+        setattr(model.get_submodule(parent_name), child, SplitQLinearModule(layer.to(device), scheme, text_mask))
+    return text_mask
+
+
+def load_quantized_model(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load a SplitQ checkpoint directory as a transformers model (validated first)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    ckpt = read_checkpoint(path)
+    config = AutoConfig.from_pretrained(path)
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    # The quantized layers have no 16-bit weight in the files: transformers reports them missing
+    # (and the SplitQ tensors unexpected) before they are replaced below.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(Path(path), config=config, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(level)
+    model = model.to(device).eval()
+    groups = linear_groups(model, list(ckpt.weight_map))
+    by_file_name = {n: m for g in groups for n, m in zip(g.names, g.modules)}
+    missing = [n for n in ckpt.quant_config.layers if n not in by_file_name]
+    if missing:
+        raise ValueError(f"{path}: quantized layers {missing[:4]} are not language-model decoder linears of this model")
+    replace_linears(model, {by_file_name[n]: ckpt.layer(n) for n in ckpt.quant_config.layers}, ckpt.scheme)
+    return model

@@ -1,0 +1,39 @@
+"""The ToyVQA quality benchmark runs end to end on a small budget (the numbers are BENCHMARKS.md's
+business; here: every row is produced, scored on the asked questions, and checkpoints are reused)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers.engine import vllm_env
+from tests.helpers.paths import BENCHMARKS
+
+SCRIPT = BENCHMARKS / "quality_toyvqa.py"
+
+
+def _run(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "quality.json"
+    cmd = [sys.executable, str(SCRIPT), "--work", str(tmp_path / "work"), "--n", "12", "--samples", "4", "--epochs", "1",
+           "--schemes", "w3a3", "--methods", "rtn", "splitq", "--jobs", "1", "--no-vllm", "--json", str(out),
+           "--markdown", str(tmp_path / "quality.md"), *extra]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=vllm_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_quality_benchmark_rows_and_reuse(tmp_path):
+    first = _run(tmp_path)
+    rows = {(r["scheme"], r["method"]): r for r in first["results"]}
+    assert set(rows) == {("fp16", "fp16"), ("w3a3", "rtn"), ("w3a3", "splitq")}
+    assert all(r["n"] == 12 and r["correct"] == round(r["accuracy"] * 12) for r in rows.values())
+    assert rows[("fp16", "fp16")]["accuracy"] >= 0.75  # the bundled model answers (about 0.9 in FP)
+    table = (tmp_path / "quality.md").read_text()
+    assert "| W16A16 | FP16 |" in table and "| W3A3 | RTN |" in table and "| W3A3 | +MAC (SplitQ) |" in table
+    ckpt = tmp_path / "work" / "splitq-w3a3-4x1"
+    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["quant_method"] == "splitq"
+    # a second run scores the same checkpoints again without calibrating
+    mtime = (ckpt / "config.json").stat().st_mtime_ns
+    second = _run(tmp_path)
+    assert (ckpt / "config.json").stat().st_mtime_ns == mtime
+    assert [r["accuracy"] for r in second["results"]] == [r["accuracy"] for r in first["results"]]

@@ -1,0 +1,133 @@
+"""docker/estimate_memory.py: the memory numbers of docker/README.md.
+
+- The script runs (as a user runs it) and docker/README.md shows exactly its table.
+- Its model shapes are the public ones (parameter counts 3.75B / 8.29B, the quantized linears).
+- Its accounting is held to a real checkpoint: on the tiny Qwen2.5-VL calibrated by
+  `splitq-calibrate`'s code with default settings, the LayerDims it predicts are the ones written
+  to quantization_config, and its checkpoint bytes are the bytes of the tensors in the files.
+- The served (Triton layout) bytes extrapolated from two narrow copies equal a direct
+  `prepare_kernel_layer` at full width.
+- Its defaults are docker-compose.yml's --max-model-len and --gpu-memory-utilization.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from splitq_vllm.testing.images import draw_image
+from tests.deploy.compose import serve_command
+from tests.helpers.engine import vllm_env
+from tests.helpers.paths import DOCKER
+
+SCRIPT = DOCKER / "estimate_memory.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("estimate_memory", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def em():
+    return _module()
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--json"], cwd=tmp_path_factory.mktemp("estimate"),
+                          env=vllm_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {r["model"]: r for r in json.loads(proc.stdout)}
+
+
+def test_readme_shows_the_scripts_table(em, rows):
+    table = em.markdown(list(rows.values()))
+    readme = (DOCKER / "README.md").read_text()
+    assert table in readme, f"docker/README.md is out of date; the script prints:\n{table}"
+
+
+def test_defaults_are_the_compose_files(em):
+    cmd = serve_command()
+    assert em.MAX_MODEL_LEN == int(cmd[cmd.index("--max-model-len") + 1])
+    assert em.GPU_MEMORY_UTILIZATION == float(cmd[cmd.index("--gpu-memory-utilization") + 1])
+
+
+def test_public_shapes(rows):
+    m3, m7 = rows["Qwen2.5-VL-3B"], rows["Qwen2.5-VL-7B"]
+    assert m3["parameters"] == 3_754_622_976 and m7["parameters"] == 8_292_166_656  # "3.75B", "8.29B"
+    assert m3["quantized_linears"] == 7 * 36 and m7["quantized_linears"] == 7 * 28
+    h, i = 3584, 18944
+    assert m7["quantized_linear_params"] == 28 * (h * (h + 2 * 512) + h * h + 2 * h * i + i * h)
+    assert m7["unquantized_parts_bytes"]["lm_head"] == 152064 * 3584 * 2 and m3["unquantized_parts_bytes"]["lm_head"] == 0  # tied
+    assert m7["kv_bytes_per_token"] == 2 * 28 * 4 * 128 * 2 and m3["kv_bytes_per_token"] == 2 * 36 * 2 * 128 * 2
+    for r in rows.values():
+        # 4-bit main weights dominate: a bit over a quarter of their 16-bit bytes
+        ratio = r["splitq_layers_checkpoint_bytes"] / (2 * r["quantized_linear_params"])
+        assert 0.25 < ratio < 0.30, ratio
+        assert r["splitq_layers_fused_bytes"] < r["splitq_layers_checkpoint_bytes"] < r["splitq_layers_served_bytes"]
+        assert r["served_weights_bytes"] < r["bf16_weights_bytes"] / 2
+        assert r["budget"]["kv_tokens_upper_bound"] > 8 * r["max_model_len"]  # room for several full-length sequences
+
+
+def test_accounting_matches_a_real_calibrated_checkpoint(em, tiny_qwen_dir, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    from splitq_calibration import calibrate
+    from splitq_vllm.checkpoint import read_checkpoint
+    from splitq_vllm.model_layout import linear_groups, source_tensor_files
+
+    data = [{"image": draw_image("circle"), "prompt": "Describe this image.", "caption": "A red circle."},
+            {"image": draw_image("square", (30, 30, 220)), "prompt": "Describe this image.", "caption": "A blue square."}]  # fmt: skip
+    out = calibrate(tiny_qwen_dir, data, tmp_path / "ckpt", epochs=0, num_samples=2, device="cpu")
+    layers = read_checkpoint(out).quant_config.layers
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir)
+    predicted = {}
+    for g in linear_groups(model, list(source_tensor_files(tiny_qwen_dir))):  # the files' names, as calibration
+        has_bias = model.get_submodule(g.modules[0]).bias is not None
+        predicted.update(zip(g.names, em.default_dims(g, has_bias)))
+    assert predicted == layers
+
+    e = em.estimate_model(model, model.config, "w4a4", dtype_bytes=model.dtype.itemsize)
+    stored = 0
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for name in st.keys():
+                t = st.get_slice(name)
+                stored += torch.Size(t.get_shape()).numel() * _itemsize(t.get_dtype())
+    assert e["checkpoint_bytes"] == stored
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "U8": 1, "I64": 8}[dtype]
+
+
+def test_served_bytes_extrapolation_is_exact(em):
+    from splitq_kernels.layout import prepare_kernel_layer
+    from splitq_kernels.reference import SplitQScheme, concat_outputs
+    from splitq_vllm.checkpoint.config import LayerDims
+    from splitq_vllm.checkpoint.tensors import layer_tensor_specs, tensors_to_layer
+
+    for scheme_name in ("w4a4", "w3a3"):
+        scheme = SplitQScheme.from_name(scheme_name)
+        dims = [LayerDims(in_features=640, out_features=o, main=576, text=32, vision=32, kron=(24, 24), cws_rank=13,
+                          mac_rank=19, group="g", bias=True) for o in (640, 128, 128)]  # fmt: skip
+        members = []
+        for d in dims:
+            t = {s.suffix: torch.zeros(s.shape, dtype=s.dtype or torch.float32) for s in layer_tensor_specs(d, scheme)}
+            members.append(tensors_to_layer(t, d, scheme))
+        direct = prepare_kernel_layer(concat_outputs(members), scheme, "cpu").nbytes()
+        assert em.kernel_layout_bytes(dims, scheme) == direct
+        assert em.kernel_layout_bytes([replace(dims[0], bias=False)], scheme) == prepare_kernel_layer(
+            replace(members[0], bias=None), scheme, "cpu"
+        ).nbytes()

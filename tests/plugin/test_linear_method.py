@@ -1,0 +1,88 @@
+"""The SplitQ linear method inside vLLM's real linear layers (QKVParallelLinear,
+MergedColumnParallelLinear, RowParallelLinear) and vLLM's real weight loading (AutoWeightsLoader
+with Qwen2.5-VL's name mappers), without an engine: bit-exact agreement with the reference on
+identical inputs, and every corrupt-tensor case failing with a message that names the
+checkpoint tensor. (The served tests compare whole models, where float differences between
+vLLM's and transformers' kernels can move a 4-bit quantizer by one step; here the inputs are
+identical and so must be the outputs, bit for bit.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from splitq_kernels.reference import SplitQScheme
+from splitq_vllm.testing.synthetic import synthesize_checkpoint
+from tests.helpers.engine import vllm_env
+
+pytestmark = pytest.mark.vllm
+
+SCRIPT = Path(__file__).with_name("linear_cases.py")
+
+
+@pytest.fixture(scope="module")
+def results(tiny_qwen_dir, tmp_path_factory):
+    ckpt = synthesize_checkpoint(tiny_qwen_dir, tmp_path_factory.mktemp("splitq") / "qwen-w4a4", SplitQScheme.from_name("w4a4"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "results.json"
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), str(ckpt), str(out)], cwd=tmp, env=vllm_env(), capture_output=True, text=True, timeout=600
+        )
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"{SCRIPT.name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("layer", ["qkv", "o", "gate_up", "down"])
+def test_vllm_layer_equals_the_reference_bit_for_bit(results, layer):
+    r = results["exact"]
+    assert "crash" not in r, r.get("crash")
+    assert r[layer]["equal"]
+    assert r[layer]["mask_changes_output"]  # the layer reads the shared mask buffer
+    assert r[layer]["backend"] == "reference"
+    assert r[layer]["loaded_params_left"] == []  # packed copies freed after preparation
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_output_tensor", ["'model.layers.0.self_attn.k_proj.mac_up_qweight' was not loaded", "qkv_proj"]),
+        ("missing_input_tensor", ["'model.layers.0.mlp.up_proj.main_p2' was not loaded", "gate_up_proj"]),
+        ("missing_bias", ["'model.layers.0.self_attn.v_proj.bias' was not loaded"]),
+        ("missing_row_parallel_tensor", ["'model.layers.0.mlp.down_proj.idx_vision' was not loaded"]),
+        ("wrong_shape", ["'model.layers.0.self_attn.o_proj.main_wscale' has shape [127], expected [128]"]),
+        ("wrong_dtype", ["'model.layers.0.mlp.gate_proj.idx_main' has dtype int64, expected int32"]),
+        ("input_side_differs", ["k_proj.main_p1", "q_proj.main_p1", "must be identical"]),
+        ("overlapping_channel_sets", ["model.layers.0.mlp.down_proj", "disjoint"]),
+        ("unmapped_names", ["matches no quantized layer of the checkpoint by name", "model.layers.0.self_attn.q_proj"]),
+    ],
+)
+def test_corrupt_tensors_fail_while_loading_with_the_tensor_name(results, case, expected):
+    r = results[case]
+    assert "crash" not in r, r.get("crash")
+    assert r["error"] is not None, f"{case}: loading succeeded"
+    assert r["error"].startswith("CheckpointError"), r["error"]
+    for text in expected:
+        assert text in r["error"], (case, r["error"])
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        ("pipeline_parallel", "pipeline parallelism (2 stages) is not supported"),
+        ("tensor_parallel", "tensor parallelism (2 ranks) is not supported"),
+        ("speculative_decoding", "speculative decoding is not supported"),
+        ("inductor_freezing", "inductor freezing"),
+        ("model_overriding_embed_input_ids", "Qwen3VLForConditionalGeneration overrides embed_input_ids"),
+    ],
+)
+def test_what_the_mask_cannot_serve_is_refused_at_start_up(results, variant, expected):
+    r = results["refusals"]
+    assert "crash" not in r, r.get("crash")
+    assert r["plain"] is None
+    assert r[variant] is not None and expected in r[variant], r[variant]

@@ -1,0 +1,102 @@
+"""ToyVQA: the generator is deterministic, the splits are fixed, the export and scoring work."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from splitq_toyvqa import data
+from splitq_toyvqa.evaluate import is_correct, normalize_answer, score, score_answers
+from splitq_vllm.testing.images import png_bytes
+
+
+def _fingerprint(samples):
+    return [(s.id, s.kind, s.question, s.answer, png_bytes(s.image) if s.image else None) for s in samples]
+
+
+@pytest.mark.parametrize("split", data.SPLITS)
+def test_same_seed_gives_the_same_images_and_questions(split):
+    a = _fingerprint(data.iter_split(split, 40, seed=0))
+    b = _fingerprint(data.iter_split(split, 40, seed=0))
+    assert a == b
+    # drawing one sample alone (random access) gives the same as drawing it in sequence
+    assert _fingerprint([data.make_sample(split, 17, seed=0)]) == a[17:18]
+
+
+def test_different_seeds_and_splits_differ():
+    base = _fingerprint(data.iter_split("test", 40, seed=0))
+    other_seed = _fingerprint(data.iter_split("test", 40, seed=1))
+    other_split = _fingerprint(data.iter_split("validation", 40, seed=0))
+    # ids are the same, content is not
+    assert sum(x[1:] != y[1:] for x, y in zip(base, other_seed)) >= 35
+    assert sum(x[1:] != y[1:] for x, y in zip(base, other_split)) >= 35
+    images = {x[4] for x in base if x[4]}
+    assert not images & {x[4] for x in other_split if x[4]}
+
+
+def test_the_task_mixes_every_kind_and_short_answers():
+    samples = data.load_split("test")
+    assert len(samples) == data.SPLIT_SIZES["test"] == 1000
+    kinds = Counter(s.kind for s in samples)
+    assert set(kinds) == set(data.KINDS) and min(kinds.values()) >= 20
+    with_image = sum(s.image is not None for s in samples)
+    assert 0.6 * len(samples) < with_image < 0.9 * len(samples)
+    assert all(1 <= len(s.answer.split()) <= 2 for s in samples)
+    assert all(s.image.size == (data.IMAGE_SIZE, data.IMAGE_SIZE) for s in samples if s.image)
+    # answers are not dominated by one value (a constant guess scores low)
+    assert Counter(s.answer for s in samples).most_common(1)[0][1] < 0.15 * len(samples)
+
+
+def test_answers_follow_from_the_scene():
+    for s in data.iter_split("validation", 300):
+        objs = s.scene
+        if s.kind == "count_all":
+            assert s.answer == str(len(objs))
+        elif s.kind == "colour_of_shape":
+            shape = s.question.split()[-1].rstrip("?")
+            (o,) = [o for o in objs if o["shape"] == shape]
+            assert o["colour"] == s.answer
+        elif s.kind == "position":
+            colour, shape = s.question.rstrip("?").split()[-2:]
+            (o,) = [o for o in objs if (o["colour"], o["shape"]) == (colour, shape)]
+            assert data.position_name(o["row"], o["col"]) == s.answer
+        elif s.kind == "count_shape":
+            shape = s.question.split()[2][:-1]  # How many circles are there?
+            assert s.answer == str(sum(o["shape"] == shape for o in objs))
+        elif s.kind == "count_colour":
+            colour = s.question.split()[2]  # How many red shapes are there?
+            assert s.answer == str(sum(o["colour"] == colour for o in objs))
+        elif s.kind == "read_word":
+            assert s.answer == objs[0]["word"]
+        elif s.kind == "add":
+            a, b = s.question.replace("?", "").split()[2::2]
+            assert int(s.answer) == int(a) + int(b)
+
+
+def test_sharegpt4v_export(tmp_path):
+    path = data.export_sharegpt4v(tmp_path / "a", n=12)
+    again = data.export_sharegpt4v(tmp_path / "b", n=12)
+    entries = json.loads(path.read_text())
+    assert path.name == "calibration.json" and len(entries) == 12
+    assert path.read_bytes() == again.read_bytes()
+    for e in entries:
+        assert e["id"].startswith("toyvqa-calibration-")
+        img = tmp_path / "a" / "images" / e["image"]
+        assert img.read_bytes() == (tmp_path / "b" / "images" / e["image"]).read_bytes()
+        human, gpt = e["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert gpt["from"] == "gpt" and gpt["value"]
+    mixed = json.loads(data.export_sharegpt4v(tmp_path / "c", n=40, with_text_only=True).read_text())
+    assert any("image" not in e and not e["conversations"][0]["value"].startswith("<image>") for e in mixed)
+
+
+def test_normalisation_and_scoring():
+    assert normalize_answer(" Top  Left. ") == "top left"
+    assert normalize_answer("The circle!") == "circle"
+    assert is_correct("three", "3") and is_correct("4", "four") and is_correct("centre", "center")
+    assert not is_correct("top", "top left") and not is_correct("", "red")
+    samples = data.load_split("test", 30)
+    oracle = score(samples, lambda q, img: next(s.answer for s in samples if s.question == q and s.image is img))
+    assert oracle.accuracy == 1.0 and oracle.n == 30
+    wrong = score_answers(samples, ["nothing"] * 30)
+    assert wrong.accuracy == 0.0 and sum(n for _, n in wrong.per_kind().values()) == 30

@@ -1,0 +1,94 @@
+"""The ToyVQA trainer feeds the model exactly what it is served: same token ids, same M-RoPE
+positions, labels on the answers only; the CLI runs end to end."""
+
+import json
+
+import pytest
+import torch
+
+from splitq_toyvqa import data, train
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    torch.manual_seed(0)
+    model, processor, tokenizer, ids = train.build(0)
+    return model.eval(), processor, ids
+
+
+def test_prompts_and_labels_are_the_served_ones(fresh):
+    _, processor, ids = fresh
+    collator = train.Collator(processor, ids)
+    samples = list(data.iter_split("test", 16))
+    batch = collator(samples)
+    tok = processor.tokenizer
+    for row, s in enumerate(samples):
+        text = processor.apply_chat_template(data.chat_messages(s.question, s.image), add_generation_prompt=True)
+        served = processor(text=[text], images=[s.image] if s.image else None, return_tensors="pt")
+        ref = served["input_ids"][0].tolist()
+        answer = tok(s.answer, add_special_tokens=False)["input_ids"] + [ids["<|im_end|>"]]
+        n = len(ref) + len(answer)
+        assert batch["input_ids"][row, :n].tolist() == ref + answer
+        assert batch["mm_token_type_ids"][row, : len(ref)].tolist() == served["mm_token_type_ids"][0].tolist()
+        labels = batch["labels"][row].tolist()
+        assert labels[len(ref) : n] == answer and set(labels[: len(ref)] + labels[n:]) <= {-100}
+
+
+def test_multi_turn_conversations_tokenize_like_the_template(fresh):
+    _, processor, ids = fresh
+    collator = train.Collator(processor, ids)
+    convs = [data.make_conversation("train", i) for i in range(12)]
+    assert max(len(c.turns) for c in convs) > 1
+    batch = collator(convs)
+    newline = processor.tokenizer.convert_tokens_to_ids("Ċ")
+    for row, c in enumerate(convs):
+        text = processor.apply_chat_template(train.conversation_messages(c))
+        ref = processor(text=[text], images=[c.image] if c.image else None)["input_ids"][0]
+        n = int(batch["attention_mask"][row].sum())
+        assert list(ref[:-1]) == batch["input_ids"][row, :n].tolist() and ref[-1] == newline  # ends "<|im_end|>\n"
+        labelled = [t for t in batch["labels"][row].tolist() if t != -100]
+        expected = []
+        for _, _, a in c.turns:
+            expected += processor.tokenizer(a, add_special_tokens=False)["input_ids"] + [ids["<|im_end|>"]]
+        assert labelled == expected
+
+
+def test_training_forward_matches_the_served_forward(fresh):
+    """Same logits at the answer position from the collator's batch (right padding, mixed
+    image/text rows) as from the processor's inputs for one sample (what generate() runs)."""
+    model, processor, ids = fresh
+    collator = train.Collator(processor, ids)
+    samples = [data.make_sample("test", i, kind=k) for i, k in enumerate(["position", "add", "count_all", "read_word"])]
+    batch = collator(samples)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for row, s in enumerate(samples):
+            text = processor.apply_chat_template(data.chat_messages(s.question, s.image), add_generation_prompt=True)
+            served = processor(text=[text], images=[s.image] if s.image else None, return_tensors="pt")
+            ref = model(**served).logits[0, -1]
+            n = served["input_ids"].shape[1]
+            torch.testing.assert_close(logits[row, n - 1], ref, atol=2e-4, rtol=1e-4)
+
+
+def test_token_targets_follow_the_scene():
+    img, scene = data.draw_shapes_scene(__import__("random").Random(3), 3)
+    t = train.token_targets(scene)
+    assert t.shape == (16, 5) and int((t[:, 0] > 0).sum()) == 3
+    for o in scene:
+        i = o["row"] * data.GRID + o["col"]
+        assert t[i, 0] == 1 + data.SHAPES.index(o["shape"]) and t[i, 3] == o["row"] and t[i, 4] == o["col"]
+    img, scene = data.draw_word_scene(__import__("random").Random(5))
+    t = train.token_targets(scene)
+    covered = (t[:, 2] > 0).nonzero().flatten().tolist()
+    assert 1 <= len(covered) <= 3 and all(i // data.GRID == scene[0]["row"] for i in covered)
+
+
+def test_the_cli_trains_saves_and_scores(tmp_path):
+    out = tmp_path / "model"
+    train.main(["--output", str(out), "--steps", "3", "--vision-steps", "2", "--batch-size", "4",
+                "--vision-batch-size", "4", "--val-n", "8", "--test-n", "8", "--eval-every", "3"])  # fmt: skip
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["test_bf16_transformers"]["n"] == 8 and len(log["history"]) == 1
+    assert "--steps 3" in log["command"] and (out / "README.md").read_text().startswith("# ToyVQA")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]

@@ -181,3 +181,26 @@ def register() -> None:
         return
     register_quantization_config(QUANT_METHOD)(SplitQHfConfig)
     register_quantizer(QUANT_METHOD)(SplitQHfQuantizer)
+
+
+def quantize_in_place(model, checkpoint_dir: str | Path):
+    """Make `model` (the transformers model the SplitQ checkpoint at `checkpoint_dir` was
+    calibrated from) that checkpoint's model: its quantized linears swapped for the checkpoint's
+    layers (the other weights are the checkpoint's already), its config and quantizer set, so
+    that `model.save_pretrained(DIR)` writes the SplitQ checkpoint. Returns `model`."""
+    from splitq_vllm.checkpoint import read_checkpoint
+
+    register()
+    ckpt = read_checkpoint(checkpoint_dir)  # values too: these tensors skip transformers' loader
+    quantizer = SplitQHfQuantizer(SplitQHfConfig(**ckpt.quant_config.to_dict()), pre_quantized=True)
+    device = next(model.parameters()).device
+    files = sorted({str(ckpt.path / f) for f in ckpt.weight_map.values()})
+    quantizer.preprocess_model(model, checkpoint_files=files)  # SplitQ modules on the meta device
+    for module in quantizer.modules.values():
+        for suffix in list(module._buffers):
+            tensor = ckpt.tensor(f"{module.name}.{suffix}").to(device)
+            tensor._is_hf_initialized = True  # as transformers' loader marks what it loaded
+            module._buffers[suffix] = tensor
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)  # config.quantization_config, checks, reference layers, text mask
+    return model

@@ -22,9 +22,7 @@ def _register() -> None:
 
         if int(transformers.__version__.split(".")[0]) < 5:
             return  # the quantizer uses transformers 5's loading hooks; 4.x: load_quantized_model
-        from splitq_vllm.hf.quantizer import register
-
-        register()
+        import splitq_vllm.hf.quantizer  # noqa: F401  (registers when its body has run)
     except Exception as e:  # never break `import transformers` for someone who only imported splitq_vllm
         warnings.warn(
             f"splitq_vllm: could not register the 'splitq' quantizer with transformers ({type(e).__name__}: {e}); "

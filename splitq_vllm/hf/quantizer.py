@@ -176,7 +176,9 @@ class SplitQHfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register the config and the quantizer (once; transformers refuses a second registration)."""
+    """Register the config and the quantizer (once; transformers refuses a second registration).
+    Importing this module does it (last line), which also covers an import of this module that
+    itself triggers the import of transformers' registry (the hook finds it half-initialised)."""
     if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
         return
     register_quantization_config(QUANT_METHOD)(SplitQHfConfig)
@@ -190,7 +192,6 @@ def quantize_in_place(model, checkpoint_dir: str | Path):
     that `model.save_pretrained(DIR)` writes the SplitQ checkpoint. Returns `model`."""
     from splitq_vllm.checkpoint import read_checkpoint
 
-    register()
     ckpt = read_checkpoint(checkpoint_dir)  # values too: these tensors skip transformers' loader
     quantizer = SplitQHfQuantizer(SplitQHfConfig(**ckpt.quant_config.to_dict()), pre_quantized=True)
     device = next(model.parameters()).device
@@ -204,3 +205,6 @@ def quantize_in_place(model, checkpoint_dir: str | Path):
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)  # config.quantization_config, checks, reference layers, text mask
     return model
+
+
+register()

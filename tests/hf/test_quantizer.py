@@ -61,13 +61,15 @@ heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 print(heavy, 'splitq' in AUTO_QUANTIZER_MAPPING, round(cost, 3))
 """
-    other_order = "import transformers.quantizers.auto, splitq_vllm, sys; print('splitq' in sys.modules['transformers.quantizers.auto'].AUTO_QUANTIZER_MAPPING)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     heavy, registered, cost = out.rsplit(" ", 2)
     assert heavy == "[]" and registered == "True", out
     assert float(cost) < 0.5, out  # the stdlib hook only (about 5 ms here; transformers' registry alone takes seconds)
-    out = subprocess.run([sys.executable, "-c", other_order], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True", out
+    check = "; print('splitq' in sys.modules['transformers.quantizers.auto'].AUTO_QUANTIZER_MAPPING)"
+    # transformers first; and the quantizer module first, whose import imports the registry
+    for first in ("import sys, transformers.quantizers.auto, splitq_vllm", "import sys, splitq_vllm.hf.quantizer"):
+        out = subprocess.run([sys.executable, "-c", first + check], cwd=REPO, capture_output=True, text=True)
+        assert out.stdout.strip() == "True", out
 
 
 def test_same_logits_and_answers_as_load_quantized_model(ckpt):

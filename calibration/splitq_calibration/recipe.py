@@ -122,7 +122,8 @@ def _staged_settings(d: dict[str, Any], where: str) -> dict[str, Any]:
             found += [(f"{stage}.{group}.{name}", name, args) for name, args in modifiers.items()]
     names = [name for _, name, _ in found]
     if names != [MODIFIER]:
-        raise RecipeError(f"{where}: modifiers {names or 'none'}: splitq-calibrate runs one {MODIFIER}; {EXPECTED_SHAPE}")
+        found_names = names or "none"
+        raise RecipeError(f"{where}: modifiers {found_names}: splitq-calibrate runs one {MODIFIER}; {EXPECTED_SHAPE}")
     return _modifier_settings(found[0][2], f"{where}: {found[0][0]}")
 
 

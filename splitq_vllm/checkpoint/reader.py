@@ -45,7 +45,7 @@ def read_safetensors_header(fpath: Path) -> dict[str, Any]:
         with open(fpath, "rb") as fh:
             prefix = fh.read(8)
             if len(prefix) < 8:
-                raise CheckpointError(f"{fpath}: truncated safetensors file ({size} bytes, less than its header length)")
+                raise CheckpointError(f"{fpath}: truncated safetensors file ({size} bytes, less than a header)")
             (n,) = struct.unpack("<Q", prefix)
             if 8 + n > size:
                 raise CheckpointError(

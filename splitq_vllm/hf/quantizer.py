@@ -43,6 +43,7 @@ from splitq_vllm.checkpoint import (
     SplitQConfig,
     check_layer_values,
     layer_tensor_specs,
+    read_checkpoint,
     tensors_to_layer,
 )
 from splitq_vllm.model_layout import linear_groups
@@ -56,7 +57,8 @@ class SplitQHfConfig(QuantizationConfigMixin):
 
     def __init__(self, **fields: Any) -> None:
         self.quant_method = QUANT_METHOD
-        self.splitq = SplitQConfig.from_dict({**fields, "quant_method": QUANT_METHOD}, "config.json: quantization_config")
+        source = "config.json: quantization_config"
+        self.splitq = SplitQConfig.from_dict({**fields, "quant_method": QUANT_METHOD}, source)
 
     def to_dict(self) -> dict[str, Any]:
         return self.splitq.to_dict()
@@ -159,7 +161,9 @@ class SplitQHfQuantizer(HfQuantizer):
                     "transformers version whose renaming differs?)"
                 )
             if tuple(buf.shape) != spec.shape:
-                raise CheckpointError(f"SplitQ: tensor '{tname}' loaded with shape {list(buf.shape)}, expected {list(spec.shape)}")
+                raise CheckpointError(
+                    f"SplitQ: tensor '{tname}' loaded with shape {list(buf.shape)}, expected {list(spec.shape)}"
+                )
             if spec.side == "input" and first is not module and not torch.equal(buf, first._buffers[spec.suffix]):
                 raise CheckpointError(
                     f"tensors '{first.name}.{spec.suffix}' and '{tname}' differ although both layers read the same "
@@ -190,8 +194,6 @@ def quantize_in_place(model, checkpoint_dir: str | Path):
     calibrated from) that checkpoint's model: its quantized linears swapped for the checkpoint's
     layers (the other weights are the checkpoint's already), its config and quantizer set, so
     that `model.save_pretrained(DIR)` writes the SplitQ checkpoint. Returns `model`."""
-    from splitq_vllm.checkpoint import read_checkpoint
-
     ckpt = read_checkpoint(checkpoint_dir)  # values too: these tensors skip transformers' loader
     quantizer = SplitQHfQuantizer(SplitQHfConfig(**ckpt.quant_config.to_dict()), pre_quantized=True)
     device = next(model.parameters()).device

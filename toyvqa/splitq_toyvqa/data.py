@@ -434,7 +434,9 @@ def export_sharegpt4v(
     return path
 
 
-def export_questions(output_dir: str | Path, split: str = "test", n: int | None = None, seed: int = DEFAULT_SEED) -> Path:
+def export_questions(
+    output_dir: str | Path, split: str = "test", n: int | None = None, seed: int = DEFAULT_SEED
+) -> Path:
     """Write samples 0..n-1 of `split` as OUTPUT_DIR/questions.jsonl plus OUTPUT_DIR/images/<id>.png
     (module docstring); text-only questions are kept, without an "image" key. Returns the JSONL path."""
     out = Path(output_dir)

@@ -2,10 +2,17 @@
 
 `register()` is the `vllm.general_plugins` entry point (pyproject.toml): vLLM calls it once in
 every process (front end, engine core, workers). Importing `splitq_vllm` itself does not import
-vLLM, so the checkpoint format stays usable where vLLM is not installed.
+vLLM, so the checkpoint format stays usable where vLLM is not installed, nor torch or
+transformers: it only arranges for the `splitq` quantizer to be registered with transformers
+when transformers' quantizer registry is imported (`_transformers_hook`), so that
+`AutoModelForImageTextToText.from_pretrained(CKPT)` loads SplitQ checkpoints.
 """
 
+from . import _transformers_hook
+
 __version__ = "0.1.0"
+
+_transformers_hook.install()
 
 _registered = False
 

@@ -7,18 +7,19 @@ Python API (notebooks):
               scheme="w4a4", image_dir="coco/")            # any CalibrationConfig field
     calibrate(model, data, out, recipe="recipe.yaml")      # the same settings from YAML
 
-`oneshot(model=..., dataset=..., output_dir=..., recipe=..., num_calibration_samples=...,
-max_seq_length=...)` is the same call spelled the llm-compressor way.
+`oneshot(model=..., dataset=..., recipe=SplitQModifier(...), ...)` has llm-compressor's contract
+(a model object, a local path or a Hub id in; the calibrated model out; oneshot.py).
 """
 
-from .recipe import CalibrationConfig, dump_recipe, load_recipe
+from .oneshot import oneshot  # binds the function over the submodule of the same name
+from .recipe import CalibrationConfig, SplitQModifier, dump_recipe, load_recipe
 
-__all__ = ["CalibrationConfig", "calibrate", "dump_recipe", "load_recipe", "oneshot"]
+__all__ = ["CalibrationConfig", "SplitQModifier", "calibrate", "dump_recipe", "load_recipe", "oneshot"]
 
 
 def __getattr__(name):  # import torch/transformers-heavy modules on first use
-    if name in ("calibrate", "oneshot"):
+    if name == "calibrate":
         from . import pipeline as _c
 
-        return getattr(_c, name)
+        return _c.calibrate
     raise AttributeError(name)

@@ -18,6 +18,11 @@ row of the paper's ablation tables is one invocation (README.md, "Calibration"):
 | flatquant   | none              | off  | off  | smooth + Kronecker                 | yes     |
 | smoothquant | none              | off  | off  | SmoothQuant scale (alpha 0.5) only | no      |
 | rtn         | none              | off  | off  | identity                           | no      |
+
+A recipe is the settings themselves (optionally under `splitq:`), or llm-compressor's shape: a
+stage whose modifiers are one `SplitQModifier` with the settings as its arguments (what
+`oneshot(recipe=SplitQModifier(...))` takes in Python). Any other modifier is refused with the
+expected shape (`EXPECTED_SHAPE`): SplitQ is one method, not a pipeline of modifiers.
 """
 
 from __future__ import annotations
@@ -62,6 +67,81 @@ RUNTIME_ONLY = {"device", "overwrite", "restart", "keep_work_dir", "log_every", 
 
 class RecipeError(ValueError):
     """A setting with a bad value; the message names the setting."""
+
+
+MODIFIER = "SplitQModifier"
+EXPECTED_SHAPE = """a recipe is one SplitQModifier in a stage (llm-compressor's shape), e.g.
+    quant_stage:
+      quant_modifiers:
+        SplitQModifier:
+          scheme: w4a4
+          ignore: ["lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+or the settings themselves (`splitq: {scheme: w4a4, ...}`); in Python
+oneshot(recipe=SplitQModifier(scheme="w4a4")) (docs/calibration.md lists the settings)"""
+# Keys of llm-compressor recipes that carry no setting.
+_RECIPE_META = {"version"}
+_STAGE_META = {"run_type"}
+
+
+def _modifier_settings(args: Any, where: str) -> dict[str, Any]:
+    """A SplitQModifier's arguments as settings: llm-compressor's `targets: Linear` (the default,
+    all that SplitQ quantizes) is accepted, its upper-case scheme names too."""
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise RecipeError(f"{where}: expected the modifier's settings as a mapping, got {type(args).__name__}")
+    settings = dict(args)
+    targets = settings.pop("targets", "Linear")
+    if targets not in ("Linear", ["Linear"]):
+        raise RecipeError(
+            f"{where}.targets: SplitQ quantizes the language model's decoder linears (targets: Linear), got "
+            f"{targets!r}; leave layers out with `ignore`"
+        )
+    if isinstance(settings.get("scheme"), str):
+        settings["scheme"] = settings["scheme"].lower()
+    return settings
+
+
+def _is_staged(d: dict[str, Any]) -> bool:
+    return any(isinstance(v, dict) and any(str(k).endswith("modifiers") for k in v) for v in d.values())
+
+
+def _staged_settings(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """The settings of the one SplitQModifier of an llm-compressor-shaped recipe."""
+    found = []
+    for stage, groups in d.items():
+        if stage in _RECIPE_META:
+            continue
+        if not isinstance(groups, dict):
+            raise RecipeError(f"{where}: stage '{stage}' is not a mapping of modifier groups; {EXPECTED_SHAPE}")
+        for group, modifiers in groups.items():
+            if group in _STAGE_META:
+                continue
+            if not str(group).endswith("modifiers") or not isinstance(modifiers, dict):
+                raise RecipeError(f"{where}: '{stage}.{group}' is not a mapping of modifiers; {EXPECTED_SHAPE}")
+            found += [(f"{stage}.{group}.{name}", name, args) for name, args in modifiers.items()]
+    names = [name for _, name, _ in found]
+    if names != [MODIFIER]:
+        found_names = names or "none"
+        raise RecipeError(f"{where}: modifiers {found_names}: splitq-calibrate runs one {MODIFIER}; {EXPECTED_SHAPE}")
+    return _modifier_settings(found[0][2], f"{where}: {found[0][0]}")
+
+
+class SplitQModifier:
+    """SplitQ as llm-compressor's recipe object: `oneshot(model, dataset, recipe=SplitQModifier(
+    scheme="w4a4", ignore=[...]))`; the arguments are CalibrationConfig fields (checked here)."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = _modifier_settings(settings, MODIFIER)
+        self.config()  # unknown settings and bad values fail here, naming the setting
+
+    def config(self) -> "CalibrationConfig":
+        cfg = CalibrationConfig.from_dict(self.settings, where=MODIFIER)
+        cfg.resolved()
+        return cfg
+
+    def __repr__(self) -> str:
+        return f"{MODIFIER}({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
 
 
 @dataclass
@@ -183,12 +263,20 @@ class CalibrationConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "CalibrationConfig":
+        """The settings, `{"splitq": settings}`, or an llm-compressor-shaped recipe (module docstring)."""
         if not isinstance(d, dict):
-            raise RecipeError(f"{where}: expected a mapping of settings, got {type(d).__name__}")
+            raise RecipeError(f"{where}: expected a mapping of settings, got {type(d).__name__}; {EXPECTED_SHAPE}")
+        if set(d) == {"splitq"}:
+            d = d["splitq"] or {}
+        elif _is_staged(d):
+            d = _staged_settings(d, where)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise RecipeError(f"{where}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise RecipeError(
+                f"{where}: unknown setting(s) {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))}); "
+                + EXPECTED_SHAPE
+            )
         return cls(**d)
 
     def updated(self, **overrides: Any) -> "CalibrationConfig":
@@ -200,7 +288,7 @@ class CalibrationConfig:
 
 
 def load_recipe(path: str | os.PathLike) -> CalibrationConfig:
-    """A YAML (or JSON) recipe: a mapping of CalibrationConfig fields, optionally under `splitq:`."""
+    """A YAML (or JSON) recipe file (`CalibrationConfig.from_dict` says which shapes)."""
     import yaml
 
     p = Path(path)
@@ -210,9 +298,36 @@ def load_recipe(path: str | os.PathLike) -> CalibrationConfig:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {p}: not valid YAML: {e}") from None
-    if isinstance(data, dict) and set(data) == {"splitq"}:
-        data = data["splitq"]
     return CalibrationConfig.from_dict(data or {}, where=f"recipe {p}")
+
+
+def resolve_recipe(recipe: Any) -> CalibrationConfig:
+    """Whatever llm-compressor's `oneshot(recipe=...)` users pass: None, a CalibrationConfig, a
+    SplitQModifier (or a list holding just one), a mapping, a YAML file, or YAML text."""
+    if recipe is None:
+        return CalibrationConfig()
+    if isinstance(recipe, CalibrationConfig):
+        return recipe
+    if isinstance(recipe, SplitQModifier):
+        return recipe.config()
+    if isinstance(recipe, (list, tuple)):
+        if len(recipe) == 1 and isinstance(recipe[0], SplitQModifier):
+            return recipe[0].config()
+        kinds = [type(m).__name__ for m in recipe]
+        raise RecipeError(f"recipe: modifiers {kinds}: splitq-calibrate runs one {MODIFIER}; {EXPECTED_SHAPE}")
+    if isinstance(recipe, dict):
+        return CalibrationConfig.from_dict(recipe)
+    if isinstance(recipe, (str, os.PathLike)):
+        if isinstance(recipe, str) and "\n" in recipe and not Path(recipe).is_file():  # YAML text
+            import yaml
+
+            try:
+                data = yaml.safe_load(recipe)
+            except yaml.YAMLError as e:
+                raise RecipeError(f"recipe (YAML text): not valid YAML: {e}") from None
+            return CalibrationConfig.from_dict(data or {}, where="recipe (YAML text)")
+        return load_recipe(recipe)
+    raise RecipeError(f"recipe: a {type(recipe).__name__} is not a SplitQ recipe; {EXPECTED_SHAPE}")
 
 
 def dump_recipe(config: CalibrationConfig) -> str:

@@ -1,9 +1,9 @@
 """Read and validate a SplitQ checkpoint directory.
 
 Validation fails on the first problem with a CheckpointError that names the file, field or tensor:
-missing or unexpected tensors, wrong shapes or dtypes, unknown format versions, channel sets that
-overlap, leave a channel out or point outside the input, non-finite values, and layers of one
-input group whose shared tensors differ.
+truncated or corrupt safetensors files, missing or unexpected tensors, wrong shapes or dtypes,
+unknown format versions, channel sets that overlap, leave a channel out or point outside the
+input, non-finite values, and layers of one input group whose shared tensors differ.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from splitq_kernels.reference import SplitQLinear
 
@@ -35,6 +35,51 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def read_safetensors_header(fpath: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, after checking that the file holds all the data the
+    header describes (safetensors itself reports a truncated file without naming it)."""
+    try:
+        size = fpath.stat().st_size
+        with open(fpath, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{fpath}: truncated safetensors file ({size} bytes, less than a header)")
+            (n,) = struct.unpack("<Q", prefix)
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"{fpath}: truncated or not a safetensors file: its header length says {n} bytes, "
+                    f"the file has {size}"
+                )
+            header = json.loads(fh.read(n))
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{fpath}: cannot read it ({e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{fpath}: not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{fpath}: not a safetensors file (its header is not a JSON object)")
+    try:
+        data_bytes = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointError(f"{fpath}: corrupt safetensors header (a tensor without data_offsets)") from None
+    if 8 + n + data_bytes > size:
+        raise CheckpointError(
+            f"{fpath}: truncated safetensors file: its header describes {8 + n + data_bytes} bytes, the file has "
+            f"{size} (an interrupted copy or download?)"
+        )
+    return header
+
+
+def _open(fpath: Path):
+    """safe_open with errors that name the file."""
+    try:
+        return safe_open(str(fpath), "pt")
+    except SafetensorError as e:
+        read_safetensors_header(fpath)  # names the file for the common causes (truncation)
+        raise CheckpointError(f"{fpath}: cannot open it as a safetensors file ({e})") from None
 
 
 def read_model_config(path: str | os.PathLike) -> tuple[dict[str, Any], SplitQConfig]:
@@ -72,8 +117,8 @@ def tensor_files(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"{path}: no .safetensors files")
     wm = {}
     for f in files:
-        with safe_open(str(f), "pt") as fh:
-            for k in fh.keys():
+        for k in read_safetensors_header(f):
+            if k != "__metadata__":
                 wm[k] = f.name
     return wm
 
@@ -97,13 +142,7 @@ class SplitQCheckpoint:
     def _header(self, fname: str) -> dict[str, Any]:
         """The JSON header of one safetensors file (read once: shapes and dtypes of its tensors)."""
         if fname not in self._headers:
-            fpath = self.path / fname
-            try:
-                with open(fpath, "rb") as fh:
-                    (n,) = struct.unpack("<Q", fh.read(8))
-                    self._headers[fname] = json.loads(fh.read(n))
-            except (OSError, struct.error, ValueError) as e:
-                raise CheckpointError(f"{fpath}: not a readable safetensors file ({e})") from None
+            self._headers[fname] = read_safetensors_header(self.path / fname)
         return self._headers[fname]
 
     def tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -116,7 +155,7 @@ class SplitQCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path}: missing tensor '{name}'")
-        with safe_open(str(self.path / self.weight_map[name]), "pt") as fh:
+        with _open(self.path / self.weight_map[name]) as fh:
             return fh.get_tensor(name)
 
     def layer_tensors(self, name: str) -> dict[str, torch.Tensor]:
@@ -146,6 +185,8 @@ class SplitQCheckpoint:
         vLLM plugin does that at start-up and checks the values of the tensors it has loaded.
         """
         qc = self.quant_config
+        for fname in sorted(set(self.weight_map.values())):
+            self._header(fname)  # every file whole, the 16-bit ones too (a truncated copy, say)
         for name in qc.layers:
             if qc.is_ignored(name):
                 raise CheckpointError(f"quantization_config: layer '{name}' is listed in layers but matches ignore")

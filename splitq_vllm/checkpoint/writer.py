@@ -1,9 +1,17 @@
-"""Write a SplitQ checkpoint directory atomically (a temporary directory, renamed at the end)."""
+"""Write a SplitQ checkpoint directory atomically (a temporary directory, renamed at the end).
+
+The temporary directory `.NAME.tmp-XXXXXXXX` is locked (flock) while it is written, so a later
+writer of NAME can tell a killed run's leftover (unlocked: removed) from a live one (skipped).
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -21,6 +29,69 @@ from .tensors import layer_dims, layer_to_tensors
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+log = logging.getLogger(__name__)
+
+
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file here: 0o666 minus the process umask.
+
+    safetensors 0.8's save_file creates 0600 whatever the umask, which a server running as another
+    user (the compose service, uid 2000) cannot read.
+    """
+    try:  # Linux >= 4.7; reading it does not change the umask under other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _lock(directory: Path) -> int | None:
+    """An exclusive non-blocking flock on `directory`: its fd, or None when another process holds it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return fd
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove what killed writers of `out` left beside it: `.NAME.tmp-*` directories no live
+    process holds locked, and `.NAME.old-*` (the replaced checkpoint) once `out` exists again."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+    removed = []
+    for p in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_dir() or p.is_symlink():
+            continue
+        if m.group(1) == "old":
+            if not out.exists():
+                log.warning("%s: the previous checkpoint, left by a writer killed while replacing it; kept", p)
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                fd = _lock(p)
+            except OSError as e:  # a file system without flock: cannot tell, keep it
+                log.warning("%s: cannot lock it to see whether a writer is alive (%s); kept", p, e)
+                continue
+            if fd is None:
+                continue  # a live writer of the same output
+            try:
+                shutil.rmtree(p, ignore_errors=True)
+            finally:
+                os.close(fd)
+        log.info("removed %s, left by a killed writer of %s", p, out)
+        removed.append(p)
+    return removed
 
 
 def _nbytes(tensors: Mapping[str, torch.Tensor], name: str) -> int:
@@ -99,7 +170,9 @@ def write_checkpoint(
     groups: layer name -> input group name, for layers that share an input (q/k/v, gate/up);
         layers not listed form a group of their own.
     side_files_from: a model directory whose processor/tokenizer files are copied.
-    Nothing appears at `output_dir` until everything is written.
+    Nothing appears at `output_dir` until everything is written; temporaries that killed
+    writers of `output_dir` left beside it are removed first. Files get the mode `open()` would
+    give them (the umask's), safetensors files included.
     """
     out = Path(output_dir)
     if out.exists() and not overwrite:
@@ -119,9 +192,15 @@ def write_checkpoint(
     config["quantization_config"] = quant_config.to_dict()
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    lock = None
     try:
+        try:
+            lock = _lock(tmp)  # held until the rename: marks the directory as a live writer's
+        except OSError:
+            pass  # no flock on this file system: a later writer will keep this one if it is left
         # One shard in memory at a time: `tensors` may be a lazy mapping over the source files.
         plan = _plan_shards(all_tensors, max_shard_bytes)
         # One metadata key: safetensors writes several in a per-process random order, and a
@@ -142,6 +221,9 @@ def write_checkpoint(
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        mode = default_file_mode()  # also for side files copied with their source's mode
+        for f in tmp.iterdir():
+            os.chmod(f, mode)
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
@@ -152,4 +234,7 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     return out

@@ -31,25 +31,31 @@ class TextMask:
         self.mask = None if input_ids is None else ~torch.isin(input_ids, self.vision_ids.to(input_ids.device))
 
 
+def target_device(fn, like: torch.Tensor) -> torch.device:
+    """Where an `nn.Module._apply` function sends tensors (asked with an empty integer tensor,
+    which no dtype cast touches)."""
+    return fn(torch.zeros(0, dtype=torch.int8, device=like.device)).device
+
+
 class SplitQLinearModule(nn.Module):
     """nn.Linear stand-in running the SplitQ reference forward on the current text mask.
 
     The layer's tensors keep their checkpoint dtypes (float32 transforms and scales, integer
     codes): `model.to(dtype)` moves them but does not cast them; the output follows x's dtype.
+    `layer` is None only in a subclass that builds it later (quantizer.SplitQCheckpointLinear).
     """
 
-    def __init__(self, layer: SplitQLinear, scheme: SplitQScheme, text_mask: TextMask) -> None:
+    def __init__(self, layer: SplitQLinear | None, scheme: SplitQScheme, text_mask: TextMask | None) -> None:
         super().__init__()
         self.layer = layer
         self.scheme = scheme
         self.text_mask = text_mask
-        self.in_features = layer.in_features
-        self.out_features = layer.out_features
+        if layer is not None:
+            self.in_features = layer.in_features
+            self.out_features = layer.out_features
 
     def _apply(self, fn, recurse=True):
-        # Find where `fn` sends tensors (device only: integer tensors are never cast).
-        device = fn(torch.zeros(0, dtype=torch.int8, device=self.layer.main_w.codes.device)).device
-        self.layer = self.layer.to(device)
+        self.layer = self.layer.to(target_device(fn, self.layer.main_w.codes))
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +71,8 @@ class SplitQLinearModule(nn.Module):
 
     def extra_repr(self) -> str:
         l = self.layer
+        if l is None:
+            return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, not built"
         return (
             f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, main={l.idx_main.numel()}, "
             f"text={l.idx_text.numel()}, vision={l.idx_vision.numel()}, cws={l.cws_rank}, mac={l.mac_rank}"

@@ -221,14 +221,15 @@ def test_python_api(tiny_qwen_dir, tmp_path):
     ckpt = read_checkpoint(out)
     assert ckpt.quant_config.scheme.name == "w4a8"
     assert ckpt.quant_config.calibration["data"] == "python list of 3 samples"
-    out2 = oneshot(
+    out2 = tmp_path / "oneshot"
+    oneshot(
         model=tiny_qwen_dir,
         dataset=samples,
-        output_dir=tmp_path / "oneshot",
+        output_dir=out2,
         recipe={"method": "rtn", "scheme": "w4a4"},
         num_calibration_samples=2,
         max_seq_length=512,
-    )
+    )  # tests/calibration/test_oneshot.py: the model it returns
     settings = read_checkpoint(out2).quant_config.calibration["settings"]
     assert (settings["method"], settings["num_samples"], settings["max_seq_len"]) == ("rtn", 2, 512)
     with pytest.raises(FileExistsError):

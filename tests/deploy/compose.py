@@ -69,10 +69,19 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
     return _VAR.sub(sub, value)
 
 
+# What a user pastes into VLLM_API_KEY, which .env.example leaves empty (docker/README.md).
+TEST_API_KEY = "test-key-Zq3vX9b2Lk7yWm4Tr8Hn1Ds6"
+
+
+def user_env() -> dict[str, str]:
+    """docker/.env as the README has users write it: .env.example with a key filled in."""
+    return {**read_env_file(ENV_EXAMPLE), "VLLM_API_KEY": TEST_API_KEY}
+
+
 def load_compose(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """docker-compose.yml with its values filled in (by default from .env.example)."""
+    """docker-compose.yml with its values filled in (by default from `user_env()`)."""
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
-    return interpolate(raw, read_env_file(ENV_EXAMPLE) if env is None else env)
+    return interpolate(raw, user_env() if env is None else env)
 
 
 def serve_command(compose: dict[str, Any] | None = None) -> list[str]:

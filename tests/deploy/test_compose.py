@@ -21,11 +21,15 @@ import yaml
 from tests.deploy.compose import (
     COMPOSE_FILE,
     ENV_EXAMPLE,
+    TEST_API_KEY,
+    InterpolationError,
     interpolate,
     load_compose,
     read_env_file,
     serve_command,
+    user_env,
 )
+from tests.helpers.paths import DOCKER
 
 SCHEMA = Path(__file__).with_name("data") / "compose-spec.json"
 
@@ -39,7 +43,7 @@ def _validator():
 def test_compose_file_matches_the_compose_specification_schema():
     validator = _validator()
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
-    for what, doc in (("as written", raw), ("with .env.example's values", load_compose())):
+    for what, doc in (("as written", raw), ("with .env.example's values and a key", load_compose())):
         errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(doc)]
         assert not errors, f"docker-compose.yml {what} breaks the Compose schema:\n" + "\n".join(errors)
     # the schema does catch mistakes (it is not vacuous)
@@ -55,9 +59,38 @@ def test_env_example_defines_every_variable_the_compose_file_uses():
     env = read_env_file(ENV_EXAMPLE)
     assert used <= set(env), f"not in .env.example: {sorted(used - set(env))}"
     assert "VLLM_API_KEY" in env  # vLLM reads the key from its environment (env_file: .env)
-    # and nothing breaks when a variable is left out: every one has a default in the file
-    defaults = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), {})
+    # and nothing breaks when a variable is left out: every one but the key has a default in the file
+    defaults = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), {"VLLM_API_KEY": TEST_API_KEY})
     assert serve_command(defaults) == serve_command(load_compose())
+
+
+def _entrypoint(key: str | None) -> subprocess.CompletedProcess:
+    """The image's entry point script with this VLLM_API_KEY, starting a stand-in command."""
+    env = {"PATH": "/usr/bin:/bin", **({} if key is None else {"VLLM_API_KEY": key})}
+    cmd = ["sh", str(DOCKER / "entrypoint.sh"), "sh", "-c", "echo serving with $VLLM_API_KEY"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("key", [None, "", "change-me"], ids=["unset", "empty", "placeholder"])
+def test_no_real_api_key_no_server(key):
+    """An empty or unset key stops compose before anything starts (vLLM would authenticate
+    nothing); the placeholder passes compose's interpolation, so the image's entry point (the
+    script itself, run here) refuses it, and any empty one that reaches it."""
+    assert read_env_file(ENV_EXAMPLE)["VLLM_API_KEY"] == ""  # as shipped: refused until a key is pasted
+    env = {k: v for k, v in user_env().items() if k != "VLLM_API_KEY"}
+    if key is not None:
+        env["VLLM_API_KEY"] = key
+    if key == "change-me":
+        assert load_compose(env)["services"]["splitq"]["environment"]["VLLM_API_KEY"] == key
+    else:
+        with pytest.raises(InterpolationError, match=r"VLLM_API_KEY.*set it in docker/.env to a secret"):
+            load_compose(env)
+    for k in (key, " CHANGE-ME ", " \t"):
+        proc = _entrypoint(k)
+        assert proc.returncode == 64 and proc.stdout == "", (k, proc)
+        assert "splitq: VLLM_API_KEY is" in proc.stderr and "secrets.token_urlsafe(32)" in proc.stderr
+    proc = _entrypoint(TEST_API_KEY)
+    assert proc.returncode == 0 and proc.stdout == f"serving with {TEST_API_KEY}\n", proc
 
 
 def test_compose_serving_service_settings():
@@ -75,6 +108,7 @@ def test_compose_serving_service_settings():
     assert cmd[0] == f"/checkpoints/{env['CHECKPOINT_NAME']}"
     # API key from the env file, never on the command line (it would show in `ps` and `docker inspect` args)
     assert svc["env_file"] == ".env" and not any("api-key" in a or "api_key" in a for a in cmd)
+    assert svc["environment"]["VLLM_API_KEY"] == TEST_API_KEY
     # port: host (loopback by default) -> the container's 8000, which the server listens on and the check probes
     assert svc["ports"] == [f"{env['BIND_ADDRESS']}:{env['HOST_PORT']}:8000"]
     port = cmd[cmd.index("--port") + 1]
@@ -106,7 +140,7 @@ def test_calibration_command_is_accepted_by_splitq_calibrate(capsys):
     assert calibrate_main([*cmd, "--dump-recipe"]) == 0
     recipe = yaml.safe_load(capsys.readouterr().out)
     settings = recipe.get("splitq", recipe)
-    assert settings["scheme"] == read_env_file(ENV_EXAMPLE)["SCHEME"] and settings["device"] == "cuda"
+    assert settings["scheme"] == user_env()["SCHEME"] and settings["device"] == "cuda"
     assert settings["image_dir"] == "/calib-data"
 
 
@@ -168,6 +202,9 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     work.mkdir()
     shutil.copy(COMPOSE_FILE, work / "docker-compose.yml")
     shutil.copy(ENV_EXAMPLE, work / ".env")
+    proc = subprocess.run([*binary, "--profile", "calibrate", "config"], cwd=work, capture_output=True, text=True)
+    assert proc.returncode != 0 and "VLLM_API_KEY" in proc.stdout + proc.stderr  # the key left empty
+    (work / ".env").write_text("".join(f"{k}={v}\n" for k, v in user_env().items()))
     proc = subprocess.run([*binary, "--profile", "calibrate", "config"], cwd=work, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     resolved = yaml.safe_load(proc.stdout)

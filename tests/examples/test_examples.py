@@ -202,6 +202,50 @@ def test_server_from_compose_command_needs_the_api_key(server):
     assert "SplitQ:" in server.logs()
 
 
+# What vLLM 0.32 answers without the key (docker/README.md lists them): every route outside /v1,
+# /v2, /inference and /cohere (its AuthenticationMiddleware's GUARDED_PREFIX), SageMaker's
+# /invocations, which runs any request, included.
+OPEN_ROUTES = {
+    "GET /health", "GET /kv_event_sources", "GET /load", "GET /metrics", "GET /ping", "GET /version",
+    "POST /detokenize", "POST /generative_scoring", "POST /invocations", "POST /is_scaling_elastic_ep",
+    "POST /ping", "POST /scale_elastic_ep", "POST /tokenize",
+}  # fmt: skip
+
+
+def _get(url: str, data: dict | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    body = None if data is None else json.dumps(data).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.vllm
+def test_what_the_server_answers_without_the_key(server):
+    from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX
+
+    status, body = _get(server.url + "/openapi.json")
+    assert status == 200
+    routes = {f"{m.upper()} {path}" for path, ops in json.loads(body)["paths"].items() for m in ops}
+    open_routes = {r for r in routes if not r.split(" ", 1)[1].startswith(GUARDED_PREFIX)}
+    assert open_routes == OPEN_ROUTES, "\n".join(sorted(open_routes))
+    # the rule as the server applies it, on the routes that change nothing
+    assert _get(server.url + "/v1/models")[0] == 401
+    assert _get(server.url + "/v1/chat/completions", {"model": SERVED_NAME, "messages": []})[0] == 401
+    for path in ("/health", "/version", "/metrics", "/ping"):
+        assert _get(server.url + path)[0] == 200, path
+    status, body = _get(server.url + "/tokenize", {"model": SERVED_NAME, "prompt": "What colour is it?"})
+    assert status == 200 and json.loads(body)["count"] > 0  # runs the tokenizer for anyone
+    chat = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+    status, body = _get(server.url + "/invocations", chat)
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2  # and the model, too
+
+
 @pytest.mark.vllm
 def test_openai_chat_example(server, images, image_host, tmp_path):
     script = [sys.executable, str(EXAMPLES / "openai_chat.py"), "--max-tokens", "8"]

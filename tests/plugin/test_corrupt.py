@@ -83,3 +83,13 @@ def test_input_side_tensors_that_differ_fail_while_loading(good, tmp_path):
 
     path = corrupt_copy(good, tmp_path, tensors=perturb)
     refused(path, "model.layers.1.self_attn.v_proj.main_smooth", "input-side tensors must be identical")
+
+
+def test_truncated_file(good, tmp_path):
+    """A copy cut short (a full disk, an interrupted rsync): the front end names the file and says
+    so (safetensors' own "incomplete metadata, file not fully covered" names nothing)."""
+    path = corrupt_copy(good, tmp_path)
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    log = refused(path, f"{f}: truncated safetensors file")
+    assert "EngineCore" not in log

@@ -100,3 +100,24 @@ def test_normalisation_and_scoring():
     assert oracle.accuracy == 1.0 and oracle.n == 30
     wrong = score_answers(samples, ["nothing"] * 30)
     assert wrong.accuracy == 0.0 and sum(n for _, n in wrong.per_kind().values()) == 30
+
+
+def test_the_shipped_held_out_questions_are_the_test_splits(tmp_path):
+    """examples/toyvqa_heldout is `python -m splitq_toyvqa.data --questions --split test --n 200`
+    (the bundled model's held-out split): regenerated here, same records and same pictures."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.helpers.paths import EXAMPLES
+
+    shipped = EXAMPLES / "toyvqa_heldout"
+    fresh = data.export_questions(tmp_path, "test", 200)
+    assert (shipped / "questions.jsonl").read_text() == fresh.read_text()
+    records = [json.loads(line) for line in fresh.read_text().splitlines()]
+    assert len(records) == 200 and {"kind", "answer", "question", "id"} <= set(records[0])
+    with_image = [r for r in records if "image" in r]
+    assert 100 < len(with_image) < 200  # text-only questions kept, without an image
+    assert sorted(p.name for p in (shipped / "images").iterdir()) == sorted(r["image"][7:] for r in with_image)
+    for r in with_image:
+        a, b = Image.open(shipped / r["image"]), Image.open(tmp_path / r["image"])
+        assert np.array_equal(np.asarray(a), np.asarray(b)), r["id"]

@@ -17,7 +17,15 @@ ShareGPT4V/LLaVA conversation layout that the calibration tool reads:
       "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the circle?"},
                         {"from": "gpt", "value": "red"}]}, ...]
 
+`export_questions(...)` writes a split as image questions with answers, one JSON object a line,
+in the shape examples/evaluate_server.py and the lm-eval / lmms-eval tasks of
+examples/eval_tasks read (examples/toyvqa_heldout is the test split's first 200, exported so):
+
+    {"id": "toyvqa-test-00000", "image": "images/toyvqa-test-00000.png", "question": "...",
+     "answer": "red", "kind": "colour_of_shape"}      # no "image" for a text-only question
+
 CLI: python -m splitq_toyvqa.data --output DIR [--split calibration] [--n 128]
+     python -m splitq_toyvqa.data --questions --output DIR --split test --n 200
 """
 
 from __future__ import annotations
@@ -426,15 +434,40 @@ def export_sharegpt4v(
     return path
 
 
+def export_questions(
+    output_dir: str | Path, split: str = "test", n: int | None = None, seed: int = DEFAULT_SEED
+) -> Path:
+    """Write samples 0..n-1 of `split` as OUTPUT_DIR/questions.jsonl plus OUTPUT_DIR/images/<id>.png
+    (module docstring); text-only questions are kept, without an "image" key. Returns the JSONL path."""
+    out = Path(output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in iter_split(split, n, seed):
+        record: dict[str, Any] = {"id": s.id}
+        if s.image is not None:
+            record["image"] = f"images/{s.id}.png"
+            s.image.save(out / record["image"], format="PNG")
+        record.update(question=s.question, answer=s.answer, kind=s.kind)
+        lines.append(json.dumps(record))
+    path = out / "questions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Export a ToyVQA split in the ShareGPT4V layout.")
-    ap.add_argument("--output", required=True, help="folder for <split>.json and images/")
+    ap = argparse.ArgumentParser(description="Export a ToyVQA split in the ShareGPT4V layout, or as questions.")
+    ap.add_argument("--output", required=True, help="folder for <split>.json (or questions.jsonl) and images/")
     ap.add_argument("--split", default="calibration", choices=SPLITS)
     ap.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--with-text-only", action="store_true", help="keep text-only questions (no image key)")
+    ap.add_argument("--questions", action="store_true",
+                    help="write questions.jsonl for examples/evaluate_server.py instead (text-only ones kept)")
     args = ap.parse_args(argv)
-    path = export_sharegpt4v(args.output, args.split, args.n, args.seed, args.with_text_only)
+    if args.questions:
+        path = export_questions(args.output, args.split, args.n, args.seed)
+    else:
+        path = export_sharegpt4v(args.output, args.split, args.n, args.seed, args.with_text_only)
     print(f"wrote {path}")
 
 

@@ -100,10 +100,14 @@ def train_groups(
 
     def epoch_loss(train: bool, order: list[int], optimizer=None, scheduler=None) -> float:
         total, count = 0.0, 0
+        if not train:  # the parameters do not change: one weight side for the whole pass
+            for r in runners.values():
+                r.begin_step(False)
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
-            for r in runners.values():
-                r.begin_step(train)
+            if train:
+                for r in runners.values():
+                    r.begin_step(True)
             sse, elems = 0.0, 0
             for i in batch:
                 with torch.set_grad_enabled(train):
@@ -131,11 +135,11 @@ def train_groups(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            else:
-                for r in runners.values():
-                    r.end_step()
             total += sse
             count += elems
+        if not train:
+            for r in runners.values():
+                r.end_step()
         return total / max(count, 1)
 
     order = list(range(n))

@@ -197,49 +197,66 @@ def mrope_section(head_dim: int) -> list[int]:
     return [t, h, head_dim // 2 - t - h]
 
 
-def published_config(spec: str | Published, layers: int | None = None, token_ids: dict[str, int] | None = None):
-    """The transformers config of `spec` with `layers` decoder layers (default: the release's) and
-    the given special-token ids (keys as in RELEASE_TOKEN_IDS; default: the release's)."""
+def text_config_kwargs(spec: str | Published, layers: int | None = None, token_ids: dict[str, int] | None = None) -> dict:
+    """The text_config keywords of `spec` (transformers' names) with `layers` decoder layers
+    (default: the release's) and special-token ids (keys as in RELEASE_TOKEN_IDS; default: the release's)."""
     spec = get_spec(spec)
-    t, v = spec.text, spec.vision
+    t = spec.text
     ids = token_ids or RELEASE_TOKEN_IDS[spec.family]
-    text = dict(
+    rope: dict = {"rope_type": "default", "rope_theta": t.rope_theta}
+    if spec.family == "qwen2_5_vl":
+        rope["mrope_section"] = mrope_section(t.head_dim)
+    kw = dict(
         vocab_size=t.vocab, hidden_size=t.hidden, intermediate_size=t.intermediate,
         num_hidden_layers=t.layers if layers is None else layers, num_attention_heads=t.heads,
         num_key_value_heads=t.kv_heads, max_position_embeddings=t.max_positions, rms_norm_eps=t.rms_eps,
         tie_word_embeddings=t.tie_word_embeddings, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
-        pad_token_id=ids["pad"],
+        pad_token_id=ids["pad"], rope_parameters=rope,
     )  # fmt: skip
+    if spec.family == "llava":
+        kw["model_type"] = "llama"
+    return kw
+
+
+def vision_config_kwargs(spec: str | Published) -> dict:
+    """The vision_config keywords of `spec` (transformers' names)."""
+    v = get_spec(spec).vision
+    if isinstance(v, QwenVisionSpec):
+        return dict(
+            depth=v.depth, hidden_size=v.hidden, intermediate_size=v.intermediate, num_heads=v.heads,
+            out_hidden_size=v.out_hidden, patch_size=v.patch, spatial_merge_size=v.spatial_merge,
+            temporal_patch_size=v.temporal_patch, window_size=v.window_size,
+            fullatt_block_indexes=list(v.fullatt_block_indexes), tokens_per_second=v.tokens_per_second,
+        )  # fmt: skip
+    return dict(
+        model_type="clip_vision_model", hidden_size=v.hidden, intermediate_size=v.intermediate,
+        num_hidden_layers=v.layers, num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch,
+        projection_dim=v.projection_dim, hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps,
+    )  # fmt: skip
+
+
+def published_config(spec: str | Published, layers: int | None = None, token_ids: dict[str, int] | None = None):
+    """The transformers config of `spec` with `layers` decoder layers (default: the release's) and
+    the given special-token ids (keys as in RELEASE_TOKEN_IDS; default: the release's)."""
+    spec = get_spec(spec)
+    ids = token_ids or RELEASE_TOKEN_IDS[spec.family]
+    text, vision = text_config_kwargs(spec, layers, ids), vision_config_kwargs(spec)
+    tie = spec.text.tie_word_embeddings
     if spec.family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
 
-        assert isinstance(v, QwenVisionSpec)
-        rope = {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": mrope_section(t.head_dim)}
         return Qwen2_5_VLConfig(
-            text_config=dict(text, rope_parameters=rope),
-            vision_config=dict(
-                depth=v.depth, hidden_size=v.hidden, intermediate_size=v.intermediate, num_heads=v.heads,
-                out_hidden_size=v.out_hidden, patch_size=v.patch, spatial_merge_size=v.spatial_merge,
-                temporal_patch_size=v.temporal_patch, window_size=v.window_size,
-                fullatt_block_indexes=list(v.fullatt_block_indexes), tokens_per_second=v.tokens_per_second,
-            ),
-            image_token_id=ids["image"], video_token_id=ids["video"],
-            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
-            tie_word_embeddings=t.tie_word_embeddings,
+            text_config=text, vision_config=vision, image_token_id=ids["image"], video_token_id=ids["video"],
+            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"], tie_word_embeddings=tie,
         )  # fmt: skip
     from transformers import LlavaConfig
 
-    assert isinstance(v, ClipVisionSpec)
+    assert isinstance(spec.vision, ClipVisionSpec)
     return LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model", hidden_size=v.hidden, intermediate_size=v.intermediate,
-            num_hidden_layers=v.layers, num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch,
-            projection_dim=v.projection_dim, hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps,
-        ),
-        text_config=dict(text, model_type="llama", rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta}),
-        image_token_index=ids["image"], vision_feature_layer=v.feature_layer,
-        vision_feature_select_strategy="default", projector_hidden_act=v.projector_act,
-        image_seq_length=v.image_tokens, tie_word_embeddings=t.tie_word_embeddings,
+        vision_config=vision, text_config=text, image_token_index=ids["image"],
+        vision_feature_layer=spec.vision.feature_layer, vision_feature_select_strategy="default",
+        projector_hidden_act=spec.vision.projector_act, image_seq_length=spec.vision.image_tokens,
+        tie_word_embeddings=tie,
     )  # fmt: skip
 
 

@@ -90,7 +90,11 @@ class TreeSampler(threading.Thread):
         self.join()
 
     def peak(self, start: float = 0.0, end: float = math.inf) -> int | None:
+        """Largest sample in [start, end]; a window shorter than the interval gets the first
+        sample after it (the memory it left behind)."""
         vals = [r for t, r in self.samples if start <= t <= end]
+        if not vals:
+            vals = [r for t, r in self.samples if t >= start][:1]
         return max(vals) if vals else None
 
 

@@ -37,8 +37,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 GB = 1e9
 FILLER = " The image shows a red circle on the left and a blue square on the right."
@@ -347,7 +348,8 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {r['index']} | {init} | {epochs} | {_f(r.get('train_s'))} | {_f(r.get('quantize_s'))} | "
                      f"{_f(r.get('seconds'))} | {_f(r['peak_rss_gb'], '{:.2f}')} |")  # fmt: skip
     lines += [
-        f"capture {_f(res.get('capture_s'))} s, export {_f(res.get('export_s'))} s, run {_f(res['calibrate_wall_s'])} s",
+        f"capture {_f(res.get('capture_s'))} s, export {_f(res.get('export_s'))} s, "
+        f"run {_f(res['calibrate_wall_s'])} s",
         f"peak host RSS {_f(res['peak_rss_gb'], '{:.2f}')} GB (sampled; the run's own figure "
         f"{_f(res.get('reported_cpu_peak_rss_gb'), '{:.2f}')} GB)"
         + (f", peak CUDA {res['cuda_peak_gb']:.2f} GB" if res.get("cuda_peak_gb") is not None else ""),
@@ -389,9 +391,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if "--" in argv:  # everything after a bare -- goes to splitq-calibrate
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", help="a published model (splitq_vllm.testing.published.PUBLISHED) or a test spec")
-    p.add_argument("--model-dir", type=Path, help="model directory: reused if present, else built there (default WORK/model)")
+    p.add_argument(
+        "--model-dir", type=Path, help="model directory: reused if present, else built there (default WORK/model)"
+    )
     p.add_argument("--layers", type=int, default=2, help="decoder layers of the built model (default 2)")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--tokens", type=int, default=256, help="approximate tokens per sample (default 256)")
@@ -401,13 +407,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--method", default="splitq")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (passed to splitq-calibrate)")
     p.add_argument("--seed", type=int, default=0, help="weights of the built model")
-    p.add_argument("--work", type=Path, default=Path("calibrate-real-width"), help="data, checkpoint, logs (default ./calibrate-real-width)")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("calibrate-real-width"),
+        help="data, checkpoint, logs (default ./calibrate-real-width)",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="PNG of RSS over time (matplotlib)")
-    p.add_argument("--serve", action="store_true", help="then serve the checkpoint with vLLM (CPU) and send one chat with an image")
+    p.add_argument(
+        "--serve", action="store_true", help="then serve the checkpoint with vLLM (CPU) and send one chat with an image"
+    )
     p.add_argument("--serve-dtype", default="bfloat16", help="vLLM --dtype for --serve (default bfloat16)")
     p.add_argument("--serve-timeout", type=float, default=1800, help="seconds to wait for the server (default 1800)")
-    p.add_argument("--extra", default="", help="more splitq-calibrate arguments, one string: --extra='--no-train' (or after --)")
+    p.add_argument(
+        "--extra", default="", help="more splitq-calibrate arguments, one string: --extra='--no-train' (or after --)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the calibration log")
     args = p.parse_args(argv)
     args.extra_args = shlex.split(args.extra) + extra
@@ -422,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    model_dir, built, build_s = ensure_model(args.model, (args.model_dir or work / "model").resolve(), args.layers, args.seed)
+    model_dir, built, build_s = ensure_model(
+        args.model, (args.model_dir or work / "model").resolve(), args.layers, args.seed
+    )
     plan = plan_samples(model_dir, args.tokens, args.vision_frac)
     data = write_data(work, args.samples, plan)
     ckpt, report_path = work / "checkpoint", work / "report.json"
@@ -460,12 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     if run["returncode"] == 0 and (ckpt / "config.json").exists():
         res.update(sizes(model_dir, ckpt))
     if args.serve and run["returncode"] == 0:
-        res["serve"] = serve_and_chat(ckpt, work, max_model_len=2048, dtype=args.serve_dtype, timeout=args.serve_timeout)
+        res["serve"] = serve_and_chat(
+            ckpt, work, max_model_len=2048, dtype=args.serve_dtype, timeout=args.serve_timeout
+        )
     res.update(
         command=shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]), calibrate_command=shlex.join(cmd),
         machine=machine(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         load_avg={"start": load_start, "end": os.getloadavg()},
-        rss_samples=[[round(t, 2), round(r / GB, 4)] for t, r in sampler.samples[:: max(1, len(sampler.samples) // 2000)]],
+        rss_samples=[[round(t, 2), round(r / GB, 4)] for t, r in sampler.samples[:: 1 + len(sampler.samples) // 2000]],
     )  # fmt: skip
     print(table(res))
     if args.json:

@@ -28,8 +28,9 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # vLLM's fused order (QKVParallelLinear, MergedColumnParallelLinear): output rows in this order
 MEMBER_ORDER = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
@@ -54,7 +55,11 @@ def fused_groups(ckpt, first_layers: int | None = None) -> list[tuple[str, list[
     def group_key(item: tuple[str, list[str]]) -> tuple[int, int, str]:
         m = LAYER_INDEX.search(item[0])
         kind = item[0].rsplit(".", 1)[-1]
-        return (int(m.group(1)) if m else -1, KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), item[0])
+        return (
+            int(m.group(1)) if m else -1,
+            KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER),
+            item[0],
+        )
 
     return sorted(((g, sorted(ns, key=member_key)) for g, ns in groups.items()), key=group_key)
 
@@ -99,7 +104,9 @@ def check_group(
         return out
     layer = fused.to(device)
     kl = prepare_kernel_layer(layer, scheme, device)
-    x = random_activations(rows, fused.in_features, seed, outlier_channels=max(1, fused.in_features // 100), dtype=dtype)
+    x = random_activations(
+        rows, fused.in_features, seed, outlier_channels=max(1, fused.in_features // 100), dtype=dtype
+    )
     x, mask = x.to(device), row_mask(rows).to(device)
     act, y = kernels(x, mask, kl)
     reference = splitq_linear(x.float(), mask, layer, scheme)  # float32: before the output's rounding
@@ -137,14 +144,18 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", type=Path, help="SplitQ checkpoint directory")
     p.add_argument("--layers", type=int, help="only the first N decoder layers (default: all)")
     p.add_argument("--rows", type=int, default=3, help="activation rows per layer (default 3)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="activation dtype")
     p.add_argument("--device", default=None, help="cpu (Triton's interpreter) or cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-unsupported", action="store_true", help="layers the kernels cannot run do not fail the check")
+    p.add_argument(
+        "--skip-unsupported", action="store_true", help="layers the kernels cannot run do not fail the check"
+    )
     p.add_argument("--json", type=Path, help="write the per-layer results here")
     args = p.parse_args(argv)
     if args.rows < 1:
@@ -179,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {group}: {r['status']} ({r['seconds']:.1f} s)", file=sys.stderr)
         results.append(r)
     print(_table(results))
-    bad = [r for r in results if r["status"] == "mismatch" or (r["status"] == "unsupported" and not args.skip_unsupported)]
+    bad = [
+        r for r in results if r["status"] == "mismatch" or (r["status"] == "unsupported" and not args.skip_unsupported)
+    ]
     summary = {"checkpoint": str(args.checkpoint), "device": str(device), "dtype": args.dtype, "rows": args.rows,
                "scheme": str(ckpt.scheme), "layers": results, "passed": not bad}  # fmt: skip
     if args.json:

@@ -178,7 +178,9 @@ def get_spec(name_or_spec: str | Published) -> Published:
         return name_or_spec
     spec = PUBLISHED.get(name_or_spec) or TEST_SPECS.get(name_or_spec)
     if spec is None:
-        raise ValueError(f"unknown model {name_or_spec!r}: published ones are {sorted(PUBLISHED)} (tests: {sorted(TEST_SPECS)})")
+        raise ValueError(
+            f"unknown model {name_or_spec!r}: published ones are {sorted(PUBLISHED)} (tests: {sorted(TEST_SPECS)})"
+        )
     return spec
 
 
@@ -197,7 +199,9 @@ def mrope_section(head_dim: int) -> list[int]:
     return [t, h, head_dim // 2 - t - h]
 
 
-def text_config_kwargs(spec: str | Published, layers: int | None = None, token_ids: dict[str, int] | None = None) -> dict:
+def text_config_kwargs(
+    spec: str | Published, layers: int | None = None, token_ids: dict[str, int] | None = None
+) -> dict:
     """The text_config keywords of `spec` (transformers' names) with `layers` decoder layers
     (default: the release's) and special-token ids (keys as in RELEASE_TOKEN_IDS; default: the release's)."""
     spec = get_spec(spec)
@@ -349,7 +353,11 @@ def write_random_shards(tensors: list[tuple[str, str, torch.Tensor]], out: Path,
         for i in members:
             name, _, t = tensors[i]
             nbytes = t.numel() * t.element_size()
-            header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _ST_DTYPES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
             weight_map[name] = fname
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -422,4 +430,3 @@ def build_published(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-

@@ -28,7 +28,18 @@ def _module():
 
 def _run(tmp_path: Path, *args: str, ok: bool = True, timeout: int = 300, env=None) -> tuple[dict, str]:
     out = tmp_path / "out.json"
-    cmd = [sys.executable, str(SCRIPT), "--work", str(tmp_path / "work"), "--json", str(out), "--device", "cpu", "-q", *args]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--work",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+        "--device",
+        "cpu",
+        "-q",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
                           env=env or {**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]

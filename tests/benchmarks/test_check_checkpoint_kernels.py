@@ -28,7 +28,9 @@ def _module():
 
 @pytest.fixture(scope="module")
 def qwen_ckpt(tiny_qwen_dir, tmp_path_factory):
-    return synthesize_checkpoint(tiny_qwen_dir, tmp_path_factory.mktemp("ckpt") / "qwen-w4a4", SplitQScheme.from_name("w4a4"))
+    return synthesize_checkpoint(
+        tiny_qwen_dir, tmp_path_factory.mktemp("ckpt") / "qwen-w4a4", SplitQScheme.from_name("w4a4")
+    )
 
 
 def test_every_layer_of_a_checkpoint_matches(qwen_ckpt, tmp_path):
@@ -39,7 +41,9 @@ def test_every_layer_of_a_checkpoint_matches(qwen_ckpt, tmp_path):
     res = json.loads(out.read_text())
     assert res["passed"] and res["rows"] == 3
     groups = [r["group"] for r in res["layers"]]
-    assert groups == [f"model.layers.{i}.{k}" for i in (0, 1) for k in ("self_attn.qkv", "self_attn.o", "mlp.gate_up", "mlp.down")]
+    assert groups == [
+        f"model.layers.{i}.{k}" for i in (0, 1) for k in ("self_attn.qkv", "self_attn.o", "mlp.gate_up", "mlp.down")
+    ]
     qkv = res["layers"][0]
     assert qkv["members"] == [f"model.layers.0.self_attn.{m}_proj" for m in "qkv"]  # vLLM's fused order
     assert qkv["out_features"] == 128 + 2 * 64 and qkv["cws_rank"] > 0 and qkv["mac_rank"] > 0

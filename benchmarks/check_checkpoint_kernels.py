@@ -16,7 +16,9 @@ without a flip, within half an ulp of the output dtype plus float32 rescaling no
 reported: max abs / relative difference to the reference `splitq_linear` (relative to the
 largest |reference| value), the flips, the worst error/tolerance ratios, the time.
 
-On the CPU the kernels run in Triton's interpreter (slow: a 7B gate/up layer takes minutes).
+On the CPU the kernels run in Triton's interpreter: slow but fine at real widths with a few rows
+(measured at Qwen2.5-VL-7B's shapes, W4A4, 3 rows, 2 cores: qkv 12 s, down 49 s, gate/up 88 s,
+about 3 minutes per decoder layer, 2.3 GB peak RSS).
 Exit status: 0 when every layer matches; 1 on a mismatch or a layer the kernels cannot run
 (unless --skip-unsupported); 2 when the checkpoint cannot be read.
 """

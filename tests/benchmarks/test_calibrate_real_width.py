@@ -104,9 +104,11 @@ def test_layer_rows_read_old_and_new_reports():
 
 @pytest.mark.vllm
 @pytest.mark.timeout(1200)
-def test_serve_answers_a_chat_with_an_image(tmp_path, tiny_qwen_dir):
+def test_serve_answers_a_chat_with_an_image(tmp_path):
+    """The whole path at tiny width: build_published -> splitq-calibrate -> vLLM's OpenAI server
+    (bf16, reference backend) -> one chat with a picture through the openai client."""
     env = vllm_env({"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "OMP_NUM_THREADS": "1"})
-    res, stdout = _run(tmp_path, "--model-dir", str(tiny_qwen_dir), "--samples", "2", "--tokens", "64", "--method",
+    res, stdout = _run(tmp_path, "--model", "tiny-qwen2.5-vl", "--samples", "2", "--tokens", "64", "--method",
                        "rtn", "--serve", timeout=1100, env=env)  # fmt: skip
     s = res["serve"]
     assert "error" not in s, s

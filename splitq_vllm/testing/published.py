@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -108,9 +108,9 @@ class Published:
     source: str  # the Hugging Face repository the numbers come from
     text: TextSpec
     vision: QwenVisionSpec | ClipVisionSpec
-    qkv_bias: bool = field(default=False)
+    qkv_bias: bool = False  # q/k/v projections with bias (Qwen2)
 
-    def scaled(self, name: str, **text: int) -> "Published":
+    def scaled(self, name: str, **text: int) -> Published:
         """A copy with other text widths (for tests: the same code path at small sizes)."""
         return replace(self, name=name, text=replace(self.text, **text))
 

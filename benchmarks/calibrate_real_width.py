@@ -289,6 +289,10 @@ def serve_and_chat(ckpt: Path, work: Path, max_model_len: int, dtype: str, timeo
             out["request_s"] = time.monotonic() - t0
             out["answer"] = r.choices[0].message.content
             out["prompt_tokens"] = r.usage.prompt_tokens
+            # random weights pick ids beyond the offline tokenizer's small vocabulary, which decode
+            # to empty text: the token count says that an answer was generated
+            out["completion_tokens"] = r.usage.completion_tokens
+            out["finish_reason"] = r.choices[0].finish_reason
             out["backend"] = "triton" if "SplitQ: triton backend" in server.logs() else "reference"
     except (ServerError, OSError, RuntimeError) as e:
         out["error"] = f"{type(e).__name__}: {str(e)[-3000:]}"
@@ -360,7 +364,7 @@ def table(res: dict[str, Any]) -> str:
     s = res.get("serve")
     if s:
         lines.append(f"served: start-up {_f(s.get('startup_s'))} s, peak RSS {_f(s.get('peak_rss_gb'), '{:.2f}')} GB, "
-                     f"answer {s.get('answer')!r}" + (f", ERROR {s['error'][:300]}" if s.get("error") else ""))  # fmt: skip
+                     f"answer {s.get('answer')!r} ({s.get('completion_tokens')} tokens)" + (f", ERROR {s['error'][:300]}" if s.get("error") else ""))  # fmt: skip
     return "\n".join(lines)
 
 

@@ -60,15 +60,13 @@ class GroupRunner:
 
     def finish_step(self, grad_scale: float) -> None:
         """Scale the collected weight-side gradients and backpropagate them into the parameters."""
-        w = self.weights
-        grads = FakeQuantWeights(
-            **{
-                name: None if t is None or t.grad is None else t.grad * grad_scale
-                for name, t in ((f, getattr(w, f)) for f in FakeQuantWeights.__dataclass_fields__)
-            }
-        )
-        self.end_step()
-        self.params.backward_weights(grads)
+        grads = {}
+        for name in FakeQuantWeights.__dataclass_fields__:
+            t = getattr(self.weights, name)
+            if t is not None and t.grad is not None:
+                grads[name] = t.grad.mul_(grad_scale)  # in place: no third copy of the weights
+        self.end_step()  # the leaves go; their gradients stay
+        self.params.backward_weights(FakeQuantWeights(**{f: grads.get(f) for f in FakeQuantWeights.__dataclass_fields__}))
 
     def end_step(self) -> None:
         self.weights = None

@@ -88,19 +88,21 @@ class Estimate:
         }
 
 
-def model_sizes(source) -> ModelSizes:
-    """ModelSizes of a SourceModel (nothing loaded: the skeleton has the shapes)."""
-    def count(module) -> int:
+def model_sizes(model: torch.nn.Module, file_bytes: int = 2) -> ModelSizes:
+    """ModelSizes of a VLM; a meta skeleton will do (only shapes are read)."""
+    from splitq_vllm.model_layout import language_model_layers
+
+    def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    layer = source.layers[0]
+    _, layers = language_model_layers(model)
+    layer = layers[0]
     linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
-    head = sum(count(source.model.get_submodule(p)) for p in source.head_prefixes)
-    tied = source.model.config.get_text_config().tie_word_embeddings if hasattr(source.model.config, "get_text_config") else False
-    total_layers = count(source.layers)
-    pre = count(source.model) - total_layers - (0 if tied else head)
-    text_cfg = source.config.get_text_config()
-    vis_cfg = getattr(source.config, "vision_config", None)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    pre = count(model) - count(layers) - (0 if head is None or tied else head.weight.numel())
+    text_cfg = model.config.get_text_config()
+    vis_cfg = getattr(model.config, "vision_config", None)
     return ModelSizes(
         pre_layer_params=pre,
         layer_params=count(layer),
@@ -108,7 +110,7 @@ def model_sizes(source) -> ModelSizes:
         hidden=text_cfg.hidden_size,
         intermediate=text_cfg.intermediate_size,
         vision_hidden=getattr(vis_cfg, "hidden_size", 0) or 0,
-        file_bytes=torch.empty(0, dtype=source.dtype).element_size(),
+        file_bytes=file_bytes,
     )
 
 

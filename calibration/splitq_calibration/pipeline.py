@@ -16,8 +16,8 @@
 5. The next layer's input is this layer's FP output (FlatQuant's choice: no error propagation, so
    layers are independent given the FP activations, and a resumed run only has to recompute FP
    activations to continue).
-6. The checkpoint is exported from the per-layer files, one layer at a time
-   (export.export_checkpoint), then the work directory is removed.
+6. The checkpoint is exported from the per-layer files, streamed (export.export_packed), then
+   the work directory is removed.
 
 Resuming: a run started with the same arguments finds `<output>.partial/`, recomputes the FP
 activations up to the first unfinished layer (cheap: one forward per layer) and continues; every
@@ -122,10 +122,22 @@ def calibrate(
     return Calibrator(model, data, output, cfg).run()
 
 
+def host_memory_limit(cfg: CalibrationConfig) -> float:
+    """Bytes of host memory the run may use: --max-memory-gb, or 90% of what is available now."""
+    return cfg.max_memory_gb * GB if cfg.max_memory_gb is not None else 0.9 * available_host_bytes()
+
+
 def check_memory(est: Estimate, cfg: CalibrationConfig, sizes_note: str) -> None:
     """Stop a run whose estimated peak exceeds the memory it may use, with the numbers and the
     settings that would fit."""
-    limit = cfg.max_memory_gb * GB if cfg.max_memory_gb is not None else 0.9 * available_host_bytes()
+    if est.device != "cpu" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        if est.device_peak > free:
+            raise CalibrationError(
+                f"one decoder layer needs an estimated {est.device_peak / GB:.1f} GB of GPU memory ({sizes_note}), "
+                f"the GPU has {free / GB:.1f} GB free; use a larger GPU, free it, or --device cpu"
+            )
+    limit = host_memory_limit(cfg)
     if est.peak <= limit:
         return
     phases = f"capture {est.capture / GB:.1f} GB, layer statistics {est.stats / GB:.1f} GB, training {est.train / GB:.1f} GB"
@@ -171,7 +183,7 @@ class Calibrator:
         n_vis = sum(s.num_vision_tokens for s in samples)
         log.info("%d calibration samples, %d tokens (%d vision, %d text)", len(samples), n_tok, n_vis, n_tok - n_vis)
         source = SourceModel(self.model_dir)
-        sizes = model_sizes(source)
+        sizes = model_sizes(source.model, torch.empty(0, dtype=source.dtype).element_size())
         budget = None if cfg.activation_memory_gb is None else cfg.activation_memory_gb * GB
         est = estimate(
             sizes,
@@ -182,8 +194,7 @@ class Calibrator:
             self.device.type,
         )
         if budget is None:  # what the memory limit leaves for the activations
-            limit = cfg.max_memory_gb * GB if cfg.max_memory_gb is not None else 0.9 * available_host_bytes()
-            budget = max(0.0, limit - (est.peak - 2 * est.activations_resident))
+            budget = max(0.0, host_memory_limit(cfg) - (est.peak - 2 * est.activations_resident))
         log.info(
             "estimated peak memory %.1f GB (capture %.1f, layer statistics %.1f, training %.1f; activations %.2f GB per set)",
             est.peak / GB, est.capture / GB, est.stats / GB, est.train / GB, est.activations / GB,

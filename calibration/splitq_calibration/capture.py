@@ -3,9 +3,11 @@
 A full forward per sample with a stand-in for decoder layer 0 that records its input and keyword
 arguments (attention mask, position ids, Qwen2.5-VL's M-RoPE position embeddings) and stops the
 forward: whatever the model passes its decoder layers, so no model-specific position code is
-needed. Only the embeddings, the vision tower and the projector run (the caller has loaded them on the device; the decoder layers can stay on the meta
-device); the activations go to an activation store on the CPU. The same keyword arguments serve every decoder layer (they depend on the positions, not
-on the hidden states), which is why models whose layers differ in attention type are refused.
+needed. Only the embeddings, the vision tower and the projector run (the caller has loaded them
+on the device; the decoder layers can stay on the meta device); the activations go to an
+activation store on the CPU. The same keyword arguments serve every decoder layer (they depend on
+the positions, not on the hidden states), which is why models whose layers differ in attention
+type are refused.
 """
 
 from __future__ import annotations

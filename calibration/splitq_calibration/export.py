@@ -72,7 +72,9 @@ class PackedGroup:
 class _MemberTensors(Mapping):
     """The member layers' tensors of packed groups, read from the layer files on access."""
 
-    def __init__(self, packed: Sequence[PackedGroup], scheme: SplitQScheme, bias_dtypes: dict[str, torch.dtype]) -> None:
+    def __init__(
+        self, packed: Sequence[PackedGroup], scheme: SplitQScheme, bias_dtypes: dict[str, torch.dtype]
+    ) -> None:
         self._where: dict[str, tuple[PackedGroup, str, int, int, torch.dtype | None]] = {}
         self._nbytes: dict[str, int] = {}
         self.dims: dict[str, LayerDims] = {}

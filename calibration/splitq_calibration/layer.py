@@ -66,7 +66,9 @@ class GroupRunner:
             if t is not None and t.grad is not None:
                 grads[name] = t.grad.mul_(grad_scale)  # in place: no third copy of the weights
         self.end_step()  # the leaves go; their gradients stay
-        self.params.backward_weights(FakeQuantWeights(**{f: grads.get(f) for f in FakeQuantWeights.__dataclass_fields__}))
+        self.params.backward_weights(
+            FakeQuantWeights(**{f: grads.get(f) for f in FakeQuantWeights.__dataclass_fields__})
+        )
 
     def end_step(self) -> None:
         self.weights = None

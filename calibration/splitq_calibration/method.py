@@ -236,7 +236,9 @@ def calibrate_layer(
     timings: dict[str, Any] = {}
 
     # (a) FP targets and statistics
-    stats, targets = collect_stats(work, calib, mask, inputs, text_rows, device, offload_dtype, [] if store is None else store)
+    stats, targets = collect_stats(
+        work, calib, mask, inputs, text_rows, device, offload_dtype, [] if store is None else store
+    )
     for mods in calib.values():
         drop_fp_weights(mods)
     timings["stats_s"] = time.perf_counter() - t0

@@ -140,7 +140,9 @@ def check_memory(est: Estimate, cfg: CalibrationConfig, sizes_note: str) -> None
     limit = host_memory_limit(cfg)
     if est.peak <= limit:
         return
-    phases = f"capture {est.capture / GB:.1f} GB, layer statistics {est.stats / GB:.1f} GB, training {est.train / GB:.1f} GB"
+    phases = (
+        f"capture {est.capture / GB:.1f} GB, layer statistics {est.stats / GB:.1f} GB, training {est.train / GB:.1f} GB"
+    )
     hints = []
     over = est.peak - limit
     if est.activations_resident > 0:
@@ -196,8 +198,13 @@ class Calibrator:
         if budget is None:  # what the memory limit leaves for the activations
             budget = max(0.0, host_memory_limit(cfg) - (est.peak - 2 * est.activations_resident))
         log.info(
-            "estimated peak memory %.1f GB (capture %.1f, layer statistics %.1f, training %.1f; activations %.2f GB per set)",
-            est.peak / GB, est.capture / GB, est.stats / GB, est.train / GB, est.activations / GB,
+            "estimated peak memory %.1f GB (capture %.1f, layer statistics %.1f, training %.1f; "
+            "activations %.2f GB per set)",
+            est.peak / GB,
+            est.capture / GB,
+            est.stats / GB,
+            est.train / GB,
+            est.activations / GB,
         )
         check_memory(est, cfg, f"{len(source.layers)} decoder layers of {sizes.layer_params / 1e6:.0f} M parameters")
         groups = linear_groups(source.model, list(source_tensor_files(self.model_dir)))

@@ -36,6 +36,7 @@ from splitq_vllm.model_layout import language_model_layers, source_tensor_files
 
 from .errors import CalibrationError
 
+
 def module_names(model: nn.Module, file_names: list[str]) -> dict[str, str]:
     """File tensor name -> parameter name in `model`, by transformers' load-time renaming."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -102,7 +103,8 @@ class SourceModel:
         for file_name, param_name in module_names(self.model, list(self.files)).items():
             if param_name in self._file_name:
                 raise CalibrationError(
-                    f"model {self.dir}: tensors {self._file_name[param_name]} and {file_name} both load into {param_name}"
+                    f"model {self.dir}: tensors {self._file_name[param_name]} and {file_name} "
+                    f"both load into {param_name}"
                 )
             self._file_name[param_name] = file_name
         head = self.model.get_output_embeddings()

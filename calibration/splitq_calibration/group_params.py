@@ -246,11 +246,24 @@ class GroupParams(nn.Module):
 
     def fake_weights(self) -> FakeQuantWeights:
         """The weight side of one training step (reference.fake_quantize_weights), computed block
-        by block without a graph: the per-sample forwards use it as leaves, and
-        `backward_weights` carries their gradients into the parameters."""
+        by block without a graph into preallocated tensors: the per-sample forwards use it as
+        leaves, and `backward_weights` carries their gradients into the parameters."""
+        rows = self.w_main.shape[0]
+        out: dict[str, torch.Tensor | None] = {}
         with torch.no_grad():
-            parts = [fake_quantize_weights(self.float_layer(b), self.scheme) for b in self.row_blocks()]
-        return _cat_blocks(parts)
+            for r0, r1 in self.row_blocks():
+                part = fake_quantize_weights(self.float_layer((r0, r1)), self.scheme)
+                if not out:
+                    for f in _SHARED:
+                        out[f] = getattr(part, f)
+                    for f in _OUTPUT_ROWS:
+                        t = getattr(part, f)
+                        out[f] = None if t is None else t.new_empty((rows, *t.shape[1:]))
+                for f in _OUTPUT_ROWS:
+                    if out[f] is not None:
+                        out[f][r0:r1] = getattr(part, f)
+                del part
+        return FakeQuantWeights(**out)
 
     def backward_weights(self, grads: FakeQuantWeights) -> None:
         """Backpropagate d(loss)/d(weight side) into the parameters: each row block's weight side
@@ -282,13 +295,3 @@ class GroupParams(nn.Module):
 _CHANNEL_SPLIT_FIELDS = [f.name for f in dataclasses.fields(ChannelSplit)]
 _OUTPUT_ROWS = ("main", "text", "vision", "cws_up", "mac_up", "bias")
 _SHARED = ("cws_down", "mac_down")
-
-
-def _cat_blocks(parts: list[FakeQuantWeights]) -> FakeQuantWeights:
-    if len(parts) == 1:
-        return parts[0]
-    out = {}
-    for f in dataclasses.fields(FakeQuantWeights):
-        vals = [getattr(p, f.name) for p in parts]
-        out[f.name] = None if vals[0] is None else (vals[0] if f.name in _SHARED else torch.cat(vals))
-    return FakeQuantWeights(**out)

@@ -273,6 +273,9 @@ def calibrate_layer(
     t3 = time.perf_counter()
     quantized = {kind: r.params.quantized().to("cpu") for kind, r in runners.items()}
     timings["quantize_s"] = time.perf_counter() - t3
+    for mods in calib.values():  # the stand-ins stay in the (consumed) layer: they must not keep
+        for m in mods:  # the runners' frozen weights alive after the layer is released
+            m.runner = None
     del runners
     info.update(
         init_loss=trained.init_loss,

@@ -134,3 +134,23 @@ def test_source_model_loads_what_from_pretrained_loads(models):
     source.release_before_layers()
     source.release_layer(1)
     assert source.resident_bytes() == 0
+
+
+def test_nothing_of_a_layer_outlives_its_turn(models, data, tmp_path, monkeypatch):
+    """When a layer is released, no calibration state of it is alive (no GroupParams, whose frozen
+    weights are the layer's size): what made the peak grow by a layer per layer at 7B width."""
+    import gc
+
+    from splitq_calibration.group_params import GroupParams
+
+    alive = []
+    release = SourceModel.release_layer
+
+    def release_and_count(self, i):
+        release(self, i)
+        gc.collect()
+        alive.append(sum(isinstance(o, GroupParams) for o in gc.get_objects()))
+
+    monkeypatch.setattr(SourceModel, "release_layer", release_and_count)
+    _run(models[4], data, tmp_path / "out")
+    assert alive == [0, 0, 0, 0]

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--pairs", nargs="+", default=["qwen2.5-vl-7b:rtx4090", "qwen2.5-vl-7b:h100-80g",
-                                                    "qwen2.5-vl-72b:h100-80g", "qwen2.5-vl-72b:a100-80g"])  # fmt: skip
+                                                    "qwen2.5-vl-72b:h100-80g", "qwen2.5-vl-72b:rtx4090"])  # fmt: skip
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)

@@ -30,17 +30,11 @@ import time
 
 import torch
 
-QWEN25VL_7B_TEXT = dict(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=151643,
-    eos_token_id=151645,
-    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-    tie_word_embeddings=False,
-)
-QWEN25VL_7B_VISION = dict(
-    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
-    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-)
+from splitq_vllm.testing.published import text_config_kwargs, vision_config_kwargs
+
+# Qwen2.5-VL-7B-Instruct's config.json (kept once, in splitq_vllm.testing.published)
+QWEN25VL_7B_TEXT = text_config_kwargs("qwen2.5-vl-7b")
+QWEN25VL_7B_VISION = vision_config_kwargs("qwen2.5-vl-7b")
 TINY_TEXT = dict(
     vocab_size=512, hidden_size=160, intermediate_size=336, num_hidden_layers=2, num_attention_heads=5,
     num_key_value_heads=1, max_position_embeddings=4096, rms_norm_eps=1e-6,

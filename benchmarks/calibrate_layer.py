@@ -23,18 +23,10 @@ import time
 
 import torch
 
-# Qwen2.5-VL-7B-Instruct's language model (config.json of the release; ../shared/notes/anchors.md)
-QWEN25VL_7B = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    num_hidden_layers=28,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=128000,
-    vocab_size=152064,
-    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-)
+from splitq_vllm.testing.published import text_config_kwargs
+
+# Qwen2.5-VL-7B-Instruct's language model (the release's config.json, kept in splitq_vllm.testing.published)
+QWEN25VL_7B = text_config_kwargs("qwen2.5-vl-7b")
 QUICK = dict(
     hidden_size=256,
     intermediate_size=512,

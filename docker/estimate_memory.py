@@ -5,7 +5,7 @@
 
 Computed from the format, not measured (no GPU here). For each model:
 - the model is instantiated on PyTorch's meta device from the public config numbers
-  (../shared/notes/anchors.md: Qwen2.5-VL-3B / 7B), so every tensor shape is transformers' own;
+  (splitq_vllm.testing.published: Qwen2.5-VL-3B / 7B), so every tensor shape is transformers' own;
 - `splitq_vllm.model_layout.linear_groups` lists the linears calibration quantizes (q/k/v,
   o, gate/up, down of every decoder layer), and each gets the `LayerDims` that `splitq-calibrate`
   gives it with its default settings (`CalibrationConfig` and the `splitq` preset: 2% text and 2%
@@ -41,38 +41,16 @@ RTX_4090_MIB = 24564  # what nvidia-smi reports for a 24 GB RTX 4090
 MAX_MODEL_LEN = 16384
 GPU_MEMORY_UTILIZATION = 0.90
 
-# Public configs of the Qwen2.5-VL Instruct releases (../shared/notes/anchors.md).
-VISION = dict(
-    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-)  # fmt: skip
-MODELS = {
-    "Qwen2.5-VL-3B": dict(
-        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-    ),
-    "Qwen2.5-VL-7B": dict(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-    ),
-}  # fmt: skip
+# The Qwen2.5-VL Instruct releases (their config.json numbers live in splitq_vllm.testing.published)
+MODELS = {"Qwen2.5-VL-3B": "qwen2.5-vl-3b", "Qwen2.5-VL-7B": "qwen2.5-vl-7b"}
 
 
 def build_meta_model(name: str):
     """The transformers model with the public config's shapes, on the meta device (no memory)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from splitq_vllm.testing.published import meta_model
 
-    text = dict(MODELS[name])
-    text.update(
-        max_position_embeddings=128000,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-    )
-    vision = dict(VISION, out_hidden_size=text["hidden_size"])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
-    with torch.device("meta"):
-        return Qwen2_5_VLForConditionalGeneration(config), config
+    model = meta_model(MODELS[name])
+    return model, model.config
 
 
 def default_dims(group, has_bias: bool):

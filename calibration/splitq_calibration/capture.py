@@ -3,9 +3,11 @@
 A full forward per sample with a stand-in for decoder layer 0 that records its input and keyword
 arguments (attention mask, position ids, Qwen2.5-VL's M-RoPE position embeddings) and stops the
 forward: whatever the model passes its decoder layers, so no model-specific position code is
-needed. Only the embeddings, the vision tower and the projector run; the activations are kept on
-the CPU. The same keyword arguments serve every decoder layer (they depend on the positions, not
-on the hidden states), which is why models whose layers differ in attention type are refused.
+needed. Only the embeddings, the vision tower and the projector run (the caller has loaded them
+on the device; the decoder layers can stay on the meta device); the activations go to an
+activation store on the CPU. The same keyword arguments serve every decoder layer (they depend on
+the positions, not on the hidden states), which is why models whose layers differ in attention
+type are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from splitq_vllm.model_layout import language_model_layers
 
+from .activations import ActivationStore
 from .data import CalibSample
 from .errors import CalibrationError
 
@@ -50,7 +53,7 @@ def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = 
 class LayerInputs:
     """Per sample: the decoder-layer input (1, T, H) on the CPU, its kwargs, its text mask."""
 
-    hidden: list[torch.Tensor]
+    hidden: ActivationStore | list[torch.Tensor]
     kwargs: list[dict[str, Any]]
     text_masks: list[torch.Tensor]
 
@@ -85,19 +88,24 @@ def check_layer_types(model: nn.Module) -> None:
 
 
 def capture_layer0_inputs(
-    model: nn.Module, samples: list[CalibSample], device: torch.device, offload_dtype: torch.dtype
+    model: nn.Module,
+    samples: list[CalibSample],
+    device: torch.device,
+    offload_dtype: torch.dtype,
+    store: ActivationStore | None = None,
 ) -> LayerInputs:
-    """Run each sample through the model up to decoder layer 0 (embeddings, vision tower and
-    projector on `device`, decoder layers left on the CPU) and keep what layer 0 receives."""
+    """Run each sample through the model up to decoder layer 0 (the embeddings, the vision tower
+    and the projector, which the caller has put on `device`) and keep what layer 0 receives:
+    the hidden states in `store` (a list if None) in offload_dtype, the kwargs on the CPU."""
     check_layer_types(model)
     prefix, layers = language_model_layers(model)
     parent = model.get_submodule(prefix.rsplit(".", 1)[0])
     attr = prefix.rsplit(".", 1)[1]
     catcher = _Catcher()
     setattr(parent, attr, nn.ModuleList([catcher]))
-    hidden, kwargs_list = [], []
+    hidden = [] if store is None else store
+    kwargs_list = []
     try:
-        model.to(device)
         with torch.no_grad():
             for s in samples:
                 inputs = to_device(s.inputs, device)
@@ -113,7 +121,7 @@ def capture_layer0_inputs(
                 kw["use_cache"] = False
                 hidden.append(h.detach().to("cpu", offload_dtype))
                 kwargs_list.append(to_device(kw, torch.device("cpu")))
+                catcher.record = None
     finally:
         setattr(parent, attr, layers)
-        model.to("cpu")
     return LayerInputs(hidden, kwargs_list, [s.text_mask for s in samples])

@@ -60,7 +60,11 @@ HELP = {
     "prompt": "user prompt for a folder of captioned images",
     "on_bad_sample": "what a broken sample does: " + ", ".join(ON_BAD_SAMPLE),
     "device": "cpu, cuda, cuda:N or auto (default)",
-    "offload_dtype": "dtype of captured activations in CPU memory",
+    "offload_dtype": "dtype of the activations kept between layers on the host (default bfloat16)",
+    "max_memory_gb": "host memory the run may use; a run estimated above it stops before loading the model "
+    "(default: 90%% of the available memory)",
+    "activation_memory_gb": "activations kept in host memory, the rest spilled to <output>.partial/activations "
+    "(default: what max-memory-gb leaves)",
     "overwrite": "replace an existing output directory",
     "restart": "discard an unfinished run instead of resuming it",
     "keep_work_dir": "keep <output>.partial/ after the export",

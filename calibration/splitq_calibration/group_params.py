@@ -19,14 +19,33 @@ parameters calibration trains (FlatQuant's recipe, the paper's Sec. 4 and 5.1):
 `float_layer()` builds the differentiable SplitQFloatLinear (P^-1 folded into the weights by
 the reference's fold_* functions), which the reference's splitq_linear_fake runs and
 quantize_linear freezes.
+
+Memory: the frozen weights stay in the dtype they came in (the files': bf16, 2 bytes per weight
+instead of 4), and everything computed from them at full size in float32 (the folded,
+fake-quantized weights; the quantized layer) is computed in blocks of output rows
+(ROW_BLOCK_ELEMENTS weights each): every weight quantizer is per output row and P^-1 acts on the
+input dim, so row blocks are exact. `fake_weights()` / `backward_weights()` split one training
+step's weight side off the per-sample forwards (method.train_groups).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from splitq_kernels.reference import SplitQFloatLinear, fold_dense_weight, fold_main_weight
+from splitq_kernels.reference import (
+    ChannelSplit,
+    FakeQuantWeights,
+    SplitQFloatLinear,
+    SplitQLinear,
+    concat_outputs,
+    fake_quantize_weights,
+    fold_dense_weight,
+    fold_main_weight,
+    quantize_linear,
+)
 
 from .dims import kron_factors, rank_for
 from .lowrank import constrained_factors, svd_basis
@@ -40,9 +59,26 @@ def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(n, dtype=torch.float64))
 
 
+ROW_BLOCK_ELEMENTS = 2**24  # weights per block of output rows: 64 MB per float32 temporary
+
+
+def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """[start, stop) blocks of output rows with at most ROW_BLOCK_ELEMENTS weights each."""
+    step = max(1, ROW_BLOCK_ELEMENTS // max(cols, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)] or [(0, 0)]
+
+
+def column_absmax(w: torch.Tensor) -> torch.Tensor:
+    """max_r |W_rc| per column, float32, without a full-size temporary."""
+    out = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
+    for r0, r1 in row_blocks(*w.shape):
+        out = torch.maximum(out, w[r0:r1].abs().amax(0).to(torch.float32))
+    return out
+
+
 def smooth_scale(w: torch.Tensor, x_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """max|W_c|^(1-alpha) / max|x_c|^alpha per input channel c (w: (out, in)), clamped to [1e-5, 1e5]."""
-    w_max = w.abs().amax(0).to(torch.float64).clamp(min=1e-5)
+    w_max = column_absmax(w).to(torch.float64).clamp(min=1e-5)
     x_max = x_absmax.to(torch.float64).clamp(min=1e-5)
     return (w_max.pow(1 - alpha) / x_max.pow(alpha)).clamp(1e-5, 1e5)
 
@@ -64,7 +100,8 @@ class GroupParams(nn.Module):
         cfg = config
         out_f, in_f = weight.shape
         dev = weight.device
-        w = weight.detach().to(torch.float32)
+        w = weight.detach()  # frozen, in its own dtype (see the module doc)
+        self.scheme = cfg.quant_scheme
         idx_text, idx_vision = idx_text.to(dev, torch.long), idx_vision.to(dev, torch.long)
         taken = torch.zeros(in_f, dtype=torch.bool, device=dev)
         taken[idx_text] = True
@@ -74,17 +111,17 @@ class GroupParams(nn.Module):
         self.register_buffer("idx_main", idx_main)
         self.register_buffer("idx_text", idx_text)
         self.register_buffer("idx_vision", idx_vision)
-        self.register_buffer("w_main", w[:, idx_main].contiguous())
-        self.register_buffer("w_text", w[:, idx_text].contiguous())
-        self.register_buffer("w_vision", w[:, idx_vision].contiguous())
+        self.register_buffer("w_main", w.index_select(1, idx_main))
+        self.register_buffer("w_text", w.index_select(1, idx_text))
+        self.register_buffer("w_vision", w.index_select(1, idx_vision))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
         train = bool(cfg.train)
 
-        def smooth_for(idx: torch.Tensor) -> torch.Tensor:
+        def smooth_for(name: str, idx: torch.Tensor) -> torch.Tensor:
             if cfg.smooth_init == "none" or idx.numel() == 0:
                 return torch.ones(idx.numel(), dtype=torch.float64, device=dev)
             alpha = cfg.smoothquant_alpha if cfg.smooth_init == "smoothquant" else cfg.smooth_alpha
-            return smooth_scale(w[:, idx], absmax[idx], alpha)
+            return smooth_scale(getattr(self, f"w_{name}"), absmax[idx], alpha)
 
         def rotation(n: int) -> torch.Tensor:
             if cfg.transform_init == "identity":
@@ -93,17 +130,17 @@ class GroupParams(nn.Module):
 
         n1, n2 = kron_factors(idx_main.numel())
         f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-        self.smooth = nn.Parameter(f32(smooth_for(idx_main)), requires_grad=train)
+        self.smooth = nn.Parameter(f32(smooth_for("main", idx_main)), requires_grad=train)
         self.p1 = nn.Parameter(f32(rotation(n1)), requires_grad=train)
         self.p2 = nn.Parameter(f32(rotation(n2)), requires_grad=train)
         self.p_text = self.p_vision = None
         if idx_text.numel():
             self.p_text = nn.Parameter(
-                f32(smooth_for(idx_text)[:, None] * rotation(idx_text.numel())), requires_grad=train
+                f32(smooth_for("text", idx_text)[:, None] * rotation(idx_text.numel())), requires_grad=train
             )
         if idx_vision.numel():
             self.p_vision = nn.Parameter(
-                f32(smooth_for(idx_vision)[:, None] * rotation(idx_vision.numel())), requires_grad=train
+                f32(smooth_for("vision", idx_vision)[:, None] * rotation(idx_vision.numel())), requires_grad=train
             )
 
         # clipping: sigmoid(param); only when trained (RTN / SmoothQuant use the full range)
@@ -126,7 +163,7 @@ class GroupParams(nn.Module):
         self.mac_rank = min(self.mac_rank, idx_main.numel(), out_f)
         rmax = max(self.cws_rank, self.mac_rank)
         if rmax:
-            u, s, v = svd_basis(self.w_main, rmax)
+            u, s, v = svd_basis(self.w_main, rmax, gen)
             self.register_buffer("svd_u", f32(u))
             self.register_buffer("svd_s", f32(s))
             self.register_buffer("svd_v", f32(v))
@@ -150,23 +187,17 @@ class GroupParams(nn.Module):
                 (clip if "clip" in name else main).append(p)
         return main, clip
 
-    @staticmethod
-    def _sig(p: nn.Parameter | None) -> torch.Tensor | None:
-        return None if p is None else torch.sigmoid(p)
-
     def _aclip(self, p: nn.Parameter | None) -> torch.Tensor:
         return torch.ones((), device=self.w_main.device) if p is None else torch.sigmoid(p)
 
-    def _branch(self, rank: int, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _branch(self, rank: int, gate: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return constrained_factors(
-            self.svd_u[:, :rank], self.svd_s[:rank], self.svd_v[:, :rank], gate, self.smooth, self.p1, self.p2
+            self.svd_u[:, :rank], self.svd_s[:rank], self.svd_v[rows, :rank], gate, self.smooth, self.p1, self.p2
         )
 
-    def float_layer(self) -> SplitQFloatLinear:
-        """The differentiable float SplitQ layer of the current parameters."""
-        cws = self._branch(self.cws_rank, self.gate_cws) if self.cws_rank else (None, None)
-        mac = self._branch(self.mac_rank, self.gate_mac) if self.mac_rank else (None, None)
-        return SplitQFloatLinear(
+    def input_side(self) -> ChannelSplit:
+        """Channel sets, transforms and activation clipping (what the forward applies to x)."""
+        return ChannelSplit(
             idx_main=self.idx_main,
             idx_text=self.idx_text,
             idx_vision=self.idx_vision,
@@ -179,15 +210,88 @@ class GroupParams(nn.Module):
             text_act_clip=self._aclip(self.aclip_text),
             vision_act_clip=self._aclip(self.aclip_vision),
             mac_act_clip=self._aclip(self.aclip_mac),
-            main_weight=fold_main_weight(self.w_main, self.smooth, self.p1, self.p2),
-            text_weight=None if self.p_text is None else fold_dense_weight(self.w_text, self.p_text),
-            vision_weight=None if self.p_vision is None else fold_dense_weight(self.w_vision, self.p_vision),
+        )
+
+    def float_layer(self, rows: tuple[int, int] | None = None) -> SplitQFloatLinear:
+        """The differentiable float SplitQ layer of the current parameters; with `rows`, only
+        output rows [start, stop) of it (the input side whole)."""
+        sl = slice(None) if rows is None else slice(*rows)
+        f32 = torch.float32
+        cws = self._branch(self.cws_rank, self.gate_cws, sl) if self.cws_rank else (None, None)
+        mac = self._branch(self.mac_rank, self.gate_mac, sl) if self.mac_rank else (None, None)
+
+        def clip(p: nn.Parameter | None) -> torch.Tensor | None:
+            return None if p is None else torch.sigmoid(p[sl])
+
+        side = self.input_side()
+        return SplitQFloatLinear(
+            **{f: getattr(side, f) for f in _CHANNEL_SPLIT_FIELDS},
+            main_weight=fold_main_weight(self.w_main[sl].to(f32), self.smooth, self.p1, self.p2),
+            text_weight=None if self.p_text is None else fold_dense_weight(self.w_text[sl].to(f32), self.p_text),
+            vision_weight=None
+            if self.p_vision is None
+            else fold_dense_weight(self.w_vision[sl].to(f32), self.p_vision),
             cws_down=cws[0],
             cws_up=cws[1],
             mac_down=mac[0],
             mac_up=mac[1],
-            bias=self.bias,
-            main_weight_clip=self._sig(self.wclip_main),
-            text_weight_clip=self._sig(self.wclip_text),
-            vision_weight_clip=self._sig(self.wclip_vision),
+            bias=None if self.bias is None else self.bias[sl],
+            main_weight_clip=clip(self.wclip_main),
+            text_weight_clip=clip(self.wclip_text),
+            vision_weight_clip=clip(self.wclip_vision),
         )
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        return row_blocks(self.w_main.shape[0], self.w_main.shape[1] + self.w_text.shape[1] + self.w_vision.shape[1])
+
+    def fake_weights(self) -> FakeQuantWeights:
+        """The weight side of one training step (reference.fake_quantize_weights), computed block
+        by block without a graph into preallocated tensors: the per-sample forwards use it as
+        leaves, and `backward_weights` carries their gradients into the parameters."""
+        rows = self.w_main.shape[0]
+        out: dict[str, torch.Tensor | None] = {}
+        with torch.no_grad():
+            for r0, r1 in self.row_blocks():
+                part = fake_quantize_weights(self.float_layer((r0, r1)), self.scheme)
+                if not out:
+                    for f in _SHARED:
+                        out[f] = getattr(part, f)
+                    for f in _OUTPUT_ROWS:
+                        t = getattr(part, f)
+                        out[f] = None if t is None else t.new_empty((rows, *t.shape[1:]))
+                for f in _OUTPUT_ROWS:
+                    if out[f] is not None:
+                        out[f][r0:r1] = getattr(part, f)
+                del part
+        return FakeQuantWeights(**out)
+
+    def backward_weights(self, grads: FakeQuantWeights) -> None:
+        """Backpropagate d(loss)/d(weight side) into the parameters: each row block's weight side
+        is recomputed with its graph, which is freed before the next block."""
+        for bi, (r0, r1) in enumerate(self.row_blocks()):
+            part = fake_quantize_weights(self.float_layer((r0, r1)), self.scheme)
+            outs, ins = [], []
+            for name in _OUTPUT_ROWS:
+                t, g = getattr(part, name), getattr(grads, name)
+                if t is not None and g is not None and t.requires_grad:
+                    outs.append(t)
+                    ins.append(g[r0:r1])
+            if bi == 0:  # the *_down factors are the same in every block: their gradient once
+                for name in _SHARED:
+                    t, g = getattr(part, name), getattr(grads, name)
+                    if t is not None and g is not None and t.requires_grad:
+                        outs.append(t)
+                        ins.append(g)
+            if outs:
+                torch.autograd.backward(outs, ins)
+
+    def quantized(self) -> SplitQLinear:
+        """The quantized layer of the current parameters (quantize_linear, block by block)."""
+        with torch.no_grad():
+            blocks = [quantize_linear(self.float_layer(b), self.scheme) for b in self.row_blocks()]
+        return blocks[0] if len(blocks) == 1 else concat_outputs(blocks)
+
+
+_CHANNEL_SPLIT_FIELDS = [f.name for f in dataclasses.fields(ChannelSplit)]
+_OUTPUT_ROWS = ("main", "text", "vision", "cws_up", "mac_up", "bias")
+_SHARED = ("cws_down", "mac_down")

@@ -14,51 +14,44 @@ from typing import Any
 
 import torch
 
-from splitq_vllm.model_layout import language_model_layers, linear_groups, source_tensor_files
+from splitq_vllm.model_layout import LinearGroup, linear_groups, source_tensor_files
 
 from .capture import capture_layer0_inputs
-from .data import prepare_samples
 from .dims import outlier_counts
 from .errors import CalibrationError
-from .layer import MaskHolder, collect_stats, fp_layer_forward, install_calib_linears
+from .layer import MaskHolder, collect_stats, float32_layer, fp_layer_forward, install_calib_linears
 from .mocd import ChannelStats, select_channels, text_row_plan
-from .pipeline import DTYPES, load_model, resolve_device
+from .pipeline import DTYPES, load_samples, resolve_device
+from .source_model import SourceModel
 from .recipe import CalibrationConfig
 
 
 def layer_input_stats(
     model_dir: str | os.PathLike, data: Any, layer: int, kinds: list[str], config: CalibrationConfig
-) -> tuple[dict[str, ChannelStats], Any]:
-    """Per-channel statistics of the inputs of `kinds` groups at decoder layer `layer` (FP model)."""
+) -> tuple[dict[str, ChannelStats], list[LinearGroup]]:
+    """Per-channel statistics of the inputs of `kinds` groups at decoder layer `layer` (FP model),
+    reading the model part by part as the pipeline does; and the model's linear groups."""
     cfg = config
     device = resolve_device(cfg.device)
     offload = DTYPES[cfg.offload_dtype]
-    model, processor = load_model(model_dir)
-    _, layers = language_model_layers(model)
-    if not 0 <= layer < len(layers):
-        raise CalibrationError(f"layer {layer}: the model has decoder layers 0..{len(layers) - 1}")
-    samples = prepare_samples(
-        data,
-        processor,
-        model.config,
-        cfg.num_samples,
-        cfg.max_seq_len,
-        cfg.seed,
-        cfg.image_dir,
-        cfg.prompt,
-        cfg.on_bad_sample,
-    )
-    inputs = capture_layer0_inputs(model, samples, device, offload)
+    samples = load_samples(model_dir, data, cfg)
+    source = SourceModel(model_dir)
+    if not 0 <= layer < len(source.layers):
+        raise CalibrationError(f"layer {layer}: the model has decoder layers 0..{len(source.layers) - 1}")
+    groups = linear_groups(source.model, list(source_tensor_files(model_dir)))
+    source.load_before_layers(device)
+    inputs = capture_layer0_inputs(source.model, samples, device, offload)
+    source.release_before_layers()
     for i in range(layer):
-        inputs.hidden = fp_layer_forward(layers[i], inputs, device, offload)
-    import copy
-
-    work = copy.deepcopy(layers[layer]).to(device=device, dtype=torch.float32).eval()
+        inputs.hidden = fp_layer_forward(source.load_layer(i, device), inputs, device, offload, consume=True)
+        source.release_layer(i)
+    work = float32_layer(source.load_layer(layer, device), device, consume=True)
     mask = MaskHolder()
     calib = install_calib_linears(work, kinds, mask)
     rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
-    stats, _ = collect_stats(work, calib, mask, inputs, rows, device, offload)
-    return stats, model
+    stats, _ = collect_stats(work, calib, mask, inputs, rows, device, offload, [])
+    source.release_layer(layer)
+    return stats, groups
 
 
 def inspect_layer(
@@ -72,17 +65,13 @@ def inspect_layer(
 ) -> dict[str, Any]:
     """Write the PNG; return the picked channel sets and the per-channel maxima."""
     cfg = (config or CalibrationConfig()).resolved()
-    stats, model = layer_input_stats(model_dir, data, layer, [group], cfg)
+    stats, groups = layer_input_stats(model_dir, data, layer, [group], cfg)
     st = stats[group]
     if checkpoint is not None:
         from splitq_vllm.checkpoint import read_checkpoint
 
         ckpt = read_checkpoint(checkpoint)
-        g = next(
-            g
-            for g in linear_groups(model, list(source_tensor_files(model_dir)))
-            if g.layer == layer and g.kind == group
-        )
+        g = next(g for g in groups if g.layer == layer and g.kind == group)
         q = ckpt.layer(g.names[0])
         idx_t, idx_v = q.idx_text, q.idx_vision
         source = f"checkpoint {Path(checkpoint).name}"

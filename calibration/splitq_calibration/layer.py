@@ -5,7 +5,8 @@ Each member linear of a quantized input group (q/k/v, o, gate/up, down) becomes 
 In FP mode it runs the original nn.Linear; the group's first member also updates the group's
 `ChannelStats` with its input. Once the group has a `GroupRunner` (the method's trainable
 parameters), every member runs the fused fake-quant forward of the group, computed once per input
-by the runner, and takes its slice of the outputs.
+by the runner, and takes its slice of the outputs; the FP weights are then dropped
+(`drop_fp_weights`): the runner's parameters hold the frozen weights.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitq_kernels.reference import SplitQScheme, splitq_linear_fake
+from splitq_kernels.reference import FakeQuantWeights, SplitQScheme, splitq_linear_fake
 from splitq_vllm.model_layout import GROUP_SPECS
 
+from .activations import ActivationStore
 from .capture import LayerInputs, to_device
 from .errors import CalibrationError
 from .group_params import GroupParams
@@ -33,19 +35,43 @@ class MaskHolder:
 
 
 class GroupRunner:
-    """Computes the fused group output once per input and hands each member its slice."""
+    """Computes the fused group output once per input and hands each member its slice.
+
+    One training step: `begin_step` evaluates the group's weight side once (without a graph;
+    as leaves that collect gradients when training), the per-sample forwards and backwards use
+    it, `finish_step` carries the collected gradients into the parameters. So a step keeps one
+    copy of the fake-quantized weights and the graph of one sample, not the graph of a batch.
+    """
 
     def __init__(self, params: GroupParams, scheme: SplitQScheme, mask: MaskHolder) -> None:
         self.params = params
         self.scheme = scheme
         self.mask = mask
-        self.float_layer = None
+        self.weights: FakeQuantWeights | None = None
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
 
-    def refresh(self) -> None:
-        """Rebuild the float layer from the current parameters (once per optimizer step)."""
-        self.float_layer = self.params.float_layer()
+    def begin_step(self, train: bool) -> None:
+        self.weights = self.params.fake_weights()
+        if train:
+            for t in _weight_tensors(self.weights):
+                t.requires_grad_(True)
+        self.clear()
+
+    def finish_step(self, grad_scale: float) -> None:
+        """Scale the collected weight-side gradients and backpropagate them into the parameters."""
+        grads = {}
+        for name in FakeQuantWeights.__dataclass_fields__:
+            t = getattr(self.weights, name)
+            if t is not None and t.grad is not None:
+                grads[name] = t.grad.mul_(grad_scale)  # in place: no third copy of the weights
+        self.end_step()  # the leaves go; their gradients stay
+        self.params.backward_weights(
+            FakeQuantWeights(**{f: grads.get(f) for f in FakeQuantWeights.__dataclass_fields__})
+        )
+
+    def end_step(self) -> None:
+        self.weights = None
         self.clear()
 
     def clear(self) -> None:
@@ -53,9 +79,16 @@ class GroupRunner:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._x is not x:
-            self._y = splitq_linear_fake(x, self.mask.mask, self.float_layer, self.scheme)
+            if self.weights is None:
+                raise RuntimeError("GroupRunner called outside a step (begin_step first)")
+            self._y = splitq_linear_fake(x, self.mask.mask, self.params.input_side(), self.scheme, self.weights)
             self._x = x
         return self._y
+
+
+def _weight_tensors(w: FakeQuantWeights) -> list[torch.Tensor]:
+    """The float tensors of a weight side that gradients reach (the bias is frozen)."""
+    return [getattr(w, f) for f in FakeQuantWeights.__dataclass_fields__ if f != "bias" and getattr(w, f) is not None]
 
 
 class CalibLinear(nn.Module):
@@ -106,6 +139,12 @@ def install_calib_linears(layer: nn.Module, kinds: list[str], mask: MaskHolder) 
     return out
 
 
+def drop_fp_weights(mods: list[CalibLinear]) -> None:
+    """Free the FP weights of a group's members once its runner holds the frozen weights."""
+    for m in mods:
+        m.linear = None
+
+
 def fused_weight(mods: list[CalibLinear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The group's weights concatenated along the output (out, in) and its bias (or None)."""
     w = torch.cat([m.linear.weight.detach() for m in mods])
@@ -113,7 +152,9 @@ def fused_weight(mods: list[CalibLinear]) -> tuple[torch.Tensor, torch.Tensor | 
         return w, None
     return w, torch.cat(
         [
-            m.linear.bias.detach() if m.linear.bias is not None else torch.zeros(m.out_features, device=w.device)
+            m.linear.bias.detach()
+            if m.linear.bias is not None
+            else torch.zeros(m.out_features, dtype=w.dtype, device=w.device)
             for m in mods
         ]
     )
@@ -130,10 +171,6 @@ def run_sample(work: nn.Module, mask: MaskHolder, inputs: LayerInputs, i: int, d
     return layer_output(work(x, **to_device(inputs.kwargs[i], device, torch.float32)))
 
 
-def _offload(y: torch.Tensor, device: torch.device, offload_dtype: torch.dtype) -> torch.Tensor:
-    return y.to("cpu", offload_dtype) if device.type != "cpu" or offload_dtype != torch.float32 else y
-
-
 def collect_stats(
     work: nn.Module,
     calib: dict[str, list[CalibLinear]],
@@ -142,36 +179,50 @@ def collect_stats(
     text_rows: list[torch.Tensor],
     device: torch.device,
     offload_dtype: torch.dtype,
-) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
+    store: ActivationStore | list,
+) -> tuple[dict[str, ChannelStats], ActivationStore | list]:
     """FP forward of the (CalibLinear-equipped) layer over every sample: per-group input
-    statistics and the layer outputs (kept in CPU memory in offload_dtype)."""
+    statistics, and the layer outputs appended to `store` in offload_dtype (on the CPU)."""
     stats = {}
     for kind, mods in calib.items():
         stats[kind] = ChannelStats.empty(mods[0].in_features)
         mods[0].stats = stats[kind]
-    targets: list[torch.Tensor] = []
     try:
         with torch.no_grad():
             for i in range(len(inputs.hidden)):
                 for mods in calib.values():
                     mods[0].keep_rows = text_rows[i]
-                targets.append(_offload(run_sample(work, mask, inputs, i, device), device, offload_dtype))
+                store.append(run_sample(work, mask, inputs, i, device).to("cpu", offload_dtype))
     finally:
         for mods in calib.values():
             mods[0].stats = None
             mods[0].keep_rows = None
-    return stats, targets
+    return stats, store
+
+
+def float32_layer(layer: nn.Module, device: torch.device, consume: bool) -> nn.Module:
+    """The layer in float32 on `device`: converted in place when `consume` (the pipeline's
+    layers, reloaded from the files whenever needed), else a converted copy."""
+    work = layer if consume else copy.deepcopy(layer)
+    return work.to(device=device, dtype=torch.float32).eval()
 
 
 def fp_layer_forward(
-    layer: nn.Module, inputs: LayerInputs, device: torch.device, offload_dtype: torch.dtype
-) -> list[torch.Tensor]:
-    """The FP outputs of one decoder layer (float32 copy on `device`), as calibrate_layer computes them."""
-    work = copy.deepcopy(layer).to(device=device, dtype=torch.float32).eval()
+    layer: nn.Module,
+    inputs: LayerInputs,
+    device: torch.device,
+    offload_dtype: torch.dtype,
+    store: ActivationStore | list | None = None,
+    consume: bool = False,
+) -> ActivationStore | list:
+    """The FP outputs of one decoder layer (run in float32 on `device`), as calibrate_layer
+    computes them, appended to `store` (a new list if None)."""
+    work = float32_layer(layer, device, consume)
+    for p in work.parameters():
+        p.requires_grad_(False)
     mask = MaskHolder()
-    out = []
+    out = [] if store is None else store
     with torch.no_grad():
         for i in range(len(inputs.hidden)):
-            out.append(_offload(run_sample(work, mask, inputs, i, device), device, offload_dtype))
-    del work
+            out.append(run_sample(work, mask, inputs, i, device).to("cpu", offload_dtype))
     return out

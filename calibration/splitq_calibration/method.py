@@ -9,7 +9,10 @@ b. per group: channel selection (MOCD by default, mocd.py) and the parameter ini
 c. training: all linears of the layer fake-quantized at once through the reference's
    `splitq_linear_fake` with each sample's text mask; loss = MSE between the FP layer output and
    the quantized layer output; AdamW with two learning rates, cosine decay (FlatQuant's recipe; the
-   loss is divided by its own detached value before backward, as FlatQuant does);
+   loss is divided by its own detached value before backward, as FlatQuant does). A step's
+   weight side is evaluated once and the samples of the batch are backpropagated one at a time
+   (layer.GroupRunner), which gives the gradient of the batch loss with the memory of one
+   sample; if training ends above the initial loss the initial parameters are kept (a warning);
 d. fold (P^-1 into the weights, clipping into the scales) and quantize (`quantize_linear`).
 Every random draw is seeded by (seed, layer, group), so a layer's result does not depend on what
 ran before it.
@@ -27,13 +30,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitq_kernels.reference import SplitQLinear, quantize_linear
+from splitq_kernels.reference import SplitQLinear
 
+from .activations import ActivationStore
 from .capture import LayerInputs
 from .dims import outlier_counts
 from .errors import CalibrationError
 from .group_params import GroupParams
-from .layer import GroupRunner, MaskHolder, collect_stats, fused_weight, install_calib_linears, run_sample
+from .layer import (
+    GroupRunner,
+    MaskHolder,
+    collect_stats,
+    drop_fp_weights,
+    float32_layer,
+    fused_weight,
+    install_calib_linears,
+    run_sample,
+)
 from .memory import peak_memory_mb
 from .mocd import ChannelStats, select_channels, text_row_plan
 from .progress import log, where
@@ -74,7 +87,7 @@ class TrainResult:
 def train_groups(
     runners: dict[str, GroupRunner],
     run: Callable[[int], torch.Tensor],
-    targets: list[torch.Tensor],
+    targets: ActivationStore | list[torch.Tensor],
     cfg: CalibrationConfig,
     device: torch.device,
 ) -> TrainResult:
@@ -83,36 +96,50 @@ def train_groups(
     cosine decay, batches of cfg.batch_size samples; the runners' parameters are trained in place."""
     n = len(targets)
     power = sum(float((t.float() ** 2).sum()) for t in targets) / max(sum(t.numel() for t in targets), 1)
+    params = [p for r in runners.values() for p in r.params.parameters() if p.requires_grad]
 
     def epoch_loss(train: bool, order: list[int], optimizer=None, scheduler=None) -> float:
         total, count = 0.0, 0
+        if not train:  # the parameters do not change: one weight side for the whole pass
+            for r in runners.values():
+                r.begin_step(False)
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
-            with torch.set_grad_enabled(train):
+            if train:
                 for r in runners.values():
-                    r.refresh()
-                sse = torch.zeros((), device=device)
-                elems = 0
-                for i in batch:
+                    r.begin_step(True)
+            sse, elems = 0.0, 0
+            for i in batch:
+                with torch.set_grad_enabled(train):
                     y = run(i)
                     t = targets[i].to(device=device, dtype=torch.float32)
-                    sse = sse + ((y - t) ** 2).sum()
-                    elems += t.numel()
+                    sample_sse = ((y - t) ** 2).sum()
+                if not torch.isfinite(sample_sse):
                     for r in runners.values():
-                        r.clear()
-                loss = sse / elems
-            if not torch.isfinite(loss):
-                raise CalibrationError(where(f"the calibration loss became {loss.item()} (try a lower --lr)"))
+                        r.end_step()
+                    raise CalibrationError(where(f"the calibration loss became {sample_sse.item()} (try a lower --lr)"))
+                if train:
+                    sample_sse.backward()
+                sse += sample_sse.item()
+                elems += t.numel()
+                for r in runners.values():
+                    r.clear()
             if train:
-                optimizer.zero_grad(set_to_none=True)
-                (loss / loss.detach().clamp(min=1e-30)).backward()
+                # d(loss / loss.detach()) = d(sse) / sse: FlatQuant's normalisation of the batch loss
+                scale = 1.0 / max(sse, 1e-30)
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+                for r in runners.values():
+                    r.finish_step(scale)
                 optimizer.step()
                 scheduler.step()
-            total += loss.item() * elems
+                optimizer.zero_grad(set_to_none=True)
+            total += sse
             count += elems
-        for r in runners.values():
-            r.float_layer = None
-            r.clear()
+        if not train:
+            for r in runners.values():
+                r.end_step()
         return total / max(count, 1)
 
     order = list(range(n))
@@ -126,6 +153,7 @@ def train_groups(
         main_params += a
         clip_params += b
     if cfg.train and cfg.epochs > 0 and (main_params or clip_params):
+        initial = {k: {n: p.detach().clone() for n, p in r.params.named_parameters()} for k, r in runners.items()}
         groups = []
         if main_params:
             groups.append({"params": main_params, "lr": cfg.lr})
@@ -149,7 +177,20 @@ def train_groups(
                     optimizer.param_groups[0]["lr"],
                     time.perf_counter() - te,
                 )
-        losses.append(epoch_loss(False, order))  # the loss after training (epoch losses are running averages)
+        del optimizer
+        final = epoch_loss(False, order)  # the loss after training (epoch losses are running averages)
+        if final > init_loss:
+            log.warning(
+                "training raised the loss (%.4e -> %.4e): keeping the initial parameters (try a lower --lr)",
+                init_loss,
+                final,
+            )
+            with torch.no_grad():
+                for k, r in runners.items():
+                    for name, p in r.params.named_parameters():
+                        p.copy_(initial[k][name])
+            final = init_loss
+        losses.append(final)
     return TrainResult(init_loss, losses, epoch_seconds, power)
 
 
@@ -169,35 +210,49 @@ def calibrate_layer(
     offload_dtype: torch.dtype = torch.float32,
     text_rows: list[torch.Tensor] | None = None,
     want_outputs: bool = True,
-) -> tuple[LayerResult, list[torch.Tensor] | None]:
-    """Calibrate one decoder layer (a module of the model; it is not modified: a float32 copy
-    runs on `device`). Returns the quantized fused groups by kind and the FP layer outputs
-    (the next layer's inputs) in CPU memory."""
+    store: ActivationStore | None = None,
+    consume: bool = False,
+) -> tuple[LayerResult, ActivationStore | list[torch.Tensor] | None]:
+    """Calibrate one decoder layer. Returns the quantized fused groups by kind and the FP layer
+    outputs (the next layer's inputs, appended to `store` or a new list) on the CPU.
+
+    The layer runs in float32 on `device`: a converted copy, or (`consume`, the pipeline) the
+    module itself, converted in place and its linears' weights freed once the frozen copies (in
+    the layer's own dtype) are taken."""
     cfg = config
-    scheme = cfg.quant_scheme
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    work = copy.deepcopy(layer).to(device=device, dtype=torch.float32)
-    work.eval()
+    work = layer if consume else copy.deepcopy(layer)
+    work.to(device)
     for p in work.parameters():
         p.requires_grad_(False)
     mask = MaskHolder()
     calib = install_calib_linears(work, kinds, mask)
+    frozen = {kind: fused_weight(mods) for kind, mods in calib.items()}  # in the layer's dtype (bf16)
+    work = float32_layer(work, device, consume=True)
     if text_rows is None:
         text_rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
+    timings: dict[str, Any] = {}
 
     # (a) FP targets and statistics
-    stats, targets = collect_stats(work, calib, mask, inputs, text_rows, device, offload_dtype)
+    stats, targets = collect_stats(
+        work, calib, mask, inputs, text_rows, device, offload_dtype, [] if store is None else store
+    )
+    for mods in calib.values():
+        drop_fp_weights(mods)
+    timings["stats_s"] = time.perf_counter() - t0
 
     # (b) channel selection and init
+    t1 = time.perf_counter()
     runners: dict[str, GroupRunner] = {}
     info: dict[str, Any] = {"groups": {}}
     for gi, (kind, mods) in enumerate(calib.items()):
         gen = torch.Generator().manual_seed(seed_for(cfg.seed, layer_index, gi))
-        w, b = fused_weight(mods)  # on the device: the SVD of Eq. 20 runs there
+        w, b = frozen.pop(kind)  # on the device: the SVD of Eq. 20 runs there
         params = init_group(stats[kind], w, b, cfg, gen, device)
-        runners[kind] = GroupRunner(params, scheme, mask)
+        del w, b
+        runners[kind] = GroupRunner(params, cfg.quant_scheme, mask)
         for m in mods:
             m.runner = runners[kind]
         info["groups"][kind] = {
@@ -206,16 +261,22 @@ def calibrate_layer(
             "cws_rank": params.cws_rank,
             "mac_rank": params.mac_rank,
         }
-    log.info("groups %s initialised", ", ".join(kinds))
+    timings["init_s"] = time.perf_counter() - t1
+    log.info("groups %s initialised (%.1f s)", ", ".join(kinds), timings["init_s"])
 
     # (c) training
+    t2 = time.perf_counter()
     trained = train_groups(runners, lambda i: run_sample(work, mask, inputs, i, device), targets, cfg, device)
+    timings["train_s"] = time.perf_counter() - t2
 
     # (d) fold and quantize
-    quantized = {}
-    with torch.no_grad():
-        for kind, r in runners.items():
-            quantized[kind] = quantize_linear(r.params.float_layer(), scheme).to("cpu")
+    t3 = time.perf_counter()
+    quantized = {kind: r.params.quantized().to("cpu") for kind, r in runners.items()}
+    timings["quantize_s"] = time.perf_counter() - t3
+    for mods in calib.values():  # the stand-ins stay in the (consumed) layer: they must not keep
+        for m in mods:  # the runners' frozen weights alive after the layer is released
+            m.runner = None
+    del runners
     info.update(
         init_loss=trained.init_loss,
         final_loss=trained.losses[-1],
@@ -223,6 +284,7 @@ def calibrate_layer(
         epoch_losses=trained.losses[1:-1] if len(trained.losses) > 1 else [],
         epoch_seconds=trained.epoch_seconds,
         seconds=time.perf_counter() - t0,
+        **timings,
         **peak_memory_mb(device),
     )
     log.info("done in %.1f s: loss %.4e -> %.4e", info["seconds"], trained.init_loss, trained.losses[-1])

@@ -1,16 +1,23 @@
 """The sequential pipeline of `calibrate()` / `splitq-calibrate` (FlatQuant style), resumable.
 
-1. Samples go through the model's processor and chat template (data.py).
-2. Decoder layer 0's inputs are captured for every sample (capture.py): only the embeddings,
-   the vision tower and the projector run, on the device; activations are kept in CPU memory.
-3. Per decoder layer, alone on the device in float32, the per-group method (method.py: FP targets
-   and statistics, channel selection and init, training, fold and quantize); its quantized groups
-   are written to the work directory (workdir.py).
-4. The next layer's input is this layer's FP output (FlatQuant's choice: no error propagation, so
+1. Samples go through the model's processor and chat template (data.py): the data set is read
+   and validated before any weight is loaded.
+2. The model is a skeleton (source_model.SourceModel): parameters on the meta device, each part
+   read from the safetensors files at its turn. The run's peak memory is estimated from the
+   widths (memory.py) and a run that will not fit stops here, with the numbers.
+3. Decoder layer 0's inputs are captured for every sample (capture.py): only the embeddings,
+   the vision tower and the projector are loaded and run, on the device, then released.
+   Activations live in an activation store (activations.py): bf16 on the host up to a budget,
+   spilled to `<output>.partial/activations/` beyond it.
+4. Per decoder layer: its weights are read from the files, then the per-group method runs on it
+   alone on the device in float32 (method.py: FP targets and statistics, channel selection and
+   init, training, fold and quantize); its quantized groups are written to the work directory
+   (workdir.py) and its weights released.
+5. The next layer's input is this layer's FP output (FlatQuant's choice: no error propagation, so
    layers are independent given the FP activations, and a resumed run only has to recompute FP
    activations to continue).
-5. The checkpoint is exported from the per-layer files (export.export_checkpoint), then the work
-   directory is removed.
+6. The checkpoint is exported from the per-layer files, streamed (export.export_packed), then
+   the work directory is removed.
 
 Resuming: a run started with the same arguments finds `<output>.partial/`, recomputes the FP
 activations up to the first unfinished layer (cheap: one forward per layer) and continues; every
@@ -21,6 +28,7 @@ reason (timings go to the log and `--report`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -29,20 +37,21 @@ from typing import Any
 
 import torch
 
-from splitq_kernels.reference import SplitQLinear
 from splitq_vllm.checkpoint import matches_ignore
-from splitq_vllm.model_layout import LinearGroup, language_model_layers, linear_groups, source_tensor_files
+from splitq_vllm.model_layout import LinearGroup, linear_groups, source_tensor_files
 
+from .activations import ActivationSpace
 from .capture import capture_layer0_inputs
-from .data import prepare_samples
+from .data import CalibSample, prepare_samples
 from .errors import CalibrationError
-from .export import export_checkpoint
+from .export import export_packed
 from .layer import fp_layer_forward
-from .memory import peak_memory_mb
+from .memory import GB, Estimate, available_host_bytes, estimate, give_back_freed_memory, model_sizes, peak_memory_mb
 from .method import calibrate_layer
 from .mocd import text_row_plan
 from .progress import at, log
-from .recipe import CalibrationConfig, load_recipe
+from .recipe import CalibrationConfig, resolve_recipe
+from .source_model import SourceModel
 from .workdir import STATE_VERSION, WorkDir, samples_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,15 +83,29 @@ def groups_to_quantize(groups: list[LinearGroup], ignore: list[str]) -> list[Lin
     return out
 
 
-def load_model(model_dir: str | os.PathLike):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_processor(model_dir: str | os.PathLike):
+    from transformers import AutoConfig, AutoProcessor
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise CalibrationError(f"model {path}: no config.json (expected a Hugging Face model directory)")
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto")
-    return model.eval(), processor
+    return AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
+
+
+def load_samples(model_dir: str | os.PathLike, data: Any, cfg: CalibrationConfig) -> list[CalibSample]:
+    """The calibration samples, processed and validated (no weights are read)."""
+    processor, config = load_processor(model_dir)
+    return prepare_samples(
+        data,
+        processor,
+        config,
+        num_samples=cfg.num_samples,
+        max_seq_len=cfg.max_seq_len,
+        seed=cfg.seed,
+        image_dir=cfg.image_dir,
+        prompt=cfg.prompt,
+        on_bad_sample=cfg.on_bad_sample,
+    )
 
 
 def calibrate(
@@ -95,33 +118,45 @@ def calibrate(
     """Calibrate `model` (a Hugging Face model directory) on `data` and write a SplitQ checkpoint
     to `output`; returns its path. `recipe`: a YAML file, a dict or a CalibrationConfig; keyword
     settings (CalibrationConfig fields, e.g. scheme="w3a3", epochs=5) override it."""
-    if isinstance(recipe, CalibrationConfig):
-        cfg = recipe
-    elif isinstance(recipe, dict):
-        cfg = CalibrationConfig.from_dict(recipe)
-    elif recipe is not None:
-        cfg = load_recipe(recipe)
-    else:
-        cfg = CalibrationConfig()
-    cfg = cfg.updated(**settings).resolved()
+    cfg = resolve_recipe(recipe).updated(**settings).resolved()
     return Calibrator(model, data, output, cfg).run()
 
 
-def oneshot(
-    model: str | os.PathLike,
-    dataset: Any,
-    output_dir: str | os.PathLike,
-    recipe: str | os.PathLike | dict | CalibrationConfig | None = None,
-    num_calibration_samples: int | None = None,
-    max_seq_length: int | None = None,
-    **settings: Any,
-) -> Path:
-    """llm-compressor-style spelling of `calibrate`."""
-    if num_calibration_samples is not None:
-        settings["num_samples"] = num_calibration_samples
-    if max_seq_length is not None:
-        settings["max_seq_len"] = max_seq_length
-    return calibrate(model, dataset, output_dir, recipe, **settings)
+def host_memory_limit(cfg: CalibrationConfig) -> float:
+    """Bytes of host memory the run may use: --max-memory-gb, or 90% of what is available now."""
+    return cfg.max_memory_gb * GB if cfg.max_memory_gb is not None else 0.9 * available_host_bytes()
+
+
+def check_memory(est: Estimate, cfg: CalibrationConfig, sizes_note: str) -> None:
+    """Stop a run whose estimated peak exceeds the memory it may use, with the numbers and the
+    settings that would fit."""
+    if est.device != "cpu" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        if est.device_peak > free:
+            raise CalibrationError(
+                f"one decoder layer needs an estimated {est.device_peak / GB:.1f} GB of GPU memory ({sizes_note}), "
+                f"the GPU has {free / GB:.1f} GB free; use a larger GPU, free it, or --device cpu"
+            )
+    limit = host_memory_limit(cfg)
+    if est.peak <= limit:
+        return
+    phases = (
+        f"capture {est.capture / GB:.1f} GB, layer statistics {est.stats / GB:.1f} GB, training {est.train / GB:.1f} GB"
+    )
+    hints = []
+    over = est.peak - limit
+    if est.activations_resident > 0:
+        keep = max(0.0, 2 * est.activations_resident - over)
+        if keep < 2 * est.activations_resident:
+            hints.append(f"--activation-memory-gb {keep / GB:.1f} (spill the rest of the activations to disk)")
+    hints.append("fewer or shorter samples (--num-samples, --max-seq-len)")
+    hints.append("--device cuda (the layer phases on the GPU)")
+    raise CalibrationError(
+        f"this run needs an estimated {est.peak / GB:.1f} GB of host memory ({phases}; {sizes_note}), "
+        f"more than the {limit / GB:.1f} GB it may use (--max-memory-gb). Settings that would fit: "
+        + "; ".join(hints)
+        + ". Or pass a larger --max-memory-gb if this machine has the memory."
+    )
 
 
 class Calibrator:
@@ -145,24 +180,35 @@ class Calibrator:
             raise FileExistsError(f"{self.output} exists; pass --overwrite (overwrite=True) to replace it")
         t_start = time.perf_counter()
         torch.manual_seed(cfg.seed)
-        model, processor = load_model(self.model_dir)
-        samples = prepare_samples(
-            self.data,
-            processor,
-            model.config,
-            num_samples=cfg.num_samples,
-            max_seq_len=cfg.max_seq_len,
-            seed=cfg.seed,
-            image_dir=cfg.image_dir,
-            prompt=cfg.prompt,
-            on_bad_sample=cfg.on_bad_sample,
-        )
+        samples = load_samples(self.model_dir, self.data, cfg)
         n_tok = sum(s.num_tokens for s in samples)
         n_vis = sum(s.num_vision_tokens for s in samples)
         log.info("%d calibration samples, %d tokens (%d vision, %d text)", len(samples), n_tok, n_vis, n_tok - n_vis)
-        groups = linear_groups(model, list(source_tensor_files(self.model_dir)))
+        source = SourceModel(self.model_dir)
+        sizes = model_sizes(source.model, torch.empty(0, dtype=source.dtype).element_size())
+        budget = None if cfg.activation_memory_gb is None else cfg.activation_memory_gb * GB
+        est = estimate(
+            sizes,
+            [s.num_tokens for s in samples],
+            [s.num_vision_tokens for s in samples],
+            budget,
+            torch.empty(0, dtype=self.offload_dtype).element_size(),
+            self.device.type,
+        )
+        if budget is None:  # what the memory limit leaves for the activations
+            budget = max(0.0, host_memory_limit(cfg) - (est.peak - 2 * est.activations_resident))
+        log.info(
+            "estimated peak memory %.1f GB (capture %.1f, layer statistics %.1f, training %.1f; "
+            "activations %.2f GB per set)",
+            est.peak / GB,
+            est.capture / GB,
+            est.stats / GB,
+            est.train / GB,
+            est.activations / GB,
+        )
+        check_memory(est, cfg, f"{len(source.layers)} decoder layers of {sizes.layer_params / 1e6:.0f} M parameters")
+        groups = linear_groups(source.model, list(source_tensor_files(self.model_dir)))
         todo = groups_to_quantize(groups, cfg.ignore)
-        _, layers = language_model_layers(model)
         fingerprint = {
             "config": cfg.identity(),
             "model": str(self.model_dir.resolve()),
@@ -170,54 +216,30 @@ class Calibrator:
             "state_version": STATE_VERSION,
         }
         done = self.work.open(fingerprint, cfg.restart)
-        num_layers = len(layers)
+        num_layers = len(source.layers)
         by_layer: dict[int, list[LinearGroup]] = {}
         for g in todo:
             by_layer.setdefault(g.layer, []).append(g)
         remaining = [i for i in range(num_layers) if i not in done]
         if done:
             log.info("resuming %s: layers %s already calibrated", self.work.path, sorted(done))
-        report: dict[str, Any] = {"layers": {}, "device": str(self.device), "samples": len(samples), "tokens": n_tok}
-        if remaining:
-            inputs = capture_layer0_inputs(model, samples, self.device, self.offload_dtype)
-            text_rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
-            for i in range(max(remaining) + 1):
-                with at(f"layer {i + 1}/{num_layers}"):
-                    if i in done:
-                        log.info("done earlier, recomputing its FP output")
-                        inputs.hidden = fp_layer_forward(layers[i], inputs, self.device, self.offload_dtype)
-                        continue
-                    kinds = [g.kind for g in by_layer.get(i, [])]
-                    result, outputs = calibrate_layer(
-                        layers[i],
-                        i,
-                        inputs,
-                        kinds,
-                        cfg,
-                        self.device,
-                        self.offload_dtype,
-                        text_rows,
-                        want_outputs=i < num_layers - 1,
-                    )
-                    by_kind = {g.kind: g for g in by_layer.get(i, [])}
-                    self.work.save_layer(
-                        i,
-                        {by_kind[k].name: q for k, q in result.quantized.items()},
-                        scheme,
-                        {k: result.info[k] for k in ("init_loss", "final_loss")},
-                    )
-                    report["layers"][i] = result.info
-                    if outputs is not None:
-                        inputs.hidden = outputs
-            del inputs
-        # export from the per-layer files (the same path for fresh and resumed runs)
-        quantized: dict[str, tuple[LinearGroup, SplitQLinear]] = {}
-        layer_losses = []
-        for i in range(num_layers):
-            states, info = self.work.load_layer(i, scheme)
-            layer_losses.append([info.get("init_loss"), info.get("final_loss")])
-            for g in by_layer.get(i, []):
-                quantized[g.name] = (g, states[g.name])
+        report: dict[str, Any] = {
+            "layers": {},
+            "device": str(self.device),
+            "samples": len(samples),
+            "tokens": n_tok,
+            "estimate": est.as_dict(),
+        }
+        space = ActivationSpace(self.work.path / "activations", budget)
+        try:
+            if remaining:
+                self._calibrate_layers(source, samples, remaining, done, by_layer, space, report)
+        finally:
+            space.remove()
+        report["spilled_gb"] = space.spilled_bytes / GB
+        del source
+        give_back_freed_memory()
+        t_export = time.perf_counter()
         metadata = {
             "method": cfg.method,
             "tool": "splitq-calibrate",
@@ -229,18 +251,21 @@ class Calibrator:
             "vision_tokens": n_vis,
             "seed": cfg.seed,
             "settings": cfg.identity(),
-            "layer_loss_init_final": layer_losses,
         }
-        del model
-        path = export_checkpoint(
+        metadata["layer_loss_init_final"] = [
+            [info.get("init_loss"), info.get("final_loss")]
+            for info in (self.work.layer_info(i) for i in range(num_layers))
+        ]
+        path = export_packed(
             self.model_dir,
             self.output,
-            quantized,
+            self.work.packed_groups(num_layers, by_layer),
             scheme,
             ignore=list(cfg.ignore),
             calibration=metadata,
             overwrite=cfg.overwrite,
         )
+        report["export_s"] = time.perf_counter() - t_export
         report["seconds"] = time.perf_counter() - t_start
         report.update(peak_memory_mb(self.device))
         if cfg.report:
@@ -249,3 +274,71 @@ class Calibrator:
             self.work.remove()
         log.info("wrote %s in %.1f s", path, report["seconds"])
         return path
+
+    def _calibrate_layers(
+        self,
+        source: SourceModel,
+        samples: list[CalibSample],
+        remaining: list[int],
+        done: set[int],
+        by_layer: dict[int, list[LinearGroup]],
+        space: ActivationSpace,
+        report: dict[str, Any],
+    ) -> None:
+        """Capture, then the layers up to the last unfinished one (each read, run, released)."""
+        cfg = self.config
+        num_layers = len(source.layers)
+        t0 = time.perf_counter()
+        source.load_before_layers(self.device)
+        inputs = capture_layer0_inputs(source.model, samples, self.device, self.offload_dtype, space.store())
+        source.release_before_layers()
+        give_back_freed_memory()
+        report["capture_s"] = time.perf_counter() - t0
+        log.info("layer-0 inputs captured in %.1f s", report["capture_s"])
+        text_rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
+        for i in range(max(remaining) + 1):
+            with at(f"layer {i + 1}/{num_layers}"):
+                tl = time.perf_counter()
+                layer = source.load_layer(i, self.device)
+                load_s = time.perf_counter() - tl
+                previous = inputs.hidden
+                if i in done:
+                    log.info("done earlier, recomputing its FP output")
+                    inputs.hidden = fp_layer_forward(
+                        layer, inputs, self.device, self.offload_dtype, space.store(), consume=True
+                    )
+                else:
+                    kinds = [g.kind for g in by_layer.get(i, [])]
+                    want = i < num_layers - 1
+                    store = space.store()
+                    result, outputs = calibrate_layer(
+                        layer,
+                        i,
+                        inputs,
+                        kinds,
+                        cfg,
+                        self.device,
+                        self.offload_dtype,
+                        text_rows,
+                        want_outputs=want,
+                        store=store,
+                        consume=True,
+                    )
+                    by_kind = {g.kind: g for g in by_layer.get(i, [])}
+                    self.work.save_layer(
+                        i,
+                        {by_kind[k].name: q for k, q in result.quantized.items()},
+                        cfg.quant_scheme,
+                        {k: result.info[k] for k in ("init_loss", "final_loss")},
+                    )
+                    report["layers"][i] = {"load_s": load_s, **result.info}
+                    if want:
+                        inputs.hidden = outputs
+                    else:
+                        store.release()
+                    del result, outputs
+                previous.release()
+                del layer
+                source.release_layer(i)
+                give_back_freed_memory()
+        report["reads"] = [dataclasses.asdict(r) for r in source.reads]

@@ -62,7 +62,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Settings that do not change the checkpoint: a resumed run may differ in these.
-RUNTIME_ONLY = {"device", "overwrite", "restart", "keep_work_dir", "log_every", "report"}
+RUNTIME_ONLY = {
+    "device",
+    "overwrite",
+    "restart",
+    "keep_work_dir",
+    "log_every",
+    "report",
+    "max_memory_gb",
+    "activation_memory_gb",
+}
 
 
 class RecipeError(ValueError):
@@ -188,7 +197,9 @@ class CalibrationConfig:
     on_bad_sample: str = "error"
     # --- runtime (not part of the checkpoint's identity)
     device: str = "auto"
-    offload_dtype: str = "float32"  # captured activations in CPU memory: float32 | bfloat16 | float16
+    offload_dtype: str = "bfloat16"  # activations between layers on the host: bfloat16 | float16 | float32
+    max_memory_gb: float | None = None  # host memory the run may use (default: 90% of what is available)
+    activation_memory_gb: float | None = None  # activations kept in memory, the rest spilled (default: what fits)
     overwrite: bool = False
     restart: bool = False  # discard an unfinished run's work directory instead of resuming it
     keep_work_dir: bool = False
@@ -236,6 +247,10 @@ class CalibrationConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise RecipeError(f"{name}: expected a positive integer, got {v!r}")
+        for name in ("max_memory_gb", "activation_memory_gb"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+                raise RecipeError(f"{name}: expected a non-negative number of GB, got {v!r}")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise RecipeError(f"epochs: expected a non-negative integer, got {self.epochs!r}")
         for name in ("lr", "clip_lr", "smooth_alpha", "smoothquant_alpha"):

@@ -24,8 +24,11 @@ from splitq_kernels.reference import SplitQLinear, SplitQScheme
 from splitq_vllm.checkpoint import LayerDims
 from splitq_vllm.checkpoint.tensors import layer_dims, layer_to_tensors, tensors_to_layer
 
+from splitq_vllm.model_layout import LinearGroup
+
 from .data import CalibSample
 from .errors import CalibrationError
+from .export import PackedGroup
 
 STATE_VERSION = 1
 
@@ -106,6 +109,26 @@ class WorkDir:
                 t = {k[len(prefix) :]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)}
                 out[gname] = tensors_to_layer(t, LayerDims.from_dict(d, f"{path}: {gname}"), scheme)
         return out, info
+
+    def layer_info(self, layer: int) -> dict:
+        with safe_open(str(self.layer_file(layer)), "pt") as fh:
+            return json.loads(fh.metadata()["info"])
+
+    def packed_groups(self, num_layers: int, by_layer: dict[int, list[LinearGroup]]) -> list[PackedGroup]:
+        """Every quantized group of the run as it lies in the layer files (nothing loaded)."""
+        out = []
+        for i in range(num_layers):
+            groups = by_layer.get(i, [])
+            if not groups:
+                continue
+            path = self.layer_file(i)
+            with safe_open(str(path), "pt") as fh:
+                dims = json.loads(fh.metadata()["dims"])
+            for g in groups:
+                if g.name not in dims:
+                    raise CalibrationError(f"{path}: no group {g.name} (the work directory does not match the run)")
+                out.append(PackedGroup(g, path, LayerDims.from_dict(dims[g.name], f"{path}: {g.name}")))
+        return out
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

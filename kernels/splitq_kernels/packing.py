@@ -12,6 +12,14 @@ from __future__ import annotations
 
 import torch
 
+# Codes per block of rows packed at once: the bit-stream temporaries are int32 per bit, 32 bytes
+# per 8-bit code, so a 7B gate_up (131 M codes) in one go would take ~4 GB.
+BLOCK_CODES = 2**21
+
+
+def _row_step(k: int) -> int:
+    return max(1, BLOCK_CODES // max(k, 1))
+
 
 def packed_row_bytes(k: int, bits: int) -> int:
     """Bytes per packed row of k codes."""
@@ -22,6 +30,15 @@ def pack_codes(codes: torch.Tensor, bits: int, signed: bool = True) -> torch.Ten
     """(rows, K) integer codes -> (rows, packed_row_bytes(K, bits)) uint8."""
     if codes.dim() != 2:
         raise ValueError(f"pack_codes expects a 2-D tensor, got shape {tuple(codes.shape)}")
+    rows, k = codes.shape
+    out = torch.empty(rows, packed_row_bytes(k, bits), dtype=torch.uint8, device=codes.device)
+    step = _row_step(k)
+    for r in range(0, rows, step):  # row blocks: bounded temporaries, the same bytes
+        out[r : r + step] = _pack_rows(codes[r : r + step], bits, signed)
+    return out
+
+
+def _pack_rows(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     rows, k = codes.shape
     u = codes.to(torch.int32) + (2 ** (bits - 1) if signed else 0)
     if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 2**bits):
@@ -40,6 +57,15 @@ def unpack_codes(packed: torch.Tensor, k: int, bits: int, signed: bool = True) -
     rows, nbytes = packed.shape
     if nbytes != packed_row_bytes(k, bits):
         raise ValueError(f"packed row has {nbytes} bytes, expected {packed_row_bytes(k, bits)} for K={k}, {bits} bits")
+    out = torch.empty(rows, k, dtype=torch.int8 if signed else torch.int16, device=packed.device)
+    step = _row_step(k)
+    for r in range(0, rows, step):
+        out[r : r + step] = _unpack_rows(packed[r : r + step], k, bits, signed)
+    return out
+
+
+def _unpack_rows(packed: torch.Tensor, k: int, bits: int, signed: bool) -> torch.Tensor:
+    rows = packed.shape[0]
     p = packed.to(torch.int32)
     stream = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1
     stream = stream.reshape(rows, -1, bits)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from splitq_kernels.reference import SplitQLinear
 
-from .config import SplitQConfig
+from .config import LayerDims, SplitQConfig
 from .tensors import layer_dims, layer_to_tensors
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -158,6 +158,7 @@ def write_checkpoint(
     side_files_from: str | os.PathLike | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
+    packed_dims: Mapping[str, LayerDims] | None = None,
 ) -> Path:
     """Write `output_dir` as a SplitQ checkpoint.
 
@@ -170,6 +171,8 @@ def write_checkpoint(
     groups: layer name -> input group name, for layers that share an input (q/k/v, gate/up);
         layers not listed form a group of their own.
     side_files_from: a model directory whose processor/tokenizer files are copied.
+    packed_dims: quantized layers whose tensors (checkpoint layout) are already in `tensors`,
+        by layer name: how calibration streams its layers from disk without unpacking them.
     Nothing appears at `output_dir` until everything is written; temporaries that killed
     writers of `output_dir` left beside it are removed first. Files get the mode `open()` would
     give them (the umask's), safetensors files included.
@@ -182,7 +185,7 @@ def write_checkpoint(
     for name in tensors:
         if name.rsplit(".", 1)[0] in layers:
             raise ValueError(f"tensor {name} belongs to quantized layer; pass the layer, not its tensors")
-    dims = {}
+    dims = dict(packed_dims or {})
     for name, layer in layers.items():
         dims[name] = layer_dims(layer, groups.get(name, name))
         for suffix, t in layer_to_tensors(layer, quant_config.scheme).items():

@@ -34,22 +34,27 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), 
 KINDS = ["circle", "square", "triangle"]
 
 
-def captioned_images(n: int):
-    """n (file name, PIL image, caption) triples, deterministic."""
+def captioned_images(n: int, size: int = 112, suffix: str = ""):
+    """n (file name, PIL image, caption) triples, deterministic; `size` px square pictures,
+    `suffix` appended to every caption (longer samples)."""
     out = []
     for i in range(n):
         colour = list(COLOURS)[i % len(COLOURS)]
         kind = KINDS[(i // len(COLOURS)) % len(KINDS)]
-        out.append((f"img{i:02d}.png", draw_image(kind, COLOURS[colour]), f"A {colour} {kind} on a white background."))
+        caption = f"A {colour} {kind} on a white background." + suffix
+        out.append((f"img{i:02d}.png", draw_image(kind, COLOURS[colour], size), caption))
     return out
 
 
-def write_sharegpt(folder: Path, n: int = 8, name: str = "calib.jsonl", image_subdir: str = "images") -> Path:
-    """A ShareGPT4V-style JSONL file with image paths relative to `folder`."""
+def write_sharegpt(
+    folder: Path, n: int = 8, name: str = "calib.jsonl", image_subdir: str = "images", size: int = 112,
+    caption_suffix: str = "",
+) -> Path:
+    """A ShareGPT4V-style JSONL file with image paths relative to `folder` (PNG pictures of `size` px)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / image_subdir).mkdir(exist_ok=True)
     records = []
-    for i, (fname, img, caption) in enumerate(captioned_images(n)):
+    for i, (fname, img, caption) in enumerate(captioned_images(n, size, caption_suffix)):
         img.save(folder / image_subdir / fname)
         records.append(
             {

@@ -199,13 +199,64 @@ def qwen25vl_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 2
     )
 
 
-def save_qwen25vl_dir(out: Path, model, processor, tokenizer, ids: dict[str, int], chat_template: str = QWEN_CHAT_TEMPLATE) -> Path:
-    """Write model, processor, tokenizer (with chat template) and generation config to `out`."""
-    model.save_pretrained(out)
+def save_qwen25vl_side_files(out: Path, processor, tokenizer, ids: dict[str, int], chat_template: str = QWEN_CHAT_TEMPLATE) -> Path:
+    """Write processor, tokenizer (with chat template) and generation config to `out` (no weights)."""
     processor.save_pretrained(out)
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out)
     _save_generation_config(out, ids["<|im_end|>"], None, ids["<|endoftext|>"])
+    return out
+
+
+def save_qwen25vl_dir(out: Path, model, processor, tokenizer, ids: dict[str, int], chat_template: str = QWEN_CHAT_TEMPLATE) -> Path:
+    """Write model, processor, tokenizer (with chat template) and generation config to `out`."""
+    model.save_pretrained(out)
+    return save_qwen25vl_side_files(out, processor, tokenizer, ids, chat_template)
+
+
+def llava_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
+    """A LLaMA-style fast tokenizer (byte-level BPE trained on `corpus`) and its special-token ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    raw = train_bpe_tokenizer(LLAVA_SPECIAL_TOKENS, corpus, vocab_size)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    ids = {t: raw.token_to_id(t) for t in LLAVA_SPECIAL_TOKENS}
+    return tokenizer, ids, raw.get_vocab_size()
+
+
+def llava_processor(tokenizer, image_size: int):
+    """The LLaVA-1.5 processor: CLIP resize + center crop to `image_size`, 14 px patches."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            do_center_crop=True,
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
+def llava_hf_name(key: str) -> str:
+    """transformers 5 saves the CLIP tower as `vision_tower.encoder...`; llava-hf checkpoints (and
+    vLLM) use `vision_tower.vision_model.encoder...`, which transformers also reads."""
+    return "vision_tower.vision_model." + key[len("vision_tower.") :] if key.startswith("vision_tower.") else key
+
+
+def save_llava_side_files(out: Path, processor, tokenizer, ids: dict[str, int]) -> Path:
+    """Write processor, tokenizer (with chat template) and generation config to `out` (no weights)."""
+    processor.save_pretrained(out)
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    _save_generation_config(out, ids["</s>"], ids["<s>"], ids["<pad>"])
     return out
 
 
@@ -244,22 +295,12 @@ def build_tiny_llava(
 ) -> Path:
     """Write a random-weight LLaVA-1.5 (CLIP tower, Llama LM) with llava-hf's tensor names."""
     from safetensors.torch import load_file, save_file
-    from transformers import (
-        CLIPImageProcessor,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     size = size or TinySize(kv_heads=4)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw = train_bpe_tokenizer(LLAVA_SPECIAL_TOKENS, corpus, vocab_size)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    ids = {t: raw.token_to_id(t) for t in LLAVA_SPECIAL_TOKENS}
+    tokenizer, ids, tokenizer_vocab = llava_tokenizer(corpus, vocab_size)
     if size.hidden // size.heads < 32:
         raise ValueError("head_dim must be >= 32 for vLLM's CPU attention")
     config = LlavaConfig(
@@ -275,7 +316,7 @@ def build_tiny_llava(
         ),
         text_config=dict(
             model_type="llama",
-            vocab_size=_round_up(raw.get_vocab_size(), 64),
+            vocab_size=_round_up(tokenizer_vocab, 64),
             hidden_size=size.hidden,
             intermediate_size=size.intermediate,
             num_hidden_layers=size.layers,
@@ -295,11 +336,7 @@ def build_tiny_llava(
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(dtype).eval()
     model.save_pretrained(out)
-    # transformers 5 saves the CLIP tower as `vision_tower.encoder...`; llava-hf checkpoints (and
-    # vLLM) use `vision_tower.vision_model.encoder...`, which transformers also reads.
-    def rename(k: str) -> str:
-        return "vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k
-
+    rename = llava_hf_name
     for f in out.glob("*.safetensors"):
         save_file({rename(k): v for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
     index = out / "model.safetensors.index.json"
@@ -307,21 +344,4 @@ def build_tiny_llava(
         data = json.loads(index.read_text())
         data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data, indent=2))
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            do_center_crop=True,
-        ),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        chat_template=LLAVA_CHAT_TEMPLATE,
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(out)
-    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    _save_generation_config(out, ids["</s>"], ids["<s>"], ids["<pad>"])
-    return out
+    return save_llava_side_files(out, llava_processor(tokenizer, image_size), tokenizer, ids)

@@ -1,6 +1,8 @@
 """The plain-torch reference of SplitQ: the single definition every other path is tested against."""
 
 from .forward import (
+    FakeQuantWeights,
+    fake_quantize_weights,
     QuantizedInput,
     int_linear,
     int_matmul,
@@ -10,12 +12,15 @@ from .forward import (
     splitq_linear,
     splitq_linear_fake,
 )
-from .layer import SplitQFloatLinear, SplitQLinear, concat_outputs, quantize_linear, split_outputs
+from .layer import ChannelSplit, SplitQFloatLinear, SplitQLinear, concat_outputs, quantize_linear, split_outputs
 from .quantizer import QuantizedTensor, fake_quantize, qrange, quantize, round_ste
 from .scheme import SplitQScheme
 from .transforms import fold_dense_weight, fold_main_weight, kron_apply, main_transform
 
 __all__ = [
+    "ChannelSplit",
+    "FakeQuantWeights",
+    "fake_quantize_weights",
     "QuantizedInput",
     "QuantizedTensor",
     "SplitQFloatLinear",

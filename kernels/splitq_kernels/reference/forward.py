@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layer import SplitQFloatLinear, SplitQLinear
+from .layer import ChannelSplit, SplitQFloatLinear, SplitQLinear
 from .quantizer import QuantizedTensor, fake_quantize, quantize
 from .scheme import SplitQScheme
 from .transforms import main_transform
@@ -142,37 +142,88 @@ def _fq_weight(w: torch.Tensor, bits: int, clip: torch.Tensor | None) -> torch.T
     return fake_quantize(w, bits, symmetric=True, dim=1, clip=1.0 if clip is None else clip)
 
 
+@dataclass
+class FakeQuantWeights:
+    """The weight side of a float layer: its fake-quantized weights (what `quantize_linear`
+    stores, dequantized; `main` is Q(P_m^-1 W_m - U_s V_s), Eq. 17) and its bias. None where the
+    part is absent."""
+
+    main: torch.Tensor
+    text: torch.Tensor | None = None
+    vision: torch.Tensor | None = None
+    cws_down: torch.Tensor | None = None
+    cws_up: torch.Tensor | None = None
+    mac_down: torch.Tensor | None = None
+    mac_up: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def fake_quantize_weights(
+    layer: SplitQFloatLinear, scheme: SplitQScheme, dtype: torch.dtype | None = None
+) -> FakeQuantWeights:
+    """The weight side of `splitq_linear_fake`, differentiable (straight-through rounding).
+
+    Computed apart from the activations so calibration can evaluate it once per step, in blocks
+    of output rows (every weight quantizer is per output row), and backpropagate into it later.
+    """
+    wb, awb = scheme.weight_bits, scheme.aux_weight_bits
+
+    def fq(w: torch.Tensor | None, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor | None:
+        if w is None:
+            return None
+        return _fq_weight(w if dtype is None else w.to(dtype), bits, clip)
+
+    return FakeQuantWeights(
+        main=fq(layer.main_residual_weight(), wb, layer.main_weight_clip),
+        text=fq(layer.text_weight, awb, layer.text_weight_clip) if layer.idx_text.numel() else None,
+        vision=fq(layer.vision_weight, awb, layer.vision_weight_clip) if layer.idx_vision.numel() else None,
+        cws_down=fq(layer.cws_down, awb),
+        cws_up=fq(layer.cws_up, awb),
+        mac_down=fq(layer.mac_down, awb),
+        mac_up=fq(layer.mac_up, awb),
+        bias=layer.bias,
+    )
+
+
 def splitq_linear_fake(
-    x: torch.Tensor, text_mask: torch.Tensor | None, layer: SplitQFloatLinear, scheme: SplitQScheme
+    x: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    layer: ChannelSplit,
+    scheme: SplitQScheme,
+    weights: FakeQuantWeights | None = None,
 ) -> torch.Tensor:
-    """The SplitQ linear layer, fake-quant form with straight-through rounding (for training)."""
+    """The SplitQ linear layer, fake-quant form with straight-through rounding (for training).
+
+    `layer` is a SplitQFloatLinear, or only its input side (a ChannelSplit) when `weights`, the
+    layer's `fake_quantize_weights`, are given."""
     x2, mask = _flatten(x, text_mask)
     dt = compute_dtype(x)
     x2 = x2.to(dt)
+    if weights is None:
+        weights = fake_quantize_weights(layer, scheme, dt)
     sym, ab, aab = scheme.act_symmetric, scheme.act_bits, scheme.aux_act_bits
-    wb, awb = scheme.weight_bits, scheme.aux_weight_bits
 
     xm = main_transform(x2[:, layer.idx_main], layer.main_smooth.to(dt), layer.main_p1.to(dt), layer.main_p2.to(dt))
     xm_hat = fake_quantize(xm, ab, sym, clip=_act_clip(layer.main_act_clip, dt))
-    y = xm_hat @ _fq_weight(layer.main_residual_weight().to(dt), wb, layer.main_weight_clip).transpose(0, 1)
+    y = xm_hat @ weights.main.to(dt).transpose(0, 1)
 
-    for idx, p, w, wclip, aclip in (
-        (layer.idx_text, layer.text_p, layer.text_weight, layer.text_weight_clip, layer.text_act_clip),
-        (layer.idx_vision, layer.vision_p, layer.vision_weight, layer.vision_weight_clip, layer.vision_act_clip),
+    for idx, p, w, aclip in (
+        (layer.idx_text, layer.text_p, weights.text, layer.text_act_clip),
+        (layer.idx_vision, layer.vision_p, weights.vision, layer.vision_act_clip),
     ):
         if idx.numel():
             xo = fake_quantize(x2[:, idx] @ p.to(dt), aab, sym, clip=_act_clip(aclip, dt))
-            y = y + xo @ _fq_weight(w.to(dt), awb, wclip).transpose(0, 1)
+            y = y + xo @ w.to(dt).transpose(0, 1)
 
-    if layer.cws_down is not None:
-        h = xm_hat @ _fq_weight(layer.cws_down.to(dt), awb, None).transpose(0, 1)
-        y = y + h @ _fq_weight(layer.cws_up.to(dt), awb, None).transpose(0, 1)
-    if layer.mac_down is not None:
+    if weights.cws_down is not None:
+        h = xm_hat @ weights.cws_down.to(dt).transpose(0, 1)
+        y = y + h @ weights.cws_up.to(dt).transpose(0, 1)
+    if weights.mac_down is not None:
         r = fake_quantize(xm - xm_hat, aab, sym, clip=_act_clip(layer.mac_act_clip, dt))
-        h = r @ _fq_weight(layer.mac_down.to(dt), awb, None).transpose(0, 1)
-        comp = h @ _fq_weight(layer.mac_up.to(dt), awb, None).transpose(0, 1)
+        h = r @ weights.mac_down.to(dt).transpose(0, 1)
+        comp = h @ weights.mac_up.to(dt).transpose(0, 1)
         rows = mac_row_mask(mask, scheme.mac_rows)
         y = y + torch.where(rows[:, None], comp, torch.zeros((), dtype=dt, device=comp.device))
-    if layer.bias is not None:
-        y = y + layer.bias.to(dt)
+    if weights.bias is not None:
+        y = y + weights.bias.to(dt)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])

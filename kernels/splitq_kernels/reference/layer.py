@@ -42,8 +42,9 @@ OUTPUT_SIDE = ("main_w", "text_w", "vision_w", "cws_up", "mac_up", "bias")
 
 
 @dataclass(kw_only=True)
-class _ChannelSplit:
-    """Fields common to both forms: channel sets, online transforms, activation clipping.
+class ChannelSplit:
+    """Fields common to both forms: channel sets, online transforms, activation clipping (the
+    input side without the low-rank `*_down` factors, which are weights of their own).
 
     idx_*: int64 channel indices into the layer input; the three sets partition range(D_in).
     The main set is transformed in the order of idx_main. text_p / vision_p are None when the set
@@ -73,7 +74,7 @@ class _ChannelSplit:
 
 
 @dataclass(kw_only=True)
-class SplitQFloatLinear(_ChannelSplit):
+class SplitQFloatLinear(ChannelSplit):
     """Float (differentiable) form: the transformed weights before quantization.
 
     main_weight = P_m^-1 W_m, text_weight = P_t^-1 W_t, vision_weight = P_v^-1 W_v (torch
@@ -105,7 +106,7 @@ class SplitQFloatLinear(_ChannelSplit):
 
 
 @dataclass(kw_only=True)
-class SplitQLinear(_ChannelSplit):
+class SplitQLinear(ChannelSplit):
     """Quantized form: integer codes and scales, exactly what the checkpoint stores.
 
     Weight QuantizedTensors are symmetric, per output channel (scale shape (rows, 1)).
@@ -158,7 +159,7 @@ def quantize_linear(layer: SplitQFloatLinear, scheme: SplitQScheme) -> SplitQLin
     wb, awb = scheme.weight_bits, scheme.aux_weight_bits
     shared = {
         f.name: (None if getattr(layer, f.name) is None else getattr(layer, f.name).detach())
-        for f in fields(_ChannelSplit)
+        for f in fields(ChannelSplit)
     }
     return SplitQLinear(
         **shared,

@@ -123,3 +123,17 @@ def test_folded_weights_preserve_the_unquantized_product():
     torch.testing.assert_close(y, x @ w.T, rtol=1e-10, atol=1e-10)
     p = torch.randn(35, 35, generator=gen, dtype=torch.float64) + 6 * torch.eye(35, dtype=torch.float64)
     torch.testing.assert_close((x @ p) @ fold_dense_weight(w, p).T, x @ w.T, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_in_row_blocks_gives_the_same_bytes(monkeypatch, bits):
+    """Big weights are packed in row blocks (bounded temporaries); the bytes do not depend on it."""
+    from splitq_kernels import packing
+
+    gen = torch.Generator().manual_seed(bits)
+    rows, k = 37, 29  # neither a multiple of the block nor of 8 codes
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (rows, k), generator=gen, dtype=torch.int8)
+    whole = pack_codes(codes, bits)
+    monkeypatch.setattr(packing, "BLOCK_CODES", 5 * k)  # 5 rows per block, the last one partial
+    assert torch.equal(pack_codes(codes, bits), whole)
+    assert torch.equal(unpack_codes(whole, k, bits), codes)

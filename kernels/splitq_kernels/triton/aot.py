@@ -4,6 +4,7 @@ rounding survives compilation (the rint magic constant, IEEE division).
 
     python -m splitq_kernels.triton.aot                  # small awkward layer, sm_90 and sm_89
     python -m splitq_kernels.triton.aot --model-shapes   # Qwen2.5-VL 7B/3B layer shapes (BENCHMARKS.md)
+    python -m splitq_kernels.triton.aot --model-shapes 72b.qkv 72b.down   # any of MODEL_SHAPES
 
 Prints one JSON line per compiled kernel: registers and stack (spill) bytes per thread from
 cuobjdump, shared memory, and whether the rounding constants made it into the PTX.
@@ -102,13 +103,20 @@ def compile_cases(cases=CASES) -> list[dict]:
     return results
 
 
+# The project's one table of real linear shapes (d_in, d_out) of the Qwen2.5-VL language models
+# (public configs; notes/anchors.md): fused qkv (with bias), o_proj, fused gate_up, down. Also read
+# by benchmarks/cost_model.py. 72B: hidden 8192, MLP 29568, 64 heads / 8 KV heads of 128.
 MODEL_SHAPES = {
     "7b.qkv": (3584, 4608), "7b.o_proj": (3584, 3584), "7b.gate_up": (3584, 37888), "7b.down": (18944, 3584),
-    "3b.qkv": (2048, 2560), "3b.down": (11008, 2048),
+    "3b.qkv": (2048, 2560), "3b.o_proj": (2048, 2048), "3b.gate_up": (2048, 22016), "3b.down": (11008, 2048),
+    "72b.qkv": (8192, 10240), "72b.o_proj": (8192, 8192), "72b.gate_up": (8192, 59136), "72b.down": (29568, 8192),
 }
+# What `--model-shapes` compiles by default (the BENCHMARKS.md table); name others on the command line.
+AOT_DEFAULT_LAYERS = ("7b.qkv", "7b.o_proj", "7b.gate_up", "7b.down", "3b.qkv", "3b.down")
 
 
-def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a4") -> list[dict]:
+def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a4",
+                         layers: tuple[str, ...] = AOT_DEFAULT_LAYERS) -> list[dict]:
     """The kernels as configured for the real Qwen2.5-VL layer shapes (default channel split), on a
     stand-in layer whose dims are those of the real one (compilation depends on dims only)."""
     import dataclasses
@@ -123,7 +131,11 @@ def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a
     base = prepare_kernel_layer(random_quantized_layer(53, 37, 3, 5, (5, 9), scheme, 3, 4), scheme, "cpu",
                                 precision="tf32x3")
     results = []
-    for name, (d_in, d_out) in MODEL_SHAPES.items():
+    unknown = [n for n in layers if n not in MODEL_SHAPES]
+    if unknown:
+        raise ValueError(f"unknown layers {unknown}; known: {sorted(MODEL_SHAPES)}")
+    for name in layers:
+        d_in, d_out = MODEL_SHAPES[name]
         d = default_layer_dims(d_in, d_out)
         kl = dataclasses.replace(base, in_features=d_in, out_features=d_out, main=d_in - d["n_text"] - d["n_vision"],
                                  text=d["n_text"], vision=d["n_vision"], n1=d["kron"][0], n2=d["kron"][1],
@@ -136,8 +148,8 @@ def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a
 
 def main() -> None:
     """Arguments: none (all of CASES) or ARCH:SCHEME:sym|asym:ROWS ... (e.g. 90:w4a4:sym:2048)."""
-    if sys.argv[1:] == ["--model-shapes"]:
-        results = compile_model_shapes()
+    if sys.argv[1:2] == ["--model-shapes"]:  # optionally followed by layer names, e.g. 72b.qkv
+        results = compile_model_shapes(layers=tuple(sys.argv[2:]) or AOT_DEFAULT_LAYERS)
     else:
         cases = CASES
         if len(sys.argv) > 1:

@@ -271,9 +271,9 @@ def _decode_mac_kernel(
     m2 = row_valid[:, None] & k_valid[None, :]
     # the residual is recomputed from the scratch, as kernel (a) does
     xp = tl.load(scratch_ptr + rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0)
-    qs, qc = qcodes(xp, s[:, None], z[:, None], ACT_BITS, SYMMETRIC)
+    _, qc = qcodes(xp, s[:, None], z[:, None], ACT_BITS, SYMMETRIC)
     res = xp - qc * s[:, None]
-    rs, rc = qcodes(res, s_res[:, None], z_res[:, None], AUX_ACT_BITS, SYMMETRIC)
+    rs, _ = qcodes(res, s_res[:, None], z_res[:, None], AUX_ACT_BITS, SYMMETRIC)
     rs = tl.where(m2, rs, 0.0).to(tl.int8)
     if STORE_MAC_CODES:
         tl.store(mac_codes_ptr + rows64[:, None] * n_main + k[None, :], rs, mask=m2)
@@ -370,7 +370,7 @@ def plan_quantize_decode(
         BLOCK_PO_ROWS=16, BLOCK_PO_COLS=64 if kl.text > 32 or kl.vision > 32 else 32,
         AUX_ACT_BITS=kl.aux_act_bits, SYMMETRIC=kl.act_symmetric, HAS_TEXT=has_text, HAS_VISION=has_vision,
         INPUT_PRECISION=kl.precision,
-    ), opts)
+    ), {**opts, "num_warps": 8})  # 8 warps: the [tokens x n1, 16] Z tile fits in registers (AOT check)
     n_k = triton.cdiv(kl.main, BLOCK_K_DECODE)
     d2 = Launch(_decode_quantize_kernel, (n_k,), dict(
         scratch_ptr=scratch, stride_scratch=scratch.stride(0), stats_ptr=stats, clip_ptr=kl.act_clip,

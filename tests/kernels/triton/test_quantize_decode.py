@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from splitq_kernels.layout import prepare_kernel_layer
 from splitq_kernels.reference import SplitQScheme, quantize_linear
 from splitq_kernels.testing import check_linear
-from splitq_kernels.triton.gemm import gemm_triton
 from splitq_kernels.triton import quantize_decode
+from splitq_kernels.triton.gemm import gemm_triton
 from splitq_kernels.triton.quantize_decode import can_implement_decode, quantize_input_decode_triton
+
 from splitq_vllm.testing.layers import random_activations, random_float_layer
 from splitq_vllm.testing.layers import random_text_masks as masks
 
@@ -103,7 +103,7 @@ def test_empty_sets_and_branches(parts):
 
 
 def test_no_mask_means_all_text_and_errors_are_clear():
-    scheme, q, kl = make(WIDE, "w4a4", True, seed=30)
+    _, _, kl = make(WIDE, "w4a4", True, seed=30)
     x = random_activations(3, WIDE["in_features"], seed=31)
     y_none = gemm_triton(quantize_input_decode_triton(x, None, kl), kl, x.dtype)
     y_all = gemm_triton(quantize_input_decode_triton(x, torch.ones(3, dtype=torch.bool), kl), kl, x.dtype)
@@ -117,3 +117,18 @@ def test_no_mask_means_all_text_and_errors_are_clear():
         quantize_input_decode_triton(x[:, :-1], None, kl)
     with pytest.raises(TypeError, match="float32"):
         quantize_input_decode_triton(x.double(), None, kl)
+
+
+def test_the_op_takes_the_decode_path_up_to_16_rows():
+    """splitq_linear_triton (torch.ops.splitq.linear) runs the split launches at 1-16 rows and the
+    persistent kernel (a) above; both agree with the reference (the other tests) and the op's
+    output is the decode path's, bit for bit."""
+    from splitq_kernels.ops import splitq_linear_triton
+
+    scheme, q, kl = make(LONG, "w4a4", False, seed=40)
+    for rows in (2, 16):
+        x = random_activations(rows, LONG["in_features"], seed=41 + rows).to(torch.bfloat16)
+        mask = masks(rows, 42)["mixed"]
+        y = splitq_linear_triton(x, mask, kl)
+        assert torch.equal(y, gemm_triton(quantize_input_decode_triton(x, mask, kl), kl, x.dtype))
+        _neutral(False)

@@ -21,10 +21,11 @@ ratio to BF16 is t(bf16) / t(variant), bf16 being one cuBLAS launch.
 
 Variants (as benchmarks/bench_kernels.py times them): bf16, w4a4_gemm (kernel (b) alone, main
 path only, pre-quantized activations: the plain W4A4 GEMM), mocd (kernels (a) + (b), outlier
-paths), mocd+cws, splitq (+ MAC). Designs: `current` (docs/kernels.md: kernel (a) one program
-per 16 rows; at decode, one program) and `decode` (docs/kernels.md, "Decode path", for <= 16
-rows: D1 transform split over transform tiles, D2 quantize + CWS down split over K, D3 the
-split-K GEMM whose grid also holds the MAC-down programs; above 16 rows it is `current`).
+paths), mocd+cws, splitq (+ MAC). Designs: `current` (the persistent kernel (a), one program
+per 16 rows, so one program at decode, then the GEMM) and `decode` (as built:
+kernels/splitq_kernels/triton/quantize_decode.py for <= 16 rows: D1 transform split over
+transform tiles, D2 quantize + CWS down split over 64-channel blocks, D3 MAC residual + down
+likewise (only with MAC), then the same GEMM; above 16 rows it is `current`).
 
 What it leaves out (so a measurement can fall short of it): L2 traffic (split-K atomics, the
 redundant reads of the gathered input, scratch that stays in L2 at decode is counted as DRAM
@@ -118,8 +119,19 @@ class Launch:
     mma_tf32: float = 0.0  # tf32 MMA FLOPs (tf32x3 counted three times)
     mma_bf16: float = 0.0
     cuda_ops: float = 0.0  # CUDA-core ops (fp32 FLOPs or integer ops)
+    # work done by single programs of the same grid alongside the rest (D1's outlier sets): the
+    # launch lasts at least as long as the slowest of them
+    single: list = dataclasses.field(default_factory=list)
 
     def time(self, hw: Hardware) -> dict:
+        out = self._time(hw)
+        for part in self.single:
+            t = part._time(hw)
+            if t["s"] > out["s"]:
+                out = {**t, "bound": f"single program ({t['bound']})"}
+        return out
+
+    def _time(self, hw: Hardware) -> dict:
         f = min(1.0, self.programs / hw.sms)
         bw = hw.bw * min(1.0, max(f, SINGLE_SM_BW_FACTOR / hw.sms))
         parts = {
@@ -163,11 +175,10 @@ def _gemm_tiles(T: int) -> tuple[int, int]:  # gemm.default_config: (block_m, bl
     return (64, 128) if T <= 128 else (128, 128)
 
 
-def gemm_launch(s: Shape, T: int, hw: Hardware, wbits: int, abits_aux: int, outliers: bool, cws: bool, mac: bool,
-                mac_down_programs: bool = False) -> Launch:
+def gemm_launch(s: Shape, T: int, hw: Hardware, wbits: int, abits_aux: int, outliers: bool, cws: bool, mac: bool
+                ) -> Launch:
     """Kernel (b): int8-MMA GEMM over the main (and outlier) K ranges, low-rank up products and
-    rescaling in the epilogue. mac_down_programs: the decode design's D3 (the MAC down product
-    in extra programs of the same grid)."""
+    rescaling in the epilogue."""
     bm, bn = _gemm_tiles(T)
     tm, tiles = _cdiv(T, bm), _cdiv(s.d_out, bn)
     k = s.main + (s.text + s.vision if outliers else 0)
@@ -181,10 +192,6 @@ def gemm_launch(s: Shape, T: int, hw: Hardware, wbits: int, abits_aux: int, outl
     L.mma_int8 = 2 * rows * k * s.d_out
     L.mma_tf32 = _tf32x3(2 * rows * ranks * s.d_out)
     L.cuda_ops = UNPACK_OPS_PER_CODE * k * s.d_out * tm
-    if mac_down_programs and mac:
-        L.programs += _cdiv(s.main, 64)
-        L.bytes += s.main * s.mac_rp + T * s.main * 4  # MAC down factor, transformed rows (scratch)
-        L.mma_int8 += 2 * 16 * s.main * s.mac_rp
     return L
 
 
@@ -198,15 +205,27 @@ def quantize_launches(s: Shape, T: int, hw: Hardware, design: str, outliers: boo
     out_bytes = T * s.d_in + T * 16 + T * ranks * 4  # codes, scales / zeros, h_cws / h_mac
     if design == "decode" and T <= DECODE_ROWS:
         # D1: transform tiles [16 x 16] of (n1, n2) per program, rows padded to 16 for tl.dot
-        d1 = Launch("d1_transform", _cdiv(s.n1, 16) * _cdiv(s.n2, 16) + 2 * outliers)
-        d1.bytes = T * s.d_in * 2 + transforms + T * s.main * 4
-        d1.mma_tf32 = _tf32x3(16 * xform_flops)
+        d1 = Launch("d1_transform", _cdiv(s.n1, 16) * _cdiv(s.n2, 16))
+        d1.bytes = T * s.main * 2 + (s.n1**2 + s.n2**2) * 4 + s.main * 4 + T * s.main * 4
+        d1.mma_tf32 = _tf32x3(16 * 2 * s.main * (s.n1 + s.n2))
+        if outliers:  # one program per outlier set, each whole: its dense transform on one SM
+            for n in (s.text, s.vision):
+                o = Launch("outlier_set", 1, bytes=T * n * 2 + n * n * 4 + T * n * 5)
+                o.mma_tf32 = _tf32x3(16 * 2 * n * n)
+                d1.single.append(o)
         # D2: quantize + CWS down over blocks of 64 main channels (per-row stats from D1's atomics)
         d2 = Launch("d2_quantize_down", _cdiv(s.main, 64))
         d2.bytes = T * s.main * 4 + s.main * (s.cws_rp if cws else 0) + out_bytes
         d2.mma_int8 = 2 * 16 * s.main * (s.cws_rp if cws else 0)
         d2.cuda_ops = 8 * T * s.d_in
-        return [d1, d2]
+        if not mac:
+            return [d1, d2]
+        # D3: MAC residual codes + down product over blocks of 64 main channels
+        d3 = Launch("d3_mac_down", _cdiv(s.main, 64))
+        d3.bytes = T * s.main * 4 + s.main * s.mac_rp + T * s.mac_rp * 4
+        d3.mma_int8 = 2 * 16 * s.main * s.mac_rp
+        d3.cuda_ops = 12 * T * s.main
+        return [d1, d2, d3]
     bt = min(16, _next_pow2(T))
     a = Launch("a_quantize_input", min(_cdiv(T, bt), hw.sms))
     a.bytes = T * s.d_in * 2 + transforms + s.main * ranks + 2 * T * s.main * 4 + out_bytes  # scratch out + in
@@ -234,9 +253,7 @@ def variant_launches(s: Shape, T: int, hw: Hardware, variant: str, design: str, 
     if variant == "w4a4_gemm":
         return [gemm_launch(s, T, hw, wbits, aux_bits, outliers=False, cws=False, mac=False)]
     cws, mac = variant in ("mocd+cws", "splitq"), variant == "splitq"
-    dec = design == "decode" and T <= DECODE_ROWS
-    return (quantize_launches(s, T, hw, design, True, cws, mac)
-            + [gemm_launch(s, T, hw, wbits, aux_bits, True, cws, mac, mac_down_programs=dec)])
+    return quantize_launches(s, T, hw, design, True, cws, mac) + [gemm_launch(s, T, hw, wbits, aux_bits, True, cws, mac)]
 
 
 def predict(layer: str, T: int, hw_key: str, design: str) -> dict:

@@ -89,7 +89,7 @@ def test_summary_puts_measured_beside_predicted(tmp_path):
     res = gc.summarize(tmp_path, [{"label": "kernels.qkv", "status": "ok", "seconds": 1.0}])
     md = (tmp_path / "results.md").read_text()
     pred = next(r for r in json.loads((tmp_path / "cost_model.json").read_text())["results"]
-                if r["hardware"] == "h200" and r["design"] == "current" and r["layer"] == "7b.qkv" and r["rows"] == 16)
+                if r["hardware"] == "h200" and r["design"] == "decode" and r["layer"] == "7b.qkv" and r["rows"] == 16)
     assert f"{pred['variants']['splitq']['ratio_to_bf16']:.2f}" in md and "| qkv | 16 | 0.010 |" in md
     assert res["kernel_checks_passed"] == {"qkv": True}
 

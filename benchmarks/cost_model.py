@@ -24,8 +24,9 @@ path only, pre-quantized activations: the plain W4A4 GEMM), mocd (kernels (a) + 
 paths), mocd+cws, splitq (+ MAC). Designs: `current` (the persistent kernel (a), one program
 per 16 rows, so one program at decode, then the GEMM) and `decode` (as built:
 kernels/splitq_kernels/triton/quantize_decode.py for <= 16 rows: D1 transform split over
-transform tiles, D2 quantize + CWS down split over 64-channel blocks, D3 MAC residual + down
-likewise (only with MAC), then the same GEMM; above 16 rows it is `current`).
+transform tiles and outlier-set column blocks, D2 quantize + CWS down split over 64-channel
+blocks, D3 MAC residual + down likewise (only with MAC), then the same GEMM; above 16 rows it is
+`current`). `Launch.single` models work that one program of a grid does alone (none now).
 
 What it leaves out (so a measurement can fall short of it): L2 traffic (split-K atomics, the
 redundant reads of the gathered input, scratch that stays in L2 at decode is counted as DRAM
@@ -205,16 +206,13 @@ def quantize_launches(s: Shape, T: int, hw: Hardware, design: str, outliers: boo
     out_bytes = T * s.d_in + T * 16 + T * ranks * 4  # codes, scales / zeros, h_cws / h_mac
     if design == "decode" and T <= DECODE_ROWS:
         # D1: transform tiles [16 x 16] of (n1, n2) per program, rows padded to 16 for tl.dot
-        d1 = Launch("d1_transform", _cdiv(s.n1, 16) * _cdiv(s.n2, 16))
-        d1.bytes = T * s.main * 2 + (s.n1**2 + s.n2**2) * 4 + s.main * 4 + T * s.main * 4
-        d1.mma_tf32 = _tf32x3(16 * 2 * s.main * (s.n1 + s.n2))
-        if outliers:  # one program per outlier set, each whole: its dense transform on one SM
-            for n in (s.text, s.vision):
-                o = Launch("outlier_set", 1, bytes=T * n * 2 + n * n * 4 + T * n * 5)
-                o.mma_tf32 = _tf32x3(16 * 2 * n * n)
-                d1.single.append(o)
+        # (+ the outlier sets' dense transforms, one program per 64 output columns of a set)
+        po_blocks = (_cdiv(s.text, 64) + _cdiv(s.vision, 64)) * outliers
+        d1 = Launch("d1_transform", _cdiv(s.n1, 16) * _cdiv(s.n2, 16) + po_blocks)
+        d1.bytes = T * s.d_in * 2 + transforms + T * s.d_in * 4
+        d1.mma_tf32 = _tf32x3(16 * xform_flops)
         # D2: quantize + CWS down over blocks of 64 main channels (per-row stats from D1's atomics)
-        d2 = Launch("d2_quantize_down", _cdiv(s.main, 64))
+        d2 = Launch("d2_quantize_down", _cdiv(s.main, 64) + po_blocks)
         d2.bytes = T * s.main * 4 + s.main * (s.cws_rp if cws else 0) + out_bytes
         d2.mma_int8 = 2 * 16 * s.main * (s.cws_rp if cws else 0)
         d2.cuda_ops = 8 * T * s.d_in

@@ -9,10 +9,10 @@ programs with float atomics (max, and min when asymmetric) in a small workspace:
 - D1 `_decode_transform_kernel`, one program per [BLOCK_P1_COLS x BLOCK_P2_COLS] tile of the
   transformed (n1 x n2) row, plus one per outlier set: Z = R P2[:, b-block] then
   P1[:, a-block]^T Z for all rows (<= 16, padded to a 16-row tensor-core tile), to a float32
-  scratch [T, in_features]; per-row max |x| (max/min) by atomics. The outlier sets are small and
-  done whole by their own program (common code with kernel (a): `_outlier_set`).
-- D2 `_decode_quantize_kernel`, one program per BLOCK_K main channels: per-token grid from D1's
-  statistics, codes, the CWS down product of its channels (int8 tl.dot) added into an int32
+  scratch [T, in_features]; per-row max |x| (max/min) by atomics. The outlier sets' dense
+  transforms are split the same way, one program per block of output columns.
+- D2 `_decode_quantize_kernel`, one program per BLOCK_K main channels (and per block of an
+  outlier set's columns, which only quantizes): per-token grid from D1's statistics, codes, the CWS down product of its channels (int8 tl.dot) added into an int32
   workspace, the MAC residual's statistics by atomics. The last program to arrive (atomic
   counter) rescales h_cws and resets the workspace.
 - D3 `_decode_mac_kernel` (only with MAC), one program per BLOCK_K main channels: the residual's
@@ -43,7 +43,6 @@ from .quantize_input import (
     KRON_BLOCK,
     KRON_Z_ELEMENTS,
     QuantizedActivations,
-    _outlier_set,
     alloc_activations,
     code_offsets,
 )
@@ -54,20 +53,20 @@ BLOCK_K_DECODE = 64  # main channels per D2 / D3 program (int8 tl.dot needs K >=
 
 @triton.jit
 def _atomic_stats(stats_ptr, rows, row_valid, hi, lo, SLOT: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Merge this program's per-row statistics into the shared [16, 4] statistics (slots 0/1:
-    main max/min, 2/3: residual max/min)."""
-    tl.atomic_max(stats_ptr + rows * 4 + SLOT, hi, mask=row_valid)
+    """Merge this program's per-row statistics into the shared [16, 8] statistics (slots 0/1:
+    main max/min, 2/3: residual, 4/5: text set, 6/7: vision set)."""
+    tl.atomic_max(stats_ptr + rows * 8 + SLOT, hi, mask=row_valid)
     if not SYMMETRIC:
-        tl.atomic_min(stats_ptr + rows * 4 + SLOT + 1, lo, mask=row_valid)
+        tl.atomic_min(stats_ptr + rows * 8 + SLOT + 1, lo, mask=row_valid)
 
 
 @triton.jit
 def _load_stats(stats_ptr, rows, row_valid, SLOT: tl.constexpr, SYMMETRIC: tl.constexpr):
-    hi = tl.load(stats_ptr + rows * 4 + SLOT, mask=row_valid, other=0.0)
+    hi = tl.load(stats_ptr + rows * 8 + SLOT, mask=row_valid, other=0.0)
     if SYMMETRIC:
         lo = hi
     else:
-        lo = tl.load(stats_ptr + rows * 4 + SLOT + 1, mask=row_valid, other=0.0)
+        lo = tl.load(stats_ptr + rows * 8 + SLOT + 1, mask=row_valid, other=0.0)
     return hi, lo
 
 
@@ -75,12 +74,66 @@ def _load_stats(stats_ptr, rows, row_valid, SLOT: tl.constexpr, SYMMETRIC: tl.co
 def _reset_stats(stats_ptr, SYMMETRIC: tl.constexpr):
     """Back to the neutral element of merge_stats (0 when symmetric, (-inf, +inf) when not), for
     the next call's atomics."""
-    r = tl.arange(0, 16)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    r = tl.arange(0, 16)[:, None] * 8 + tl.arange(0, 8)[None, :]
     if SYMMETRIC:
-        v = tl.zeros([16, 4], tl.float32)
+        v = tl.zeros([16, 8], tl.float32)
     else:
-        v = tl.where((tl.arange(0, 4) % 2 == 0)[None, :], float("-inf"), float("inf")) + tl.zeros([16, 4], tl.float32)
+        v = tl.where((tl.arange(0, 8) % 2 == 0)[None, :], float("-inf"), float("inf")) + tl.zeros([16, 8], tl.float32)
     tl.store(stats_ptr + r, v)
+
+
+@triton.jit
+def _outlier_block(
+    # input rows; the set's channel indices [n_set] and dense transform P_o [n_set, n_set]
+    x_ptr, stride_x, rows, row_valid, idx_ptr, p_ptr, n_set, o0,
+    # float32 scratch (the set's columns from scratch_col on), shared statistics
+    scratch_ptr, stride_scratch, scratch_col, stats_ptr,
+    # meta-parameters
+    SLOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_PO_ROWS: tl.constexpr, BLOCK_PO_COLS: tl.constexpr,
+    SYMMETRIC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Columns o0.. of X'_o = X[:, idx] @ P_o to the scratch, their per-row statistics merged
+    into SLOT (D1; D2 quantizes them once every block is in)."""
+    rows64 = rows.to(tl.int64)
+    o = o0 + tl.arange(0, BLOCK_PO_COLS)
+    o_valid = o < n_set
+    acc = tl.zeros([BLOCK_T, BLOCK_PO_COLS], tl.float32)
+    for j0 in range(0, n_set, BLOCK_PO_ROWS):
+        j = j0 + tl.arange(0, BLOCK_PO_ROWS)
+        j_valid = j < n_set
+        idx = tl.load(idx_ptr + j, mask=j_valid, other=0)
+        xv = tl.load(x_ptr + rows64[:, None] * stride_x + idx[None, :], mask=row_valid[:, None] & j_valid[None, :],
+                     other=0.0)
+        p = tl.load(p_ptr + j[:, None] * n_set + o[None, :], mask=j_valid[:, None] & o_valid[None, :], other=0.0)
+        acc = tl.dot(xv.to(tl.float32), p, acc, input_precision=INPUT_PRECISION)
+    valid = row_valid[:, None] & o_valid[None, :]
+    tl.store(scratch_ptr + rows64[:, None] * stride_scratch + scratch_col + o[None, :], acc, mask=valid)
+    h, l = row_stats(acc, valid, SYMMETRIC)
+    _atomic_stats(stats_ptr, rows, row_valid, h, l, SLOT, SYMMETRIC)
+
+
+@triton.jit
+def _quantize_outlier_block(
+    # scratch (the set's columns from scratch_col on), statistics, the set's clipping factor
+    scratch_ptr, stride_scratch, scratch_col, stats_ptr, clip, rows, row_valid, n_set, o0,
+    # outputs: codes (the set's columns from codes_col on), scale and zero point (column SLOT)
+    codes_ptr, stride_codes, codes_col, scale_ptr, zero_ptr,
+    # meta-parameters
+    STATS_SLOT: tl.constexpr, SLOT: tl.constexpr, BLOCK_PO_COLS: tl.constexpr, BITS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+):
+    """Codes of columns o0.. of an outlier set (D2), on the grid of its per-row statistics."""
+    rows64 = rows.to(tl.int64)
+    hi, lo = _load_stats(stats_ptr, rows, row_valid, STATS_SLOT, SYMMETRIC)
+    s, z = qgrid(hi, lo, clip, BITS, SYMMETRIC)
+    o = o0 + tl.arange(0, BLOCK_PO_COLS)
+    valid = row_valid[:, None] & (o < n_set)[None, :]
+    xo = tl.load(scratch_ptr + rows64[:, None] * stride_scratch + scratch_col + o[None, :], mask=valid, other=0.0)
+    qs, _ = qcodes(xo, s[:, None], z[:, None], BITS, SYMMETRIC)
+    tl.store(codes_ptr + rows64[:, None] * stride_codes + codes_col + o[None, :], qs.to(tl.int8), mask=valid)
+    if o0 == 0:
+        tl.store(scale_ptr + rows * 4 + SLOT, s, mask=row_valid)
+        tl.store(zero_ptr + rows * 4 + SLOT, stored_zero(z, BITS, SYMMETRIC), mask=row_valid)
 
 
 @triton.jit
@@ -89,22 +142,19 @@ def _decode_transform_kernel(
     x_ptr, stride_x,
     # main set: channel indices [n_main], smoothing [n_main], Kronecker factors P1 [n1, n1], P2 [n2, n2]
     idx_main_ptr, smooth_ptr, p1_ptr, p2_ptr,
-    # outlier sets: channel indices and dense transforms (None when the set is empty); clipping [4]
-    idx_text_ptr, p_text_ptr, idx_vision_ptr, p_vision_ptr, clip_ptr,
-    # float32 scratch [T, in_features]; shared per-row statistics [16, 4] (neutral on entry)
+    # outlier sets: channel indices and dense transforms (None when the set is empty)
+    idx_text_ptr, p_text_ptr, idx_vision_ptr, p_vision_ptr,
+    # float32 scratch [T, in_features]; shared per-row statistics [16, 8] (neutral on entry)
     scratch_ptr, stride_scratch, stats_ptr,
-    # outputs of the outlier sets: codes [T, main | text | vision], scale and zero point [T, 4]
-    codes_ptr, stride_codes, scale_ptr, zero_ptr,
     # sizes
-    T, n1, n2, n_main, n_text, n_vision, off_text, off_vision,
+    T, n1, n2, n_main, n_text, n_vision,
     # tiles: rows (16), tokens per Kronecker tile, P1 rows padded, blocks of P2 rows / columns and
     # of P1 columns (one (a, b) tile per program), outlier-transform blocks
     BLOCK_T: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, N1_PADDED: tl.constexpr,
     BLOCK_P2_ROWS: tl.constexpr, BLOCK_P2_COLS: tl.constexpr, BLOCK_P1_COLS: tl.constexpr,
     BLOCK_PO_ROWS: tl.constexpr, BLOCK_PO_COLS: tl.constexpr,
     # scheme and which parts are present
-    AUX_ACT_BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_VISION: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    SYMMETRIC: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_VISION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_b = tl.cdiv(n2, BLOCK_P2_COLS)
@@ -165,63 +215,80 @@ def _decode_transform_kernel(
                 lo = tl.minimum(lo, tl.min(tl.where(onehot, t_lo[None, :], float("inf")), axis=1))
         _atomic_stats(stats_ptr, rows, row_valid, hi, lo, 0, SYMMETRIC)
     else:
-        # the outlier sets: one program each, whole (small dense transforms; scratch columns after main)
+        # the outlier sets, split over blocks of BLOCK_PO_COLS output columns (scratch columns after main)
+        q = pid - n_tiles
+        n_tb = tl.cdiv(n_text, BLOCK_PO_COLS)
         if HAS_TEXT:
-            if pid == n_tiles:
-                _outlier_set(x_ptr, stride_x, rows, row_valid, idx_text_ptr, p_text_ptr, n_text,
-                             scratch_ptr, stride_scratch, rows, n_main,
-                             codes_ptr, stride_codes, off_text, scale_ptr, zero_ptr, tl.load(clip_ptr + 1),
-                             1, BLOCK_T, BLOCK_PO_ROWS, BLOCK_PO_COLS, AUX_ACT_BITS, SYMMETRIC, INPUT_PRECISION)
+            if q < n_tb:
+                _outlier_block(x_ptr, stride_x, rows, row_valid, idx_text_ptr, p_text_ptr, n_text, q * BLOCK_PO_COLS,
+                               scratch_ptr, stride_scratch, n_main, stats_ptr, 4, BLOCK_T, BLOCK_PO_ROWS,
+                               BLOCK_PO_COLS, SYMMETRIC, INPUT_PRECISION)
         if HAS_VISION:
-            if pid == n_tiles + HAS_TEXT:
-                _outlier_set(x_ptr, stride_x, rows, row_valid, idx_vision_ptr, p_vision_ptr, n_vision,
-                             scratch_ptr, stride_scratch, rows, n_main + n_text,
-                             codes_ptr, stride_codes, off_vision, scale_ptr, zero_ptr, tl.load(clip_ptr + 2),
-                             2, BLOCK_T, BLOCK_PO_ROWS, BLOCK_PO_COLS, AUX_ACT_BITS, SYMMETRIC, INPUT_PRECISION)
+            if q >= n_tb:
+                _outlier_block(x_ptr, stride_x, rows, row_valid, idx_vision_ptr, p_vision_ptr, n_vision,
+                               (q - n_tb) * BLOCK_PO_COLS, scratch_ptr, stride_scratch, n_main + n_text, stats_ptr, 6,
+                               BLOCK_T, BLOCK_PO_ROWS, BLOCK_PO_COLS, SYMMETRIC, INPUT_PRECISION)
 
 
 @triton.jit
 def _decode_quantize_kernel(
-    # float32 scratch [T, in_features] (D1); shared statistics [16, 4]; clipping factors [4]
+    # float32 scratch [T, in_features] (D1); shared statistics [16, 8]; clipping factors [4]
     scratch_ptr, stride_scratch, stats_ptr, clip_ptr,
     # CWS down factor: int8 codes [n_main, rank padded], per-rank scale and code sum (None when off)
     cws_down_ptr, cws_down_scale_ptr, cws_down_colsum_ptr,
     # int32 workspace [16, CWS_RANK_PADDED] (zero on entry) and this launch's arrival counter
     ws_ptr, counter_ptr,
-    # outputs: main codes, scale / zero point (slot 0), h_cws [T, rank padded] (None when off)
+    # outputs: codes [T, main | text | vision], scale / zero point [T, 4], h_cws [T, rank padded]
+    # (None when off)
     codes_ptr, stride_codes, scale_ptr, zero_ptr, h_cws_ptr,
-    # sizes
-    T, n_main,
-    # tiles and scheme
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, CWS_RANK_PADDED: tl.constexpr, ACT_BITS: tl.constexpr,
-    SYMMETRIC: tl.constexpr, HAS_CWS: tl.constexpr, HAS_MAC: tl.constexpr,
+    # sizes: rows, main channels, outlier sets and their first codes column
+    T, n_main, n_text, n_vision, off_text, off_vision,
+    # tiles and scheme; which parts are present
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PO_COLS: tl.constexpr, CWS_RANK_PADDED: tl.constexpr,
+    ACT_BITS: tl.constexpr, AUX_ACT_BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_TEXT: tl.constexpr, HAS_VISION: tl.constexpr, HAS_CWS: tl.constexpr, HAS_MAC: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    n_k = tl.cdiv(n_main, BLOCK_K)
     rows = tl.arange(0, BLOCK_T)
     row_valid = rows < T
     rows64 = rows.to(tl.int64)
     hi, lo = _load_stats(stats_ptr, rows, row_valid, 0, SYMMETRIC)
     s, z = qgrid(hi, lo, tl.load(clip_ptr + 0), ACT_BITS, SYMMETRIC)
     zs = stored_zero(z, ACT_BITS, SYMMETRIC)
-    if pid == 0:
-        tl.store(scale_ptr + rows * 4 + 0, s, mask=row_valid)
-        tl.store(zero_ptr + rows * 4 + 0, zs, mask=row_valid)
-    k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_valid = k < n_main
-    m2 = row_valid[:, None] & k_valid[None, :]
-    xp = tl.load(scratch_ptr + rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0)
-    qs, qc = qcodes(xp, s[:, None], z[:, None], ACT_BITS, SYMMETRIC)
-    qs = tl.where(m2, qs, 0.0).to(tl.int8)
-    tl.store(codes_ptr + rows64[:, None] * stride_codes + k[None, :], qs, mask=m2)
     r = tl.arange(0, CWS_RANK_PADDED)
-    if HAS_CWS:
-        d = tl.load(cws_down_ptr + k[:, None] * CWS_RANK_PADDED + r[None, :], mask=k_valid[:, None], other=0)
-        acc = tl.dot(qs, d, out_dtype=tl.int32)
-        tl.atomic_add(ws_ptr + rows[:, None] * CWS_RANK_PADDED + r[None, :], acc, mask=row_valid[:, None])
-    if HAS_MAC:
-        res = xp - qc * s[:, None]  # X' - X^ (no FMA: compiled without fusion)
-        h, l = row_stats(res, m2, SYMMETRIC)
-        _atomic_stats(stats_ptr, rows, row_valid, h, l, 2, SYMMETRIC)
+    if pid < n_k:  # a block of main channels
+        if pid == 0:
+            tl.store(scale_ptr + rows * 4 + 0, s, mask=row_valid)
+            tl.store(zero_ptr + rows * 4 + 0, zs, mask=row_valid)
+        k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_valid = k < n_main
+        m2 = row_valid[:, None] & k_valid[None, :]
+        xp = tl.load(scratch_ptr + rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0)
+        qs, qc = qcodes(xp, s[:, None], z[:, None], ACT_BITS, SYMMETRIC)
+        qs = tl.where(m2, qs, 0.0).to(tl.int8)
+        tl.store(codes_ptr + rows64[:, None] * stride_codes + k[None, :], qs, mask=m2)
+        if HAS_CWS:
+            d = tl.load(cws_down_ptr + k[:, None] * CWS_RANK_PADDED + r[None, :], mask=k_valid[:, None], other=0)
+            acc = tl.dot(qs, d, out_dtype=tl.int32)
+            tl.atomic_add(ws_ptr + rows[:, None] * CWS_RANK_PADDED + r[None, :], acc, mask=row_valid[:, None])
+        if HAS_MAC:
+            res = xp - qc * s[:, None]  # X' - X^ (no FMA: compiled without fusion)
+            h, l = row_stats(res, m2, SYMMETRIC)
+            _atomic_stats(stats_ptr, rows, row_valid, h, l, 2, SYMMETRIC)
+    else:  # a block of an outlier set's columns
+        q = pid - n_k
+        n_tb = tl.cdiv(n_text, BLOCK_PO_COLS)
+        if HAS_TEXT:
+            if q < n_tb:
+                _quantize_outlier_block(scratch_ptr, stride_scratch, n_main, stats_ptr, tl.load(clip_ptr + 1), rows,
+                                        row_valid, n_text, q * BLOCK_PO_COLS, codes_ptr, stride_codes, off_text,
+                                        scale_ptr, zero_ptr, 4, 1, BLOCK_PO_COLS, AUX_ACT_BITS, SYMMETRIC)
+        if HAS_VISION:
+            if q >= n_tb:
+                _quantize_outlier_block(scratch_ptr, stride_scratch, n_main + n_text, stats_ptr, tl.load(clip_ptr + 2),
+                                        rows, row_valid, n_vision, (q - n_tb) * BLOCK_PO_COLS, codes_ptr, stride_codes,
+                                        off_vision, scale_ptr, zero_ptr, 6, 2, BLOCK_PO_COLS, AUX_ACT_BITS, SYMMETRIC)
     tl.debug_barrier()  # every thread's atomics are in before the arrival is counted
     arrived = tl.atomic_add(counter_ptr, 1)
     if arrived == tl.num_programs(0) - 1:  # the last program: finish h_cws, reset what it owns
@@ -314,13 +381,13 @@ _WORKSPACE: dict[tuple[str, int | None, bool], tuple[torch.Tensor, torch.Tensor,
 
 def decode_workspace(device: torch.device, symmetric: bool, rank_padded: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(statistics [16, 4] f32 at their neutral values, int32 workspace [16, R] zeroed, two
+    """(statistics [16, 8] f32 at their neutral values, int32 workspace [16, R] zeroed, two
     arrival counters) of a device, shared by all layers and left so after every call. Grows on
     demand: run every layer once before capturing CUDA graphs (vLLM's warm-up does)."""
     key = (device.type, device.index, symmetric)
     stats, ws, cnt = _WORKSPACE.get(key, (None, None, None))
     if stats is None or ws.shape[1] < rank_padded:
-        stats = torch.zeros(DECODE_ROWS, 4, dtype=torch.float32, device=device)
+        stats = torch.zeros(DECODE_ROWS, 8, dtype=torch.float32, device=device)
         if not symmetric:
             stats[:, 0::2] = float("-inf")
             stats[:, 1::2] = float("inf")
@@ -355,34 +422,35 @@ def plan_quantize_decode(
     off_text, off_vision, _ = code_offsets(kl)
     opts = dict(num_warps=4, num_stages=1, enable_fp_fusion=False)  # no FMA: residuals round like torch
     n_tiles = triton.cdiv(kl.n1, block_p1_cols) * triton.cdiv(kl.n2, block_p2_cols)
-    d1 = Launch(_decode_transform_kernel, (n_tiles + has_text + has_vision,), dict(
+    block_po_cols = 64 if kl.text > 32 or kl.vision > 32 else 32
+    n_outlier_blocks = triton.cdiv(kl.text, block_po_cols) + triton.cdiv(kl.vision, block_po_cols)
+    d1 = Launch(_decode_transform_kernel, (n_tiles + n_outlier_blocks,), dict(
         x_ptr=x, stride_x=x.stride(0),
         idx_main_ptr=kl.idx_main, smooth_ptr=kl.main_smooth, p1_ptr=kl.main_p1, p2_ptr=kl.main_p2,
         idx_text_ptr=kl.idx_text if has_text else None, p_text_ptr=kl.text_p if has_text else None,
         idx_vision_ptr=kl.idx_vision if has_vision else None, p_vision_ptr=kl.vision_p if has_vision else None,
-        clip_ptr=kl.act_clip, scratch_ptr=scratch, stride_scratch=scratch.stride(0), stats_ptr=stats,
-        codes_ptr=out.codes, stride_codes=out.codes.stride(0), scale_ptr=out.scale, zero_ptr=out.zero,
+        scratch_ptr=scratch, stride_scratch=scratch.stride(0), stats_ptr=stats,
         T=T, n1=kl.n1, n2=kl.n2, n_main=kl.main, n_text=kl.text, n_vision=kl.vision,
-        off_text=off_text, off_vision=off_vision,
     ), dict(
         BLOCK_T=DECODE_ROWS, TOKENS_PER_TILE=tokens_per_tile, N1_PADDED=n1_padded,
         BLOCK_P2_ROWS=KRON_BLOCK if kl.n2 > 16 else 16, BLOCK_P2_COLS=block_p2_cols, BLOCK_P1_COLS=block_p1_cols,
-        BLOCK_PO_ROWS=16, BLOCK_PO_COLS=64 if kl.text > 32 or kl.vision > 32 else 32,
-        AUX_ACT_BITS=kl.aux_act_bits, SYMMETRIC=kl.act_symmetric, HAS_TEXT=has_text, HAS_VISION=has_vision,
-        INPUT_PRECISION=kl.precision,
+        BLOCK_PO_ROWS=16, BLOCK_PO_COLS=block_po_cols,
+        SYMMETRIC=kl.act_symmetric, HAS_TEXT=has_text, HAS_VISION=has_vision, INPUT_PRECISION=kl.precision,
     ), {**opts, "num_warps": 8})  # 8 warps: the [tokens x n1, 16] Z tile fits in registers (AOT check)
     n_k = triton.cdiv(kl.main, BLOCK_K_DECODE)
-    d2 = Launch(_decode_quantize_kernel, (n_k,), dict(
+    d2 = Launch(_decode_quantize_kernel, (n_k + n_outlier_blocks,), dict(
         scratch_ptr=scratch, stride_scratch=scratch.stride(0), stats_ptr=stats, clip_ptr=kl.act_clip,
         cws_down_ptr=kl.cws_down if has_cws else None,
         cws_down_scale_ptr=kl.cws_down_scale if has_cws else None,
         cws_down_colsum_ptr=kl.cws_down_colsum if has_cws else None,
         ws_ptr=ws, counter_ptr=cnt[0:1],
         codes_ptr=out.codes, stride_codes=out.codes.stride(0), scale_ptr=out.scale, zero_ptr=out.zero,
-        h_cws_ptr=out.h_cws if has_cws else None, T=T, n_main=kl.main,
+        h_cws_ptr=out.h_cws if has_cws else None, T=T, n_main=kl.main, n_text=kl.text, n_vision=kl.vision,
+        off_text=off_text, off_vision=off_vision,
     ), dict(
-        BLOCK_T=DECODE_ROWS, BLOCK_K=BLOCK_K_DECODE, CWS_RANK_PADDED=kl.cws_rank_padded or 16,
-        ACT_BITS=kl.act_bits, SYMMETRIC=kl.act_symmetric, HAS_CWS=has_cws, HAS_MAC=has_mac,
+        BLOCK_T=DECODE_ROWS, BLOCK_K=BLOCK_K_DECODE, BLOCK_PO_COLS=block_po_cols,
+        CWS_RANK_PADDED=kl.cws_rank_padded or 16, ACT_BITS=kl.act_bits, AUX_ACT_BITS=kl.aux_act_bits,
+        SYMMETRIC=kl.act_symmetric, HAS_TEXT=has_text, HAS_VISION=has_vision, HAS_CWS=has_cws, HAS_MAC=has_mac,
     ), opts)
     launches = [d1, d2]
     if has_mac:

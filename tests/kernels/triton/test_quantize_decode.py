@@ -55,7 +55,7 @@ def _neutral(sym: bool) -> None:
     if sym:
         assert bool((stats == 0).all())
     else:
-        assert bool((stats[:, 0::2] == float("-inf")).all()) and bool((stats[:, 1::2] == float("inf")).all())
+        assert bool((stats[:, 0::2] == float("-inf")).all()) and bool((stats[:, 1::2] == float("inf")).all())  # [16, 8]
 
 
 @pytest.mark.parametrize("scheme_name,sym", SCHEMES)
@@ -69,6 +69,19 @@ def test_decode_kernel_a_matches_reference(scheme_name, sym, shape, rows):
         mask = masks(rows, seed)["mixed"] if rows > 1 else torch.ones(1, dtype=torch.bool)
         run_and_check(x, mask, q, scheme, kl)
         _neutral(sym)
+
+
+# outlier sets wider than one block of 64 columns (70 = 64 + 6 text, 33 vision): split over programs
+WIDE_SETS = dict(in_features=199, out_features=23, n_text=70, n_vision=33, kron=(6, 16), cws_rank=4, mac_rank=6)
+
+
+@pytest.mark.parametrize("scheme_name,sym", [("w4a4", True), ("w3a2", False)])
+@pytest.mark.parametrize("rows", [3, 16])
+def test_outlier_sets_split_over_programs(scheme_name, sym, rows):
+    scheme, q, kl = make(WIDE_SETS, scheme_name, sym, seed=50 + rows)
+    x = random_activations(rows, WIDE_SETS["in_features"], seed=51, outlier_channels=6).to(torch.bfloat16)
+    run_and_check(x, masks(rows, 52)["mixed"], q, scheme, kl)
+    _neutral(sym)
 
 
 @pytest.mark.parametrize("mac_rows", ["text", "vision", "all"])

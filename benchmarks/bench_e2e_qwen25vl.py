@@ -121,10 +121,13 @@ class SplitQLinear(torch.nn.Module):
     def _checked(self, x2: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         from splitq_kernels.testing import check_linear
         from splitq_kernels.triton.gemm import gemm_triton
+        from splitq_kernels.triton.quantize_decode import can_implement_decode, quantize_input_decode_triton
         from splitq_kernels.triton.quantize_input import quantize_input_triton
 
         full = torch.ones(x2.shape[0], dtype=torch.bool, device=x2.device) if mask is None else mask
-        act = quantize_input_triton(x2, mask, self.kl, store_mac=True)
+        # kernel (a) as the op runs it (the split decode launches at <= 16 rows), with the MAC codes kept
+        ok = can_implement_decode(self.kl, x2.shape[0])[0]
+        act = (quantize_input_decode_triton if ok else quantize_input_triton)(x2, mask, self.kl, store_mac=True)
         y = gemm_triton(act, self.kl, x2.dtype)
         check_linear(y, act, x2, full, self.layer, self.scheme, self.kl)
         return y

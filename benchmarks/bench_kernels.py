@@ -93,6 +93,7 @@ def check_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, pre
     from splitq_kernels.layout import prepare_kernel_layer
     from splitq_kernels.testing import check_linear
     from splitq_kernels.triton.gemm import gemm_triton
+    from splitq_kernels.triton.quantize_decode import can_implement_decode, quantize_input_decode_triton
     from splitq_kernels.triton.quantize_input import quantize_input_triton
 
     ok = True
@@ -104,7 +105,9 @@ def check_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, pre
             mask = torch.rand(rows, generator=torch.Generator().manual_seed(rows)).lt(0.5).to(device)
             t0 = time.time()
             try:
-                act = quantize_input_triton(x, mask, kl, store_mac=True)
+                # kernel (a) as the op runs it: the split decode launches at <= 16 rows
+                quantize = quantize_input_decode_triton if can_implement_decode(kl, rows)[0] else quantize_input_triton
+                act = quantize(x, mask, kl, store_mac=True)
                 y = gemm_triton(act, kl, torch.bfloat16)
                 report, r_own, r_full = check_linear(y, act, x, mask, layer, scheme, kl)
                 # float32 output: no final rounding, so the ratio shows the rescaling noise margin
@@ -187,7 +190,7 @@ def copies_for(nbytes: int, cap: int = 48) -> int:
 def time_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, precision: str, peaks: dict,
                timer=None) -> list[dict]:
     from splitq_kernels.layout import prepare_kernel_layer
-    from splitq_kernels.ops import splitq_linear_triton
+    from splitq_kernels.ops import quantize_input_auto, splitq_linear_triton
     from splitq_kernels.triton.gemm import gemm_triton
     from splitq_kernels.triton.quantize_input import quantize_input_triton
 
@@ -239,8 +242,10 @@ def time_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, prec
         # kernel (a) and (b) of the full method, separately
         try:
             k0 = kls["splitq"][0]
-            row["splitq_a_ms"] = timer(lambda: quantize_input_triton(x, mask, k0))
-            acts = quantize_input_triton(x, mask, k0)
+            row["splitq_a_ms"] = timer(lambda: quantize_input_auto(x, mask, k0))  # as the op runs it
+            if rows <= 16:  # the persistent kernel (a) the decode launches replace (one program)
+                row["splitq_a_persistent_ms"] = timer(lambda: quantize_input_triton(x, mask, k0))
+            acts = quantize_input_auto(x, mask, k0)
             row["splitq_b_ms"] = timer(lambda: gemm_triton(acts, k0, torch.bfloat16))
         except Exception as e:  # noqa: BLE001
             FAILURES.append(f"{name} rows={rows} split timing: {type(e).__name__}: {e}")

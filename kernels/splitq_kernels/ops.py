@@ -19,9 +19,19 @@ import torch
 
 from .layout import KernelLayer, prepare_kernel_layer
 from .triton.gemm import gemm_triton
+from .triton.quantize_decode import can_implement_decode, quantize_input_decode_triton
 from .triton.quantize_input import QuantizedActivations, alloc_activations, quantize_input_triton
 
 __all__ = ["KernelLayer", "prepare_kernel_layer", "splitq_linear_triton"]
+
+
+def quantize_input_auto(x: torch.Tensor, text_mask: Optional[torch.Tensor], kl: KernelLayer) -> QuantizedActivations:
+    """Kernel (a) as the row count asks: the split decode launches for 1-16 rows
+    (quantize_decode.py: the persistent kernel would run them on one SM), the persistent kernel
+    otherwise. Same outputs either way (both are tested against the reference)."""
+    if can_implement_decode(kl, x.shape[0])[0]:
+        return quantize_input_decode_triton(x, text_mask, kl)
+    return quantize_input_triton(x, text_mask, kl)
 
 
 @torch.library.custom_op("splitq::linear", mutates_args=())
@@ -31,7 +41,7 @@ def linear_op(
 ) -> torch.Tensor:
     """Kernel (a) then kernel (b): x [T, D_in] -> y [T, D_out] in x's dtype."""
     kl = KernelLayer.from_op_args(tensors, meta, precision)
-    return gemm_triton(quantize_input_triton(x, text_mask, kl), kl, x.dtype)
+    return gemm_triton(quantize_input_auto(x, text_mask, kl), kl, x.dtype)
 
 
 @linear_op.register_fake
@@ -46,7 +56,7 @@ def quantize_input_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel (a) alone: (codes, scale, zero, h_cws, h_mac); absent branches give empty [T, 0] tensors."""
     kl = KernelLayer.from_op_args(tensors, meta, precision)
-    a = quantize_input_triton(x, text_mask, kl)
+    a = quantize_input_auto(x, text_mask, kl)
     empty = x.new_empty(x.shape[0], 0, dtype=torch.float32)
     return a.codes, a.scale, a.zero, a.h_cws if a.h_cws is not None else empty, a.h_mac if a.h_mac is not None else empty
 

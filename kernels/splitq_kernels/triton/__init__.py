@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 
-_KERNEL_MODULES = ("common", "quantize_input", "gemm")
+_KERNEL_MODULES = ("common", "quantize_input", "gemm", "quantize_decode")
 
 
 def use_interpreter() -> None:

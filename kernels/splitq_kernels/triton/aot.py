@@ -4,6 +4,8 @@ rounding survives compilation (the rint magic constant, IEEE division).
 
     python -m splitq_kernels.triton.aot                  # small awkward layer, sm_90 and sm_89
     python -m splitq_kernels.triton.aot --model-shapes   # Qwen2.5-VL 7B/3B layer shapes (BENCHMARKS.md)
+    python -m splitq_kernels.triton.aot --model-shapes 72b.qkv 72b.down   # any of MODEL_SHAPES
+    python -m splitq_kernels.triton.aot --decode-shapes  # split decode kernel (a), every MODEL_SHAPES layer
 
 Prints one JSON line per compiled kernel: registers and stack (spill) bytes per thread from
 cuobjdump, shared memory, and whether the rounding constants made it into the PTX.
@@ -45,6 +47,7 @@ CASES = [(arch, name, sym, rows) for arch in (90, 89) for name, sym in (("w4a4",
 
 def _plans(kl, T: int):
     from .gemm import default_config, plan_gemm
+    from .quantize_decode import can_implement_decode, decode_workspace, plan_quantize_decode
     from .quantize_input import alloc_activations, plan_quantize_input
 
     x = torch.empty(T, kl.in_features, dtype=torch.bfloat16)
@@ -54,11 +57,17 @@ def _plans(kl, T: int):
     if T <= 16:  # what an H100 gets: 4 * 132 programs over the output tiles
         tiles = -(-kl.out_features // cfg.block_n)
         cfg = type(cfg)(**{**cfg.__dict__, "split_k": max(1, min(64, 528 // tiles))})
-    return cfg, {
+    plans = {
         "quantize_input": plan_quantize_input(x, torch.ones(T, dtype=torch.bool), kl, act,
                                               torch.empty(block_t, kl.in_features), block_t, 132),
         "gemm": plan_gemm(act, kl, torch.empty(T, kl.out_features, dtype=torch.bfloat16), cfg),
     }
+    if can_implement_decode(kl, T)[0]:  # what the op runs at 1-16 rows instead of kernel (a)
+        ws = decode_workspace(x.device, kl.act_symmetric, max(kl.cws_rank_padded, kl.mac_rank_padded))
+        for p in plan_quantize_decode(x, torch.ones(T, dtype=torch.bool), kl, act, torch.empty(T, kl.in_features),
+                                      ws):
+            plans[p.kernel.fn.__name__.strip("_").removesuffix("_kernel")] = p
+    return cfg, plans
 
 
 def _compile(kl, T: int, arch: int, tags: dict) -> list[dict]:
@@ -102,13 +111,20 @@ def compile_cases(cases=CASES) -> list[dict]:
     return results
 
 
+# The project's one table of real linear shapes (d_in, d_out) of the Qwen2.5-VL language models
+# (public configs; notes/anchors.md): fused qkv (with bias), o_proj, fused gate_up, down. Also read
+# by benchmarks/cost_model.py. 72B: hidden 8192, MLP 29568, 64 heads / 8 KV heads of 128.
 MODEL_SHAPES = {
     "7b.qkv": (3584, 4608), "7b.o_proj": (3584, 3584), "7b.gate_up": (3584, 37888), "7b.down": (18944, 3584),
-    "3b.qkv": (2048, 2560), "3b.down": (11008, 2048),
+    "3b.qkv": (2048, 2560), "3b.o_proj": (2048, 2048), "3b.gate_up": (2048, 22016), "3b.down": (11008, 2048),
+    "72b.qkv": (8192, 10240), "72b.o_proj": (8192, 8192), "72b.gate_up": (8192, 59136), "72b.down": (29568, 8192),
 }
+# What `--model-shapes` compiles by default (the BENCHMARKS.md table); name others on the command line.
+AOT_DEFAULT_LAYERS = ("7b.qkv", "7b.o_proj", "7b.gate_up", "7b.down", "3b.qkv", "3b.down")
 
 
-def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a4") -> list[dict]:
+def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a4",
+                         layers: tuple[str, ...] = AOT_DEFAULT_LAYERS) -> list[dict]:
     """The kernels as configured for the real Qwen2.5-VL layer shapes (default channel split), on a
     stand-in layer whose dims are those of the real one (compilation depends on dims only)."""
     import dataclasses
@@ -123,7 +139,11 @@ def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a
     base = prepare_kernel_layer(random_quantized_layer(53, 37, 3, 5, (5, 9), scheme, 3, 4), scheme, "cpu",
                                 precision="tf32x3")
     results = []
-    for name, (d_in, d_out) in MODEL_SHAPES.items():
+    unknown = [n for n in layers if n not in MODEL_SHAPES]
+    if unknown:
+        raise ValueError(f"unknown layers {unknown}; known: {sorted(MODEL_SHAPES)}")
+    for name in layers:
+        d_in, d_out = MODEL_SHAPES[name]
         d = default_layer_dims(d_in, d_out)
         kl = dataclasses.replace(base, in_features=d_in, out_features=d_out, main=d_in - d["n_text"] - d["n_vision"],
                                  text=d["n_text"], vision=d["n_vision"], n1=d["kron"][0], n2=d["kron"][1],
@@ -134,10 +154,54 @@ def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a
     return results
 
 
+def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_SHAPES),
+                          scheme_name: str = "w4a4") -> list[dict]:
+    """The split decode kernel (a) (quantize_decode.py: D1, D2, D3) as configured for the real
+    layer shapes. Its tiles do not depend on the row count (always one 16-row tile), so one
+    compilation per layer covers 1..16 rows."""
+    import dataclasses
+
+    from splitq_vllm.testing.layers import default_layer_dims, random_quantized_layer
+
+    from ..layout import prepare_kernel_layer
+    from ..reference import SplitQScheme
+    from .quantize_decode import DECODE_ROWS, decode_workspace, plan_quantize_decode
+    from .quantize_input import alloc_activations
+
+    _check_compiled_mode()
+    scheme = SplitQScheme.from_name(scheme_name)
+    base = prepare_kernel_layer(random_quantized_layer(53, 37, 3, 5, (5, 9), scheme, 3, 4), scheme, "cpu",
+                                precision="tf32x3")
+    results = []
+    for name in layers:
+        d_in, d_out = MODEL_SHAPES[name]
+        d = default_layer_dims(d_in, d_out)
+        kl = dataclasses.replace(base, in_features=d_in, out_features=d_out, main=d_in - d["n_text"] - d["n_vision"],
+                                 text=d["n_text"], vision=d["n_vision"], n1=d["kron"][0], n2=d["kron"][1],
+                                 cws_rank=d["cws_rank"], mac_rank=d["mac_rank"])
+        x = torch.empty(DECODE_ROWS, d_in, dtype=torch.bfloat16)
+        act = alloc_activations(kl, DECODE_ROWS, x.device)
+        ws = decode_workspace(x.device, kl.act_symmetric, max(kl.cws_rank_padded, kl.mac_rank_padded))
+        plans = plan_quantize_decode(x, torch.ones(DECODE_ROWS, dtype=torch.bool), kl, act,
+                                     torch.empty(DECODE_ROWS, d_in), ws)
+        for arch in archs:
+            for plan in plans:
+                k = plan.compile(arch)
+                results.append({
+                    "kernel": plan.kernel.fn.__name__ if hasattr(plan.kernel, "fn") else str(plan.kernel),
+                    "layer": name, "scheme": scheme_name, "rows": "1-16", "arch": arch, "programs": plan.grid[0],
+                    "rint_magic": "0f4B400000" in k.asm["ptx"], "div_rn": "div.rn.f32" in k.asm["ptx"],
+                    "shared": k.metadata.shared, **_resource_usage(k.asm["cubin"]),
+                })
+    return results
+
+
 def main() -> None:
     """Arguments: none (all of CASES) or ARCH:SCHEME:sym|asym:ROWS ... (e.g. 90:w4a4:sym:2048)."""
-    if sys.argv[1:] == ["--model-shapes"]:
-        results = compile_model_shapes()
+    if sys.argv[1:2] == ["--decode-shapes"]:  # the split decode kernel (a); optionally layer names
+        results = compile_decode_shapes(layers=tuple(sys.argv[2:]) or tuple(MODEL_SHAPES))
+    elif sys.argv[1:2] == ["--model-shapes"]:  # optionally followed by layer names, e.g. 72b.qkv
+        results = compile_model_shapes(layers=tuple(sys.argv[2:]) or AOT_DEFAULT_LAYERS)
     else:
         cases = CASES
         if len(sys.argv) > 1:

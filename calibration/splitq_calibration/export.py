@@ -149,8 +149,6 @@ def export_packed(
 ) -> Path:
     """`export_checkpoint` from work-directory layer files, streamed: the same checkpoint."""
     source = Path(source_dir)
-    config = json.loads((source / "config.json").read_text())
-    config.pop("quantization_config", None)
     source_tensors = SourceTensors(source)
     replaced: set[str] = set()
     bias_dtypes: dict[str, torch.dtype] = {}
@@ -160,6 +158,33 @@ def export_packed(
             if f"{name}.bias" in source_tensors:  # the bias in the source file's dtype
                 bias_dtypes[f"{name}.bias"] = source_tensors.info(f"{name}.bias")[1]
     members = _MemberTensors(packed, scheme, bias_dtypes)
+    return _write(
+        source,
+        output_dir,
+        scheme,
+        ignore,
+        calibration,
+        overwrite,
+        max_shard_bytes,
+        layers={},
+        tensors=_Union(SourceTensors(source, exclude=replaced), members),
+        packed_dims=members.dims,
+    )
+
+
+def _write(
+    source: Path,
+    output_dir: str | os.PathLike,
+    scheme: SplitQScheme,
+    ignore: list[str] | None,
+    calibration: dict[str, Any] | None,
+    overwrite: bool,
+    max_shard_bytes: int | None,
+    **parts: Any,
+) -> Path:
+    """write_checkpoint with the source's config (its quantization_config dropped) and side files."""
+    config = json.loads((source / "config.json").read_text())
+    config.pop("quantization_config", None)
     kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
     return write_checkpoint(
         output_dir,
@@ -169,11 +194,9 @@ def export_packed(
             ignore=list(DEFAULT_IGNORE if ignore is None else ignore),
             calibration=dict(calibration or {}),
         ),
-        layers={},
-        tensors=_Union(SourceTensors(source, exclude=replaced), members),
         side_files_from=source,
         overwrite=overwrite,
-        packed_dims=members.dims,
+        **parts,
         **kwargs,
     )
 
@@ -194,8 +217,6 @@ def export_checkpoint(
     Bias values of quantized layers travel in the SplitQ layer (in the model's dtype).
     """
     source = Path(source_dir)
-    config = json.loads((source / "config.json").read_text())
-    config.pop("quantization_config", None)
     layers: dict[str, SplitQLinear] = {}
     groups: dict[str, str] = {}
     replaced: set[str] = set()
@@ -208,20 +229,15 @@ def export_checkpoint(
             layers[name] = part
             groups[name] = group.name
             replaced.update({f"{name}.weight", f"{name}.bias"})
-    tensors = SourceTensors(source, exclude=replaced)
-    kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-    return write_checkpoint(
+    return _write(
+        source,
         output_dir,
-        model_config=config,
-        quant_config=SplitQConfig(
-            scheme=scheme,
-            ignore=list(DEFAULT_IGNORE if ignore is None else ignore),
-            calibration=dict(calibration or {}),
-        ),
+        scheme,
+        ignore,
+        calibration,
+        overwrite,
+        max_shard_bytes,
         layers=layers,
-        tensors=tensors,
+        tensors=SourceTensors(source, exclude=replaced),
         groups=groups,
-        side_files_from=source,
-        overwrite=overwrite,
-        **kwargs,
     )

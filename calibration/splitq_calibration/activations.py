@@ -66,11 +66,6 @@ class ActivationStore:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    @property
-    def spilled(self) -> int:
-        """How many samples live on disk."""
-        return sum(isinstance(x, Path) for x in self._items)
-
     def release(self) -> None:
         """Free the memory and the files of this set."""
         for item in self._items:

@@ -185,7 +185,7 @@ class Calibrator:
         n_vis = sum(s.num_vision_tokens for s in samples)
         log.info("%d calibration samples, %d tokens (%d vision, %d text)", len(samples), n_tok, n_vis, n_tok - n_vis)
         source = SourceModel(self.model_dir)
-        sizes = model_sizes(source.model, torch.empty(0, dtype=source.dtype).element_size())
+        sizes = model_sizes(source.model, source.file_element_size)
         budget = None if cfg.activation_memory_gb is None else cfg.activation_memory_gb * GB
         est = estimate(
             sizes,

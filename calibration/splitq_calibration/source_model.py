@@ -250,7 +250,9 @@ class SourceModel:
 
     def layer_bytes(self, i: int) -> int:
         """Bytes decoder layer i takes in the files' dtype (without loading it)."""
-        return sum(p.numel() for _, p in self._named_tensors(self.layers[i])) * self._file_element_size()
+        return sum(p.numel() for _, p in self._named_tensors(self.layers[i])) * self.file_element_size
 
-    def _file_element_size(self) -> int:
+    @property
+    def file_element_size(self) -> int:
+        """Bytes per weight in the files."""
         return torch.empty(0, dtype=self.dtype).element_size()

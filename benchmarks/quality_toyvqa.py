@@ -105,17 +105,48 @@ def plot_channels(model: Path, data: Path, layer: int, group: str, output: Path)
         raise SystemExit(f"splitq-inspect failed ({rc})")
 
 
+def standard_error(p: float, n: int) -> float:
+    """One standard error of an accuracy p measured on n questions (binomial)."""
+    return (p * (1 - p) / max(1, n)) ** 0.5
+
+
 def markdown(results: list[dict], schemes: list[str], methods: list[str]) -> str:
+    """The accuracy table: all questions (with one standard error), image and text-only ones."""
     by = {(r["scheme"], r["method"]): r for r in results}
     fp = by[("fp16", "fp16")]
-    head = "| bits | method | all | image questions | text-only | change vs FP16 |\n|---|---|---|---|---|---|\n"
+    head = "| bits | method | all (± 1 s.e.) | image questions | text-only | change vs FP16 |\n|---|---|---|---|---|---|\n"
 
     def row(bits: str, label: str, r: dict) -> str:
         d = (r["accuracy"] - fp["accuracy"]) * 100
-        return (f"| {bits} | {label} | {100 * r['accuracy']:.1f} | {100 * r['image_accuracy']:.1f} | "
+        se = 100 * standard_error(r["accuracy"], r["n"])
+        return (f"| {bits} | {label} | {100 * r['accuracy']:.1f} ± {se:.1f} | {100 * r['image_accuracy']:.1f} | "
                 f"{100 * r['text_accuracy']:.1f} | {d:+.1f} |\n")  # fmt: skip
 
     out = head + row("W16A16", "FP16", fp)
+    for s in schemes:
+        for m in [*methods, "splitq_vllm"]:
+            if (s, m) in by:
+                out += row(s.upper(), LABELS[m], by[(s, m)])
+    return out
+
+
+def per_kind_markdown(results: list[dict], schemes: list[str], methods: list[str]) -> str:
+    """Accuracy per question kind (percent; the kind's question count and the standard error of an
+    accuracy of 0.5 on it in the header, the largest a kind's s.e. can be)."""
+    by = {(r["scheme"], r["method"]): r for r in results}
+    fp = by[("fp16", "fp16")]
+    kinds = list(fp["per_kind"])
+    head = "| bits | method | " + " | ".join(
+        f"{k} (n={fp['per_kind'][k]['n']}, ±{100 * standard_error(0.5, fp['per_kind'][k]['n']):.0f})" for k in kinds
+    )
+    out = head + " |\n|" + "---|" * (len(kinds) + 2) + "\n"
+
+    def row(bits: str, label: str, r: dict) -> str:
+        pk = r["per_kind"]
+        cells = [f"{100 * pk[k]['correct'] / pk[k]['n']:.0f}" if k in pk else "" for k in kinds]
+        return f"| {bits} | {label} | " + " | ".join(cells) + " |\n"
+
+    out += row("W16A16", "FP16", fp)
     for s in schemes:
         for m in [*methods, "splitq_vllm"]:
             if (s, m) in by:
@@ -167,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             png = args.plot_dir / f"toyvqa_channels_layer{args.plot_layer}_{group}.png"
             plot_channels(args.model, data, args.plot_layer, group, png)
             print(f"wrote {png}")
-    table = markdown(results, args.schemes, args.methods)
+    table = markdown(results, args.schemes, args.methods) + "\nPer question kind:\n\n" + per_kind_markdown(results, args.schemes, args.methods)
     print("\n" + table)
     meta = {"command": " ".join(["benchmarks/quality_toyvqa.py", *(sys.argv[1:] if argv is None else argv)]), "n": args.n, "samples": args.samples, "epochs": args.epochs,
             "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "seconds": time.time() - t0}  # fmt: skip

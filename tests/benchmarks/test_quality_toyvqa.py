@@ -37,3 +37,30 @@ def test_quality_benchmark_rows_and_reuse(tmp_path):
     second = _run(tmp_path)
     assert (ckpt / "config.json").stat().st_mtime_ns == mtime
     assert [r["accuracy"] for r in second["results"]] == [r["accuracy"] for r in first["results"]]
+
+
+def _module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_toyvqa", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tables_carry_standard_errors_and_every_kind():
+    q = _module()
+    assert abs(q.standard_error(0.9, 1000) - (0.09 / 1000) ** 0.5) < 1e-12
+    kinds = {"add": {"correct": 9, "n": 10}, "position": {"correct": 3, "n": 8}}
+
+    def result(scheme, method, acc, pk):
+        return {"scheme": scheme, "method": method, "accuracy": acc, "n": 18, "image_accuracy": 0.375,
+                "text_accuracy": 0.9, "per_kind": pk}  # fmt: skip
+
+    rows = [result("fp16", "fp16", 12 / 18, kinds), result("w4a4", "rtn", 0.5, {"add": {"correct": 5, "n": 10}})]
+    table = q.markdown(rows, ["w4a4"], ["rtn"])
+    se = 100 * q.standard_error(12 / 18, 18)
+    assert f"| W16A16 | FP16 | 66.7 ± {se:.1f} |" in table and "| W4A4 | RTN | 50.0 ± 11.8 |" in table
+    per_kind = q.per_kind_markdown(rows, ["w4a4"], ["rtn"])
+    assert "add (n=10, ±16)" in per_kind and "position (n=8, ±18)" in per_kind
+    assert "| W16A16 | FP16 | 90 | 38 |" in per_kind and "| W4A4 | RTN | 50 |  |" in per_kind

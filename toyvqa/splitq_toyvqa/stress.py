@@ -26,6 +26,13 @@ text and vision maxima), so that the structure matches the data:
   rest; scaled to 8-32x the median text maximum: more channels, moderate outliers on text tokens.
 MOCD's default sets (2% text, 2% vision) can hold every planted channel.
 
+What rescaling cannot do: change how much more a channel carries on one modality than on the
+other (the "dominance" in the model card, each side relative to its median). That is the model's:
+about 2x at the qkv, o and gate_up inputs of the bundled model, 5-36x at its down_proj inputs. So
+the plants make per-token activation quantizers fail (one outlier sets a token's whole grid) and
+are undone by any per-channel smoothing (SmoothQuant's among them) wherever one scale serves both
+modalities; the modality split itself matters where the dominance is large.
+
 CLI: python -m splitq_toyvqa.stress --output /tmp/toyvqa-stress [--model models/toyvqa-qwen25vl]
 """
 
@@ -63,6 +70,7 @@ class Plant:
     channel: int
     modality: str  # "vision" | "text": which tokens the channel is an outlier on
     log2_factor: int
+    dominance: float = 1.0  # its magnitude on `modality` over that on the other, each / its median (unchanged by the plant)
 
 
 def _medians(vision: torch.Tensor, text: torch.Tensor) -> tuple[float, float]:
@@ -88,14 +96,14 @@ def plan_site(
     text_score = torch.where(rest, t_rel / (v_rel + eps), torch.full_like(t_rel, -1.0))
     chosen_t = torch.argsort(text_score, descending=True, stable=True)[:k_t].tolist()
     plants = []
-    for modality, chosen, values, median, (lo, hi) in (
-        ("vision", chosen_v, vision, mv, VISION_GAIN),
-        ("text", chosen_t, text, mt, TEXT_GAIN),
+    for modality, chosen, values, median, (lo, hi), dominance in (
+        ("vision", chosen_v, vision, mv, VISION_GAIN, v_rel / (t_rel + eps)),
+        ("text", chosen_t, text, mt, TEXT_GAIN, t_rel / (v_rel + eps)),
     ):
         for c in chosen:
             target = math.exp(rng.uniform(math.log(lo), math.log(hi))) * median
             k = round(math.log2(target / max(float(values[c]), 1e-12)))
-            plants.append(Plant(layer, site, int(c), modality, max(0, k)))
+            plants.append(Plant(layer, site, int(c), modality, max(0, k), round(float(dominance[c]), 2)))
     return plants
 
 
@@ -245,13 +253,17 @@ def _model_card(source: Path, plants: list[Plant]) -> str:
             ps = [p for p in plants if p.site == site and p.modality == modality]
             if ps:
                 ks = [p.log2_factor for p in ps]
-                rows.append(f"| {site} | {modality} | {len(ps)} | 2^{min(ks)} .. 2^{max(ks)} |")
+                dom = sorted(p.dominance for p in ps)
+                rows.append(f"| {site} | {modality} | {len(ps)} | 2^{min(ks)} .. 2^{max(ks)} | {dom[len(dom) // 2]:.1f} ({dom[0]:.1f} .. {dom[-1]:.1f}) |")
     return (
         f"# ToyVQA stress variant of {source.name}\n\n"
         "The same function as the source model (logits bit-identical), with modality-specific outlier\n"
         "channels planted by exact power-of-two rescaling (splitq_toyvqa/stress.py; every plant in\n"
-        f"{PLANTS_FILE}). Planted channels over all decoder layers:\n\n"
-        "| site | outlier on | channels | factors |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        f"{PLANTS_FILE}). Planted channels over all decoder layers; dominance: a channel's magnitude on\n"
+        "its modality over that on the other (each relative to its median over channels), which the\n"
+        "model's own activations give and no rescaling can change:\n\n"
+        "| site | outlier on | channels | factors | dominance: median (range) |\n|---|---|---|---|---|\n"
+        + "\n".join(rows) + "\n"
     )
 
 

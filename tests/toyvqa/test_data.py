@@ -1,5 +1,6 @@
 """ToyVQA: the generator is deterministic, the splits are fixed, the export and scoring work."""
 
+import hashlib
 import json
 from collections import Counter
 
@@ -121,3 +122,55 @@ def test_the_shipped_held_out_questions_are_the_test_splits(tmp_path):
     for r in with_image:
         a, b = Image.open(shipped / r["image"]), Image.open(tmp_path / r["image"])
         assert np.array_equal(np.asarray(a), np.asarray(b)), r["id"]
+
+
+# --- version 1 is frozen ---------------------------------------------------------------------
+# ToyVQA version 1 is frozen: the bundled model, the calibration data, the shipped held-out
+# questions and the quality tables were all made from its exact samples. These digests were taken
+# before version 2 was added (issue 17); a change to any v1 question, answer, pixel, training
+# conversation, pretraining picture or tokenizer line fails here.
+
+
+def _digest(parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+def _sample_parts(s):
+    return (s.id, s.kind, s.question, s.answer, s.image.tobytes() if s.image else None, s.scene)
+
+
+# a few samples spelt out (readable when the digest below fails)
+PINNED = [
+    ("train", 0, "read_word", "What word is written?", "cup", "aded557c9f11a792"),
+    ("train", 12345, "subtract", "What is 9 minus 6?", "3", None),
+    ("validation", 7, "next_number", "What number comes after seven?", "eight", None),
+    ("test", 0, "position", "Where is the green circle?", "top right", "1706e302b36e60f8"),
+    ("test", 41, "read_word", "What word is written?", "pen", "ba1ac280a611dff4"),
+    ("test", 999, "shape_of_colour", "Which shape is green?", "circle", "f5f9d7cc7a7d7823"),
+    ("calibration", 3, "next_number", "What number comes after zero?", "one", None),
+]
+SPLIT_DIGESTS = {'train': 'bdac69cb2a4eedd5', 'validation': 'c8314402c372ce48', 'test': '5694c4926e379aff', 'calibration': '75bea1afd9c0f6b1'}
+CONV_DIGEST, PICTURE_DIGEST, CORPUS_DIGEST = '90f4fe05c07985d3', '16d2c7ae72d8abb9', '3de95db7c1bfe302'
+
+
+@pytest.mark.parametrize("split,index,kind,question,answer,pixels", PINNED)
+def test_pinned_v1_samples(split, index, kind, question, answer, pixels):
+    s = data.make_sample(split, index)
+    got = hashlib.sha256(s.image.tobytes()).hexdigest()[:16] if s.image else None
+    assert (s.kind, s.question, s.answer, got) == (kind, question, answer, pixels)
+
+
+@pytest.mark.parametrize("split", sorted(SPLIT_DIGESTS))
+def test_v1_splits_are_unchanged(split):
+    assert _digest(_sample_parts(s) for s in data.iter_split(split, 60)) == SPLIT_DIGESTS[split]
+
+
+def test_v1_training_streams_and_tokenizer_corpus_are_unchanged():
+    convs = [data.make_conversation("train", i) for i in range(40)]
+    assert _digest((c.id, c.turns, c.image.tobytes() if c.image else None, c.scene) for c in convs) == CONV_DIGEST
+    pics = [data.make_picture(i) for i in range(40)]
+    assert _digest((p.tobytes(), scene) for p, scene in pics) == PICTURE_DIGEST
+    assert _digest(data.tokenizer_corpus()) == CORPUS_DIGEST

@@ -92,3 +92,42 @@ def test_the_cli_trains_saves_and_scores(tmp_path):
     assert "--steps 3" in log["command"] and (out / "README.md").read_text().startswith("# ToyVQA")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+
+
+def test_caption_conversations_are_labelled_on_the_caption_only(fresh):
+    _, processor, ids = fresh
+    collator = train.Collator(processor, ids)
+    convs = [data.make_caption_conversation(i) for i in range(6)]
+    batch = collator(convs)
+    tok = processor.tokenizer
+    for row, c in enumerate(convs):
+        ((_, prompt, caption),) = c.turns
+        text = processor.apply_chat_template(data.chat_messages(prompt, c.image), add_generation_prompt=True)
+        ref = processor(text=[text], images=[c.image])["input_ids"][0]
+        labelled = [t for t in batch["labels"][row].tolist() if t != -100]
+        assert labelled == tok(caption, add_special_tokens=False)["input_ids"] + [ids["<|im_end|>"]]
+        assert batch["input_ids"][row, : len(ref)].tolist() == list(ref)
+
+
+def test_the_v2_cli_aligns_then_trains_saves_and_scores_the_held_out_slices(tmp_path):
+    out = tmp_path / "model"
+    train.main(["--output", str(out), "--data-version", "2", "--align-steps", "2", "--align-batch-size", "3",
+                "--steps", "2", "--vision-steps", "1", "--batch-size", "3", "--vision-batch-size", "3",
+                "--val-n", "6", "--test-n", "6", "--eval-every", "2"])  # fmt: skip
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["args"]["data_version"] == 2 and [h["step"] for h in log["align_history"]] == [2]
+    for split in ("test", *data.HELD_OUT_SPLITS):
+        assert log[f"{split}_bf16_transformers"]["n"] == 6
+    card = (out / "README.md").read_text()
+    assert "Alignment: 2 steps of 3" in card and "test_heldout_visual" in card and "--data-version 2" in card
+    # the v2 tokenizer was trained on every v2 wording: a held-out question has no byte fallbacks
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    q = tok.tokenize("Tell me the colour of the triangle. What color does the word have?")
+    assert len(q) <= 16, q
+
+
+def test_alignment_needs_version_2(tmp_path):
+    with pytest.raises(SystemExit):
+        train.main(["--output", str(tmp_path / "m"), "--align-steps", "5"])

@@ -364,7 +364,7 @@ Answers are one or two words. It is the bundled model of splitq-vllm: it answers
 {command}
 ```
 
-Stage 1: {vsteps} steps of {vbatch} pictures training the vision tower with a linear probe per
+{data}Stage 1: {vsteps} steps of {vbatch} pictures training the vision tower with a linear probe per
 merged token (shape, colour, word, row, column of its grid cell; the probe is then dropped).
 {align}Stage 2: {steps} steps of {batch} conversations ({samples} conversations of 1-{turns} questions
 about one picture or text-only, each drawn once){frozen}, AdamW (lr {lr},
@@ -378,12 +378,16 @@ seed {seed}. Wall time {wall_min:.1f} min on {machine}, {threads} threads (date 
 | validation (fp32, end of training) | {val_n} | {val_acc:.3f} |
 | test, this bfloat16 checkpoint, transformers | {test_n} | {test_acc:.3f} |
 {slices}
-Per question kind on the test split:
+Per question kind on the test split{slice_names}:
 
 {per_kind}
 
 Score it again: `python -m splitq_toyvqa.evaluate --model models/toyvqa-qwen25vl{version_flag}`.
 """
+
+
+def _cell(correct_n: tuple[int, int] | None) -> str:
+    return "" if correct_n is None else f"{correct_n[0] / correct_n[1]:.3f} ({correct_n[0]}/{correct_n[1]})"
 
 
 def write_model_card(out: Path, log: dict, config, tokenizer_size: int, result, slices: dict | None = None) -> None:
@@ -395,11 +399,11 @@ def write_model_card(out: Path, log: dict, config, tokenizer_size: int, result, 
     if a.get("align_steps"):
         align = (f"Alignment: {a['align_steps']} steps of {a['align_batch_size']} \"describe the picture\" conversations\n"
                  "(ToyVQA v2 captions: each shape's colour, shape and quadrant, or the word and its colour), answers only.\n")  # fmt: skip
-    if version != 1:
-        align = f"Data: ToyVQA version {version} (`--data-version {version}`).\n" + align
+    data_line = f"Data: ToyVQA version {version} (`--data-version {version}`).\n" if version != 1 else ""
     rows = "".join(f"| {name}, bfloat16, transformers | {r.n} | {r.accuracy:.3f} |\n" for name, r in (slices or {}).items())
-    per_kind = "| kind | accuracy |\n|---|---|\n" + "\n".join(
-        f"| {k} | {c / n:.3f} ({c}/{n}) |" for k, (c, n) in result.per_kind().items()
+    columns = {"test" if slices else "accuracy": result, **(slices or {})}
+    per_kind = "| kind | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n" + "\n".join(
+        f"| {k} | " + " | ".join(_cell(r.per_kind().get(k)) for r in columns.values()) + " |" for k in result.per_kind()
     )
     n_params = log["parameters"]
     card = MODEL_CARD.format(
@@ -414,7 +418,8 @@ def write_model_card(out: Path, log: dict, config, tokenizer_size: int, result, 
         wd=a["weight_decay"], warmup=a["warmup"], seed=a["seed"], wall_min=log["wall_seconds"] / 60,
         machine=log["machine"], threads=a["threads"], date=a["date"], val_n=a["val_n"],
         val_acc=log["validation_accuracy_fp32"], test_n=result.n, test_acc=result.accuracy, per_kind=per_kind,
-        align=align, slices=rows, version_flag="" if version == 1 else f" --data-version {version}",
+        align=align, slices=rows, data=data_line,
+        slice_names=(" and on " + " and ".join(slices) + " (version 2's held-out slices)") if slices else "", version_flag="" if version == 1 else f" --data-version {version}",
     )  # fmt: skip
     (out / "README.md").write_text(card)
 

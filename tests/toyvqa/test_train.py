@@ -131,3 +131,29 @@ def test_the_v2_cli_aligns_then_trains_saves_and_scores_the_held_out_slices(tmp_
 def test_alignment_needs_version_2(tmp_path):
     with pytest.raises(SystemExit):
         train.main(["--output", str(tmp_path / "m"), "--align-steps", "5"])
+
+
+def test_v2_token_targets_cover_every_cell_a_shape_or_word_spills_into():
+    import random
+
+    spilled = 0
+    for k in range(40):
+        img, scene = data.draw_shapes_scene_v2(random.Random(k), 3)
+        t = train.token_targets(scene)
+        for o in scene:  # the centre's token always holds its shape
+            i = o["row"] * data.GRID + o["col"]
+            assert t[i, 0] == 1 + data.SHAPES.index(o["shape"]) and t[i, 1] == 1 + list(data.COLOURS).index(o["colour"])
+        for i in (t[:, 0] > 0).nonzero().flatten().tolist():  # and every labelled token touches its shape's box
+            r, c = divmod(i, data.GRID)
+            (o,) = [o for o in scene if 1 + data.SHAPES.index(o["shape"]) == t[i, 0] and
+                    abs(o["cx"] - (c + 0.5) * data.CELL) < data.CELL / 2 + o["r"] and
+                    abs(o["cy"] - (r + 0.5) * data.CELL) < data.CELL / 2 + o["r"]][:1]  # fmt: skip
+        spilled += int((t[:, 0] > 0).sum()) - len(scene)
+        assert (t[:, 3] == torch.arange(16) // 4).all() and (t[:, 4] == torch.arange(16) % 4).all()
+    assert spilled > 40  # shapes moved across borders label more than their centre's token
+    img, scene = data.draw_word_scene_v2(random.Random(1))
+    t = train.token_targets(scene)
+    assert (t[:, 2] > 0).sum() >= 2 and set(t[t[:, 2] > 0, 2].tolist()) == {1 + data.WORDS.index(scene[0]["word"])}
+    # version 1's targets are unchanged: the centre token only
+    img, scene = data.draw_shapes_scene(random.Random(3), 3)
+    assert int((train.token_targets(scene)[:, 0] > 0).sum()) == 3

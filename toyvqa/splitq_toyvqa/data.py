@@ -318,7 +318,7 @@ def draw_word_scene_v2(rng: random.Random, look: Look = TRAIN_LOOK) -> tuple[Ima
     d.text((x, y), word, font=font, fill=_jitter(COLOURS[colour], rng, 20), stroke_width=WORD_STROKE, stroke_fill=OUTLINE)
     x0, y0, x1, y1 = d.textbbox((x, y), word, font=font, stroke_width=WORD_STROKE)
     row, col = int(min(GRID - 1, (y0 + y1) / 2 // CELL)), int(min(GRID - 1, x0 // CELL))
-    return img, [{"word": word, "colour": colour, "row": row, "col": col, "x0": x0, "x1": x1,
+    return img, [{"word": word, "colour": colour, "row": row, "col": col, "x0": x0, "x1": x1, "y0": y0, "y1": y1,
                   "font_size": size, "background": tint}]  # fmt: skip
 
 

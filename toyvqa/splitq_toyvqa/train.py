@@ -214,6 +214,8 @@ def token_targets(scene: list[dict]) -> torch.Tensor:
     t = torch.zeros(data.GRID * data.GRID, 5, dtype=torch.long)
     t[:, 3] = torch.arange(data.GRID * data.GRID) // data.GRID
     t[:, 4] = torch.arange(data.GRID * data.GRID) % data.GRID
+    if scene and ("cx" in scene[0] or "y0" in scene[0]):
+        return _token_targets_v2(scene, t)
     colours = list(data.COLOURS)
     for o in scene:
         if "shape" in o:
@@ -226,6 +228,40 @@ def token_targets(scene: list[dict]) -> torch.Tensor:
                     i = o["row"] * data.GRID + c
                     t[i, 1] = 1 + colours.index(o["colour"])
                     t[i, 2] = 1 + data.WORDS.index(o["word"])
+    return t
+
+
+def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
+    return max(0.0, min(a1, b1) - max(a0, b0))
+
+
+def _token_targets_v2(scene: list[dict], t: torch.Tensor) -> torch.Tensor:
+    """Version 2 moves shapes across cell borders and words across rows: a token is labelled with
+    the object that covers the largest part of its cell, if it covers at least 4 x 4 px of it (a
+    shape by its bounding box), not just with the object whose centre lies in it; labelling only
+    the centre's token taught the probe that half-covered tokens hold nothing (measured: shape 0.42
+    after 200 steps against 1.0 on version 1)."""
+    colours = list(data.COLOURS)
+    for i in range(data.GRID * data.GRID):
+        r, c = divmod(i, data.GRID)
+        cx0, cy0 = c * data.CELL, r * data.CELL
+        best, best_area = None, 0.0
+        for o in scene:
+            if "shape" in o:
+                box = (o["cx"] - o["r"], o["cy"] - o["r"], o["cx"] + o["r"], o["cy"] + o["r"])
+            else:
+                box = (o["x0"], o["y0"], o["x1"], o["y1"])
+            ox = _overlap(box[0], box[2], cx0, cx0 + data.CELL)
+            oy = _overlap(box[1], box[3], cy0, cy0 + data.CELL)
+            if ox >= 4 and oy >= 4 and ox * oy > best_area:
+                best, best_area = o, ox * oy
+        if best is None:
+            continue
+        t[i, 1] = 1 + colours.index(best["colour"])
+        if "shape" in best:
+            t[i, 0] = 1 + data.SHAPES.index(best["shape"])
+        else:
+            t[i, 2] = 1 + data.WORDS.index(best["word"])
     return t
 
 

@@ -238,9 +238,11 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
 def _token_targets_v2(scene: list[dict], t: torch.Tensor) -> torch.Tensor:
     """Version 2 moves shapes across cell borders and words across rows: a token is labelled with
     the object that covers the largest part of its cell, if it covers at least 4 x 4 px of it (a
-    shape by its bounding box), not just with the object whose centre lies in it; labelling only
-    the centre's token taught the probe that half-covered tokens hold nothing (measured: shape 0.42
-    after 200 steps against 1.0 on version 1)."""
+    shape by its bounding box), not just with the object whose centre lies in it: labelled by the
+    centre alone, a token half covered by a shape is taught to hold nothing. (Measured, 200 steps of
+    32 v2 pictures, this batch's accuracy on labelled tokens: centre-only targets shape 0.42, colour
+    0.75, word 0.00; these targets, which include the harder half-covered tokens, 0.33, 0.85, 0.06.
+    Version 1 reaches 1.0, 0.97, 0.95 by step 200: version 2's pictures need a longer stage 1.)"""
     colours = list(data.COLOURS)
     for i in range(data.GRID * data.GRID):
         r, c = divmod(i, data.GRID)

@@ -343,3 +343,21 @@ def test_v2_export_and_spellings_are_scored_alike(tmp_path):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == 20 and all(r["id"].startswith("toyvqa-v2-test_heldout_visual-") for r in records)
     assert is_correct("grey", "gray") and is_correct("Colour", "color") and is_correct("centre", "center")
+
+
+def test_the_evaluate_cli_takes_the_held_out_slices_as_version_2(tmp_path, capsys):
+    from splitq_toyvqa import evaluate
+
+    with pytest.raises(SystemExit):  # a v2 slice asked of version 1: refused before loading anything
+        evaluate.main(["--model", str(tmp_path / "none"), "--split", "test_heldout_visual", "--data-version", "1"])
+    assert "--data-version 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="version 2"):
+        evaluate.evaluate_transformers(tmp_path / "none", "test_heldout_phrasing", 4)
+    from tests.helpers.paths import BUNDLED_MODEL
+
+    out = tmp_path / "result.json"
+    evaluate.main(["--model", str(BUNDLED_MODEL), "--split", "test_heldout_phrasing", "--n", "8", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "ToyVQA version 2, split test_heldout_phrasing" in printed and "+-" in printed  # per kind, with errors
+    result = json.loads(out.read_text())
+    assert result["n"] == 8 and all(r["id"].startswith("toyvqa-v2-test_heldout_phrasing-") for r in result["records"])

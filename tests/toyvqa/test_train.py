@@ -92,3 +92,68 @@ def test_the_cli_trains_saves_and_scores(tmp_path):
     assert "--steps 3" in log["command"] and (out / "README.md").read_text().startswith("# ToyVQA")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+
+
+def test_caption_conversations_are_labelled_on_the_caption_only(fresh):
+    _, processor, ids = fresh
+    collator = train.Collator(processor, ids)
+    convs = [data.make_caption_conversation(i) for i in range(6)]
+    batch = collator(convs)
+    tok = processor.tokenizer
+    for row, c in enumerate(convs):
+        ((_, prompt, caption),) = c.turns
+        text = processor.apply_chat_template(data.chat_messages(prompt, c.image), add_generation_prompt=True)
+        ref = processor(text=[text], images=[c.image])["input_ids"][0]
+        labelled = [t for t in batch["labels"][row].tolist() if t != -100]
+        assert labelled == tok(caption, add_special_tokens=False)["input_ids"] + [ids["<|im_end|>"]]
+        assert batch["input_ids"][row, : len(ref)].tolist() == list(ref)
+
+
+def test_the_v2_cli_aligns_then_trains_saves_and_scores_the_held_out_slices(tmp_path):
+    out = tmp_path / "model"
+    train.main(["--output", str(out), "--data-version", "2", "--align-steps", "2", "--align-batch-size", "3",
+                "--steps", "2", "--vision-steps", "1", "--batch-size", "3", "--vision-batch-size", "3",
+                "--val-n", "6", "--test-n", "6", "--eval-every", "2"])  # fmt: skip
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["args"]["data_version"] == 2 and [h["step"] for h in log["align_history"]] == [2]
+    for split in ("test", *data.HELD_OUT_SPLITS):
+        assert log[f"{split}_bf16_transformers"]["n"] == 6
+    card = (out / "README.md").read_text()
+    assert "Alignment: 2 steps of 3" in card and "test_heldout_visual" in card and "--data-version 2" in card
+    # the v2 tokenizer was trained on every v2 wording: a held-out question has no byte fallbacks
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    q = tok.tokenize("Tell me the colour of the triangle. What color does the word have?")
+    assert len(q) <= 16, q
+
+
+def test_alignment_needs_version_2(tmp_path):
+    with pytest.raises(SystemExit):
+        train.main(["--output", str(tmp_path / "m"), "--align-steps", "5"])
+
+
+def test_v2_token_targets_cover_every_cell_a_shape_or_word_spills_into():
+    import random
+
+    spilled = 0
+    for k in range(40):
+        img, scene = data.draw_shapes_scene_v2(random.Random(k), 3)
+        t = train.token_targets(scene)
+        for o in scene:  # the centre's token always holds its shape
+            i = o["row"] * data.GRID + o["col"]
+            assert t[i, 0] == 1 + data.SHAPES.index(o["shape"]) and t[i, 1] == 1 + list(data.COLOURS).index(o["colour"])
+        for i in (t[:, 0] > 0).nonzero().flatten().tolist():  # and every labelled token touches its shape's box
+            r, c = divmod(i, data.GRID)
+            (o,) = [o for o in scene if 1 + data.SHAPES.index(o["shape"]) == t[i, 0] and
+                    abs(o["cx"] - (c + 0.5) * data.CELL) < data.CELL / 2 + o["r"] and
+                    abs(o["cy"] - (r + 0.5) * data.CELL) < data.CELL / 2 + o["r"]][:1]  # fmt: skip
+        spilled += int((t[:, 0] > 0).sum()) - len(scene)
+        assert (t[:, 3] == torch.arange(16) // 4).all() and (t[:, 4] == torch.arange(16) % 4).all()
+    assert spilled > 40  # shapes moved across borders label more than their centre's token
+    img, scene = data.draw_word_scene_v2(random.Random(1))
+    t = train.token_targets(scene)
+    assert (t[:, 2] > 0).sum() >= 2 and set(t[t[:, 2] > 0, 2].tolist()) == {1 + data.WORDS.index(scene[0]["word"])}
+    # version 1's targets are unchanged: the centre token only
+    img, scene = data.draw_shapes_scene(random.Random(3), 3)
+    assert int((train.token_targets(scene)[:, 0] > 0).sum()) == 3

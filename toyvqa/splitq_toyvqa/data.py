@@ -24,7 +24,21 @@ examples/eval_tasks read (examples/toyvqa_heldout is the test split's first 200,
     {"id": "toyvqa-test-00000", "image": "images/toyvqa-test-00000.png", "question": "...",
      "answer": "red", "kind": "colour_of_shape"}      # no "image" for a text-only question
 
-CLI: python -m splitq_toyvqa.data --output DIR [--split calibration] [--n 128]
+Two versions, chosen explicitly (`version=` / `--data-version`):
+
+- version 1 (the default): the bundled model's data. Frozen: the bundled model, the calibration
+  data, the shipped held-out questions and the quality tables depend on its exact samples (their
+  digests are pinned in tests/toyvqa/test_data.py).
+- version 2 (issue 17): several wordings per question kind in UK and US spelling (phrasings.py),
+  shapes of several sizes moved across cell borders (each stays inside its quadrant), words in
+  several font sizes anywhere in the picture, varied shape colours and tinted or graded
+  backgrounds (TRAIN_LOOK), a "describe the picture" stream for an alignment stage
+  (`make_caption_conversation`), and two test slices never drawn by the other splits:
+  "test_heldout_phrasing" (phrasings.HELD_OUT wordings, training look) and "test_heldout_visual"
+  (training wordings, HELD_OUT_LOOK: sizes and font sizes between the trained ones, unseen tints).
+  Version 2 draws from other random streams ("toyvqa-v2/..."), with ids "toyvqa-v2-<split>-NNNNN".
+
+CLI: python -m splitq_toyvqa.data --output DIR [--split calibration] [--n 128] [--data-version 2]
      python -m splitq_toyvqa.data --questions --output DIR --split test --n 200
 """
 
@@ -37,14 +51,21 @@ import random
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
+
+from . import phrasings
 
 DEFAULT_SEED = 0
 IMAGE_SIZE = 112  # 112x112 px -> 8x8 patches of 14 px -> 16 vision tokens after the 2x2 merge
 SPLITS = ("train", "validation", "test", "calibration")
-SPLIT_SIZES = {"validation": 512, "test": 1000, "calibration": 128}  # train: as many as wanted
+# version 2 only: test slices of wordings (phrasings.HELD_OUT) and looks (HELD_OUT_LOOK) never trained on
+HELD_OUT_SPLITS = ("test_heldout_phrasing", "test_heldout_visual")
+SPLITS_V2 = SPLITS + HELD_OUT_SPLITS
+VERSIONS = (1, 2)
+SPLIT_SIZES = {"validation": 512, "test": 1000, "calibration": 128,
+               "test_heldout_phrasing": 1000, "test_heldout_visual": 1000}  # train: as many as wanted; fmt: skip
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -191,17 +212,165 @@ def draw_word_scene(rng: random.Random) -> tuple[Image.Image, list[dict[str, Any
     return img, [{"word": word, "colour": colour, "row": row, "col": col, "x0": x0, "x1": x1}]
 
 
+# --- version 2: varied pictures (issue 17) ------------------------------------------------------
+# Version 1 draws every shape centred in its grid cell at one size, every word in one font size
+# near a cell's left edge, on a plain grey; a model trained on it failed on shapes moved by 3-4 px
+# and on other font sizes. Version 2 varies all of that (a `Look`); HELD_OUT_LOOK's values lie
+# between or beside TRAIN_LOOK's and are drawn only by the split "test_heldout_visual".
+QUADRANT = IMAGE_SIZE // 2  # 56 px: a shape stays wholly inside its quadrant, so the answer is clear
+
+
+@dataclass(frozen=True)
+class Look:
+    """Visual variation of version 2's pictures."""
+
+    name: str
+    radii: tuple[tuple[float, float], ...]  # shape radius ranges (px), one drawn uniformly
+    font_sizes: tuple[int, ...]
+    tints: dict[str, tuple[int, int, int]]  # background tints (added to a grey level)
+    shift: float = CELL / 2 + 4  # a shape's centre moves up to this far from its cell's centre
+    colour_jitter: int = 28
+    greys: tuple[int, int] = (85, 155)
+
+
+TRAIN_LOOK = Look(
+    "train",
+    radii=((7.5, 10.0), (11.5, 14.0)),
+    font_sizes=(16, 18, 20, 22, 24, 26),
+    tints={"neutral": (0, 0, 0), "warm": (16, 5, -16), "cool": (-16, 0, 16)},
+)
+HELD_OUT_LOOK = Look(
+    "held_out",
+    radii=((10.0, 11.5),),  # between the training ranges
+    font_sizes=(17, 19, 21, 23, 25),  # between the training sizes
+    tints={"green": (-12, 16, -12), "magenta": (16, -14, 16)},  # tints never seen in training
+)
+
+
+def _background_v2(rng: random.Random, look: Look) -> tuple[Image.Image, str]:
+    """A grey of varying level and tint, flat or a soft vertical gradient."""
+    tint_name = rng.choice(sorted(look.tints))
+    strength = rng.uniform(0.4, 1.0)
+    g = rng.randint(*look.greys)
+    base = [g + round(strength * t) + rng.randint(-6, 6) for t in look.tints[tint_name]]
+    top = tuple(max(0, min(255, c)) for c in base)
+    if rng.random() < 0.5:
+        return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), top), tint_name  # type: ignore[arg-type]
+    d = rng.uniform(-20, 20)
+    bottom = tuple(max(0, min(255, round(c + d))) for c in base)
+    mask = Image.linear_gradient("L").resize((IMAGE_SIZE, IMAGE_SIZE))
+    img = Image.composite(Image.new("RGB", mask.size, bottom), Image.new("RGB", mask.size, top), mask)  # type: ignore[arg-type]
+    return img, tint_name
+
+
+def _extent(r: float) -> float:
+    return r * 1.1 + OUTLINE_WIDTH  # the farthest any shape of radius r reaches from its centre (the star)
+
+
+def draw_shapes_scene_v2(rng: random.Random, n: int, look: Look = TRAIN_LOOK) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """`n` shapes (random kind, colour, size) at jittered places: each centre moves up to
+    `look.shift` px from its grid cell's centre (into the neighbouring cells), the whole shape stays
+    inside its quadrant, shapes do not touch and their centres lie in distinct cells (row, col:
+    the cell of the centre)."""
+    while True:  # redrawn from scratch (rarely) when the shapes do not fit
+        img, tint = _background_v2(rng, look)
+        d = ImageDraw.Draw(img)
+        placed: list[tuple[float, float, float]] = []
+        objects = []
+        for pos in rng.sample(range(GRID * GRID), n):
+            row, col = divmod(pos, GRID)
+            shape = rng.choice(SHAPES)
+            colour = rng.choice(list(COLOURS))
+            r = rng.uniform(*rng.choice(look.radii))
+            ext = _extent(r)
+            qx, qy = (col // 2) * QUADRANT, (row // 2) * QUADRANT
+            for _ in range(20):
+                cx = (col + 0.5) * CELL + rng.uniform(-look.shift, look.shift)
+                cy = (row + 0.5) * CELL + rng.uniform(-look.shift, look.shift)
+                cx = min(max(cx, qx + ext + 1), qx + QUADRANT - ext - 1)
+                cy = min(max(cy, qy + ext + 1), qy + QUADRANT - ext - 1)
+                cell = (int(cy // CELL), int(cx // CELL))
+                free = all(math.hypot(cx - x, cy - y) > ext + e + 1 for x, y, e in placed)
+                if free and all(cell != (o["row"], o["col"]) for o in objects):
+                    break
+            else:
+                break
+            placed.append((cx, cy, ext))
+            _draw_shape(d, shape, cx, cy, r, _jitter(COLOURS[colour], rng, look.colour_jitter), OUTLINE, OUTLINE_WIDTH)
+            objects.append({"shape": shape, "colour": colour, "row": cell[0], "col": cell[1],
+                            "cx": cx, "cy": cy, "r": r, "background": tint})  # fmt: skip
+        if len(objects) == n:
+            return img, objects
+
+
+def draw_word_scene_v2(rng: random.Random, look: Look = TRAIN_LOOK) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """One short word in one of `look`'s font sizes, anywhere in the picture (row: the cell row
+    of its middle, col: the cell of its left edge)."""
+    img, tint = _background_v2(rng, look)
+    d = ImageDraw.Draw(img)
+    word = rng.choice(WORDS)
+    colour = rng.choice(list(COLOURS))
+    size = rng.choice(look.font_sizes)
+    font = _font(size)
+    left, top, right, bottom = d.textbbox((0, 0), word, font=font, stroke_width=WORD_STROKE)
+    x = rng.uniform(1, IMAGE_SIZE - 1 - (right - left)) - left
+    y = rng.uniform(1, IMAGE_SIZE - 1 - (bottom - top)) - top
+    d.text((x, y), word, font=font, fill=_jitter(COLOURS[colour], rng, 20), stroke_width=WORD_STROKE, stroke_fill=OUTLINE)
+    x0, y0, x1, y1 = d.textbbox((x, y), word, font=font, stroke_width=WORD_STROKE)
+    row, col = int(min(GRID - 1, (y0 + y1) / 2 // CELL)), int(min(GRID - 1, x0 // CELL))
+    return img, [{"word": word, "colour": colour, "row": row, "col": col, "x0": x0, "x1": x1, "y0": y0, "y1": y1,
+                  "font_size": size, "background": tint}]  # fmt: skip
+
+
+def phrased(rng: random.Random, held_out: bool = False) -> Wording:
+    """Version 2's wording: one of the kind's training (or held-out) templates, drawn from `rng`."""
+
+    def wording(kind: str, **fields: Any) -> str:
+        return rng.choice(phrasings.templates(kind, held_out)).format(**fields)
+
+    return wording
+
+
+def describe(scene: list[dict[str, Any]]) -> str:
+    """The caption of a picture (the alignment stage's answer): each shape's colour, shape and
+    quadrant in reading order, or the word and its colour.
+
+    "A red circle in the top left and an orange star in the bottom right." / "The word cat in blue."
+    Shapes are listed by quadrant (top left, top right, bottom left, bottom right), then row and column.
+    """
+    if scene and "word" in scene[0]:
+        return f"The word {scene[0]['word']} in {scene[0]['colour']}."
+    def quadrant(o: dict[str, Any]) -> str:
+        return position_name(o["row"], o["col"])
+
+    parts = [f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['shape']} in the {quadrant(o)}"
+             for o in sorted(scene, key=lambda o: (QUADRANTS.index(quadrant(o)), o["row"], o["col"]))]  # fmt: skip
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
 WORD_KINDS = ("read_word", "word_colour")
 SHAPE_KINDS = tuple(k for k in IMAGE_KINDS if k not in WORD_KINDS)
 
 
-def ask_about_scene(kind: str, scene: list[dict[str, Any]], rng: random.Random) -> tuple[str, str] | None:
+Wording = Callable[..., str]  # wording(kind, **fields) -> the question
+
+
+def v1_wording(kind: str, **fields: Any) -> str:
+    """Version 1's one wording per kind (draws nothing from the random stream)."""
+    return phrasings.V1[kind].format(**fields)
+
+
+def ask_about_scene(
+    kind: str, scene: list[dict[str, Any]], rng: random.Random, wording: Wording = v1_wording
+) -> tuple[str, str] | None:
     """A question of `kind` about a drawn scene and its answer, or None if the scene has no
-    question of that kind with exactly one answer."""
+    question of that kind with exactly one answer. `wording` turns the kind and its fields into
+    the question (version 1's by default; version 2 draws one of several, `phrased`)."""
     if kind == "read_word":
-        return ("What word is written?", scene[0]["word"]) if "word" in scene[0] else None
+        return (wording(kind), scene[0]["word"]) if "word" in scene[0] else None
     if kind == "word_colour":
-        return ("What colour is the word?", scene[0]["colour"]) if "word" in scene[0] else None
+        return (wording(kind), scene[0]["colour"]) if "word" in scene[0] else None
     if not scene or "shape" not in scene[0]:
         return None
     shapes = [o["shape"] for o in scene]
@@ -210,65 +379,83 @@ def ask_about_scene(kind: str, scene: list[dict[str, Any]], rng: random.Random) 
         unique = [o for o in scene if shapes.count(o["shape"]) == 1]
         if unique:
             o = rng.choice(unique)
-            return f"What colour is the {o['shape']}?", o["colour"]
+            return wording(kind, shape=o["shape"]), o["colour"]
     elif kind == "shape_of_colour":
         unique = [o for o in scene if colours.count(o["colour"]) == 1]
         if unique:
             o = rng.choice(unique)
-            return f"Which shape is {o['colour']}?", o["shape"]
+            return wording(kind, colour=o["colour"]), o["shape"]
     elif kind == "count_all":
-        return "How many shapes are there?", str(len(scene))
+        return wording(kind), str(len(scene))
     elif kind == "count_colour":
         # ask about a colour in the picture 3 times out of 4, so most answers are not 0
         c = rng.choice(colours) if rng.random() < 0.75 else rng.choice(list(COLOURS))
-        return f"How many {c} shapes are there?", str(colours.count(c))
+        return wording(kind, colour=c), str(colours.count(c))
     elif kind == "count_shape":
         sh = rng.choice(shapes) if rng.random() < 0.75 else rng.choice(SHAPES)
-        return f"How many {plural(sh)} are there?", str(shapes.count(sh))
+        return wording(kind, shapes=plural(sh)), str(shapes.count(sh))
     elif kind == "position":
         pairs = [(o["colour"], o["shape"]) for o in scene]
         unique = [o for o in scene if pairs.count((o["colour"], o["shape"])) == 1]
         if unique:
             o = rng.choice(unique)
-            return f"Where is the {o['colour']} {o['shape']}?", position_name(o["row"], o["col"])
+            return wording(kind, colour=o["colour"], shape=o["shape"]), position_name(o["row"], o["col"])
     else:
         raise ValueError(kind)
     return None
 
 
-def draw_scene_for(kind: str, rng: random.Random) -> tuple[Image.Image, list[dict[str, Any]], tuple[str, str]]:
-    """A picture with a question of `kind` about it (scenes are redrawn until one fits)."""
+def draw_scene_for(
+    kind: str, rng: random.Random, wording: Wording = v1_wording, look: Look | None = None
+) -> tuple[Image.Image, list[dict[str, Any]], tuple[str, str]]:
+    """A picture with a question of `kind` about it (scenes are redrawn until one fits).
+    `look`: version 2's visual variation (None: version 1's pictures)."""
     while True:
         if kind in WORD_KINDS:
-            img, scene = draw_word_scene(rng)
+            img, scene = draw_word_scene(rng) if look is None else draw_word_scene_v2(rng, look)
         else:
-            img, scene = draw_shapes_scene(rng, rng.randint(1, MAX_SHAPES))
-        qa = ask_about_scene(kind, scene, rng)
+            n = rng.randint(1, MAX_SHAPES)
+            img, scene = draw_shapes_scene(rng, n) if look is None else draw_shapes_scene_v2(rng, n, look)
+        qa = ask_about_scene(kind, scene, rng, wording)
         if qa is not None:
             return img, scene, qa
 
 
-def _text_question(kind: str, rng: random.Random) -> tuple[str, str]:
+def _text_question(kind: str, rng: random.Random, wording: Wording = v1_wording) -> tuple[str, str]:
     if kind == "add":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"What is {a} plus {b}?", str(a + b)
+        return wording(kind, a=a, b=b), str(a + b)
     if kind == "subtract":
         a = rng.randint(0, 9)
         b = rng.randint(0, a)
-        return f"What is {a} minus {b}?", str(a - b)
+        return wording(kind, a=a, b=b), str(a - b)
     if kind == "next_number":
         i = rng.randint(0, 9)
-        return f"What number comes after {NUMBER_WORDS[i]}?", NUMBER_WORDS[i + 1]
+        return wording(kind, word=NUMBER_WORDS[i]), NUMBER_WORDS[i + 1]
     if kind == "opposite":
         w = rng.choice(sorted(OPPOSITES))
-        return f"What is the opposite of {w}?", OPPOSITES[w]
+        return wording(kind, word=w), OPPOSITES[w]
     raise ValueError(kind)
 
 
-def make_sample(split: str, index: int, seed: int = DEFAULT_SEED, kind: str | None = None) -> Sample:
-    """Sample `index` of `split`, drawn from its own random stream (deterministic)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+def check_split(split: str, version: int) -> None:
+    """A clear error for an unknown version, or a split that the version does not have."""
+    if version not in VERSIONS:
+        raise ValueError(f"ToyVQA data version must be one of {VERSIONS}, not {version!r}")
+    splits = SPLITS if version == 1 else SPLITS_V2
+    if split not in splits:
+        extra = " (the held-out slices are version 2's: pass version=2)" if split in HELD_OUT_SPLITS else ""
+        raise ValueError(f"split must be one of {splits} for ToyVQA version {version}, not {split!r}{extra}")
+
+
+def make_sample(split: str, index: int, seed: int = DEFAULT_SEED, kind: str | None = None, version: int = 1) -> Sample:
+    """Sample `index` of `split`, drawn from its own random stream (deterministic).
+
+    version 1: the bundled model's data (frozen); version 2: varied wordings and pictures (the
+    module docstring), with the held-out slices HELD_OUT_SPLITS."""
+    check_split(split, version)
+    if version == 2:
+        return _make_sample_v2(split, index, seed, kind)
     rng = random.Random(f"toyvqa/{seed}/{split}/{index}")  # str seeds hash with SHA-512: stable everywhere
     if kind is None:
         kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
@@ -277,6 +464,20 @@ def make_sample(split: str, index: int, seed: int = DEFAULT_SEED, kind: str | No
         image, scene, (question, answer) = draw_scene_for(kind, rng)
         return Sample(sid, split, kind, question, answer, image, scene)
     question, answer = _text_question(kind, rng)
+    return Sample(sid, split, kind, question, answer)
+
+
+def _make_sample_v2(split: str, index: int, seed: int, kind: str | None) -> Sample:
+    rng = random.Random(f"toyvqa-v2/{seed}/{split}/{index}")
+    if kind is None:
+        kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
+    wording = phrased(rng, held_out=split == "test_heldout_phrasing")
+    look = HELD_OUT_LOOK if split == "test_heldout_visual" else TRAIN_LOOK
+    sid = f"toyvqa-v2-{split}-{index:05d}"
+    if kind in IMAGE_KINDS:
+        image, scene, (question, answer) = draw_scene_for(kind, rng, wording, look)
+        return Sample(sid, split, kind, question, answer, image, scene)
+    question, answer = _text_question(kind, rng, wording)
     return Sample(sid, split, kind, question, answer)
 
 
@@ -296,18 +497,29 @@ class Conversation:
     scene: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_conversation(split: str, index: int, seed: int = DEFAULT_SEED, max_turns: int = 4, text_turn_p: float = 0.15) -> Conversation:
-    """Conversation `index` of `split` (deterministic): 1..max_turns turns, all different."""
-    rng = random.Random(f"toyvqa-conv/{seed}/{split}/{index}")
+def make_conversation(
+    split: str, index: int, seed: int = DEFAULT_SEED, max_turns: int = 4, text_turn_p: float = 0.15, version: int = 1
+) -> Conversation:
+    """Conversation `index` of `split` (deterministic): 1..max_turns turns, all different.
+    Version 2 draws its training wordings and look (never the held-out ones)."""
+    check_split(split, version)
+    if split in HELD_OUT_SPLITS:
+        raise ValueError(f"{split!r} is a test slice: training conversations come from the other splits")
+    if version == 1:
+        rng = random.Random(f"toyvqa-conv/{seed}/{split}/{index}")
+        wording, look = v1_wording, None
+    else:
+        rng = random.Random(f"toyvqa-v2-conv/{seed}/{split}/{index}")
+        wording, look = phrased(rng), TRAIN_LOOK
     kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
     n_turns = rng.randint(1, max_turns)
     turns: list[tuple[str, str, str]] = []
     image, scene = None, []
     if kind in IMAGE_KINDS:
-        image, scene, (q, a) = draw_scene_for(kind, rng)
+        image, scene, (q, a) = draw_scene_for(kind, rng, wording, look)
         same = WORD_KINDS if kind in WORD_KINDS else SHAPE_KINDS
     else:
-        q, a = _text_question(kind, rng)
+        q, a = _text_question(kind, rng, wording)
         same = tuple(TEXT_KINDS)
     turns.append((kind, q, a))
     for _ in range(8 * max_turns):  # bounded: a scene may not have n_turns different questions
@@ -315,38 +527,63 @@ def make_conversation(split: str, index: int, seed: int = DEFAULT_SEED, max_turn
             break
         if image is not None and rng.random() >= text_turn_p:
             k = rng.choice(same)
-            qa = ask_about_scene(k, scene, rng)
+            qa = ask_about_scene(k, scene, rng, wording)
         else:
             k = rng.choices(list(TEXT_KINDS), weights=list(TEXT_KINDS.values()))[0]
-            qa = _text_question(k, rng)
+            qa = _text_question(k, rng, wording)
         if qa is not None and all(qa[0] != t[1] for t in turns):
             turns.append((k, *qa))
     return Conversation(f"toyvqa-conv-{split}-{index:06d}", image, turns, scene)
 
 
-def make_picture(index: int, seed: int = DEFAULT_SEED, word_p: float | None = None) -> tuple[Image.Image, list[dict[str, Any]]]:
+def make_picture(
+    index: int, seed: int = DEFAULT_SEED, word_p: float | None = None, version: int = 1
+) -> tuple[Image.Image, list[dict[str, Any]]]:
     """Picture `index` of the vision-pretraining stream (deterministic): a word scene with
-    probability `word_p` (by default the word kinds' share of the image questions), else 1-MAX_SHAPES shapes."""
-    rng = random.Random(f"toyvqa-picture/{seed}/{index}")
+    probability `word_p` (by default the word kinds' share of the image questions), else 1-MAX_SHAPES shapes.
+    Version 2: the training look (TRAIN_LOOK)."""
+    check_split("train", version)
+    rng = random.Random(f"toyvqa-picture/{seed}/{index}" if version == 1 else f"toyvqa-v2-picture/{seed}/{index}")
     if word_p is None:
         word_p = sum(IMAGE_KINDS[k] for k in WORD_KINDS) / sum(IMAGE_KINDS.values())
+    if version == 2:
+        if rng.random() < word_p:
+            return draw_word_scene_v2(rng, TRAIN_LOOK)
+        return draw_shapes_scene_v2(rng, rng.randint(1, MAX_SHAPES), TRAIN_LOOK)
     if rng.random() < word_p:
         return draw_word_scene(rng)
     return draw_shapes_scene(rng, rng.randint(1, MAX_SHAPES))
 
 
-def iter_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, start: int = 0) -> Iterator[Sample]:
+DESCRIBE_KIND = "describe"
+
+
+def make_caption_conversation(index: int, seed: int = DEFAULT_SEED, word_p: float = 0.25) -> Conversation:
+    """Conversation `index` of version 2's alignment stream (deterministic): a training-look
+    picture, "describe the picture" in one of the training wordings, and its caption (`describe`).
+    Shape pictures are 3 in 4 (their captions carry more: colour, shape and quadrant of each)."""
+    rng = random.Random(f"toyvqa-v2-caption/{seed}/{index}")
+    if rng.random() < word_p:
+        image, scene = draw_word_scene_v2(rng, TRAIN_LOOK)
+    else:
+        image, scene = draw_shapes_scene_v2(rng, rng.randint(1, MAX_SHAPES), TRAIN_LOOK)
+    prompt = rng.choice(phrasings.DESCRIBE)
+    return Conversation(f"toyvqa-v2-caption-{index:06d}", image, [(DESCRIBE_KIND, prompt, describe(scene))], scene)
+
+
+def iter_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, start: int = 0, version: int = 1) -> Iterator[Sample]:
     """Samples start..start+n-1 of a split (n defaults to the split's fixed size)."""
+    check_split(split, version)
     if n is None:
         if split not in SPLIT_SIZES:
             raise ValueError("the train split has no fixed size: pass n")
         n = SPLIT_SIZES[split]
     for i in range(start, start + n):
-        yield make_sample(split, i, seed)
+        yield make_sample(split, i, seed, version=version)
 
 
-def load_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED) -> list[Sample]:
-    return list(iter_split(split, n, seed))
+def load_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, version: int = 1) -> list[Sample]:
+    return list(iter_split(split, n, seed, version=version))
 
 
 def chat_messages(question: str, image: Any = None) -> list[dict[str, Any]]:
@@ -363,8 +600,30 @@ def chat_messages(question: str, image: Any = None) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
-def tokenizer_corpus() -> list[str]:
-    """Text the ToyVQA tokenizer is trained on: every question template, answer and chat word."""
+def tokenizer_corpus(version: int = 1) -> list[str]:
+    """Text the ToyVQA tokenizer is trained on: every question template, answer and chat word
+    (version 2: also every v2 wording, held-out ones included, and every caption word)."""
+    if version not in VERSIONS:
+        raise ValueError(f"ToyVQA data version must be one of {VERSIONS}, not {version!r}")
+    lines = _tokenizer_corpus_v1()
+    if version == 2:
+        lines += _tokenizer_lines_v2() * 4
+    return lines
+
+
+def _tokenizer_lines_v2() -> list[str]:
+    fields = [dict(shape=s, shapes=plural(s), colour=c, a=i % 10, b=(3 * i) % 10, word=NUMBER_WORDS[i % 10])
+              for i, (s, c) in enumerate((s, c) for s in SHAPES for c in COLOURS)]  # fmt: skip
+    lines = [t.format(**f) for t in phrasings.all_templates() for f in fields[:6]]
+    for o in fields:
+        lines.append(describe([{"shape": o["shape"], "colour": o["colour"], "row": 0, "col": 0},
+                               {"shape": o["shape"], "colour": o["colour"], "row": 3, "col": 3}]))  # fmt: skip
+    lines += [describe([{"word": w, "colour": c}]) for w in WORDS for c in COLOURS]
+    lines += [describe([{"shape": s, "colour": c, "row": 2 * (q // 2), "col": 2 * (q % 2)}]) for s in SHAPES for c in COLOURS for q in range(4)]
+    return lines
+
+
+def _tokenizer_corpus_v1() -> list[str]:
     lines = [SYSTEM_PROMPT, "system user assistant"]
     cols, shapes = list(COLOURS), list(SHAPES)
     for s in shapes:
@@ -398,6 +657,7 @@ def export_sharegpt4v(
     with_text_only: bool = False,
     json_name: str | None = None,
     image_dir: str = "images",
+    version: int = 1,
 ) -> Path:
     """Write `n` samples of `split` as ShareGPT4V JSON plus PNGs; return the JSON path.
 
@@ -415,7 +675,7 @@ def export_sharegpt4v(
     entries = []
     i = 0
     while len(entries) < n:
-        s = make_sample(split, i, seed)
+        s = make_sample(split, i, seed, version=version)
         i += 1
         if s.image is None and not with_text_only:
             continue
@@ -435,14 +695,14 @@ def export_sharegpt4v(
 
 
 def export_questions(
-    output_dir: str | Path, split: str = "test", n: int | None = None, seed: int = DEFAULT_SEED
+    output_dir: str | Path, split: str = "test", n: int | None = None, seed: int = DEFAULT_SEED, version: int = 1
 ) -> Path:
     """Write samples 0..n-1 of `split` as OUTPUT_DIR/questions.jsonl plus OUTPUT_DIR/images/<id>.png
     (module docstring); text-only questions are kept, without an "image" key. Returns the JSONL path."""
     out = Path(output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
-    for s in iter_split(split, n, seed):
+    for s in iter_split(split, n, seed, version=version):
         record: dict[str, Any] = {"id": s.id}
         if s.image is not None:
             record["image"] = f"images/{s.id}.png"
@@ -457,7 +717,9 @@ def export_questions(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Export a ToyVQA split in the ShareGPT4V layout, or as questions.")
     ap.add_argument("--output", required=True, help="folder for <split>.json (or questions.jsonl) and images/")
-    ap.add_argument("--split", default="calibration", choices=SPLITS)
+    ap.add_argument("--split", default="calibration", choices=SPLITS_V2)
+    ap.add_argument("--data-version", type=int, default=1, choices=VERSIONS,
+                    help="1: the bundled model's data (default); 2: varied wordings and pictures, held-out slices")
     ap.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--with-text-only", action="store_true", help="keep text-only questions (no image key)")
@@ -465,9 +727,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="write questions.jsonl for examples/evaluate_server.py instead (text-only ones kept)")
     args = ap.parse_args(argv)
     if args.questions:
-        path = export_questions(args.output, args.split, args.n, args.seed)
+        path = export_questions(args.output, args.split, args.n, args.seed, args.data_version)
     else:
-        path = export_sharegpt4v(args.output, args.split, args.n, args.seed, args.with_text_only)
+        path = export_sharegpt4v(args.output, args.split, args.n, args.seed, args.with_text_only, version=args.data_version)
     print(f"wrote {path}")
 
 

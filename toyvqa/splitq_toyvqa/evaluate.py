@@ -11,6 +11,8 @@ An answer is right when `normalize_answer(prediction) == normalize_answer(expect
 punctuation and articles dropped, whitespace collapsed, number words read as digits.
 
 CLI: python -m splitq_toyvqa.evaluate --model models/toyvqa-qwen25vl [--split test] [--n 1000]
+     [--data-version 2]   (version 2's splits; its held-out slices imply it:)
+     python -m splitq_toyvqa.evaluate --model ... --split test_heldout_phrasing   (or test_heldout_visual)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import base64
 import io
 import json
+import math
 import re
 import time
 from collections import defaultdict
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .data import DEFAULT_SEED, NUMBER_WORDS, Sample, chat_messages, load_split
+from .data import DEFAULT_SEED, HELD_OUT_SPLITS, NUMBER_WORDS, SPLITS_V2, Sample, chat_messages, load_split
 
 _WORD_TO_DIGIT = {w: str(i) for i, w in enumerate(NUMBER_WORDS)}
 _WORD_TO_DIGIT.update({"eleven": "11", "twelve": "12", "thirteen": "13", "fourteen": "14", "fifteen": "15",
@@ -84,13 +87,19 @@ class EvalResult:
             f"{self.accuracy_on(True):.4f}, text-only {self.accuracy_on(False):.4f}"
         ]
         for kind, (c, n) in self.per_kind().items():
-            lines.append(f"  {kind:16s} {c / n:.3f} ({c}/{n})")
+            lines.append(f"  {kind:16s} {c / n:.3f} +- {standard_error(c, n):.3f} ({c}/{n})")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {"n": self.n, "correct": self.correct, "accuracy": self.accuracy,
                 "image_accuracy": self.accuracy_on(True), "text_accuracy": self.accuracy_on(False),
                 "per_kind": {k: {"correct": c, "n": n} for k, (c, n) in self.per_kind().items()}}  # fmt: skip
+
+
+def standard_error(correct: int, n: int) -> float:
+    """sqrt(p(1-p)/n) of an accuracy p = correct/n: the binomial spread of a score on n questions."""
+    p = correct / max(1, n)
+    return math.sqrt(p * (1 - p) / max(1, n))
 
 
 def score_answers(samples: Sequence[Sample], answers: Sequence[str]) -> EvalResult:
@@ -174,10 +183,12 @@ def evaluate_transformers(
     batch_size: int = 32,
     dtype=None,
     model_and_processor=None,
+    version: int = 1,
 ) -> EvalResult:
-    """Greedy exact-match accuracy of a transformers model on the first `n` samples of `split`."""
+    """Greedy exact-match accuracy of a transformers model on the first `n` samples of `split`
+    (of ToyVQA `version`: 1, the bundled model's data, or 2, with its held-out slices)."""
+    samples = load_split(split, n, seed, version)  # bad split/version: an error before loading the model
     model, processor = model_and_processor or load_transformers(model_dir, dtype)
-    samples = load_split(split, n, seed)
     return score_answers(samples, generate_transformers(model, processor, samples, batch_size))
 
 
@@ -186,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description="Held-out accuracy of a ToyVQA model with transformers (greedy).")
     ap.add_argument("--model", required=True)
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", choices=SPLITS_V2)
+    ap.add_argument("--data-version", type=int, default=None, choices=(1, 2),
+                    help="ToyVQA version (default 1; 2 for the held-out slices, which only version 2 has)")
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -198,7 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     t0 = time.time()
-    res = evaluate_transformers(args.model, args.split, args.n, args.seed, args.batch_size, dtype)
+    version = args.data_version or (2 if args.split in HELD_OUT_SPLITS else 1)
+    if version == 1 and args.split in HELD_OUT_SPLITS:
+        ap.error(f"--split {args.split} is a version 2 slice: use --data-version 2")
+    print(f"ToyVQA version {version}, split {args.split}")
+    res = evaluate_transformers(args.model, args.split, args.n, args.seed, args.batch_size, dtype, version=version)
     print(res.summary())
     print(f"({time.time() - t0:.1f} s)")
     for r in [r for r in res.records if not r["correct"]][: args.show_errors]:

@@ -22,11 +22,14 @@ ratio to BF16 is t(bf16) / t(variant), bf16 being one cuBLAS launch.
 Variants (as benchmarks/bench_kernels.py times them): bf16, w4a4_gemm (kernel (b) alone, main
 path only, pre-quantized activations: the plain W4A4 GEMM), mocd (kernels (a) + (b), outlier
 paths), mocd+cws, splitq (+ MAC). Designs: `current` (the persistent kernel (a), one program
-per 16 rows, so one program at decode, then the GEMM) and `decode` (as built:
-kernels/splitq_kernels/triton/quantize_decode.py for <= 16 rows: D1 transform split over
-transform tiles and outlier-set column blocks, D2 quantize + CWS down split over 64-channel
-blocks, D3 MAC residual + down likewise (only with MAC), then the same GEMM; above 16 rows it is
-`current`). `Launch.single` models work that one program of a grid does alone (none now).
+per 16 rows, so one program at decode, then the GEMM), `decode` (as built, what
+torch.ops.splitq.linear runs at <= 16 rows: kernels/splitq_kernels/triton/quantize_decode.py's
+D1 transform split over transform tiles and outlier-set column blocks, D2 quantize + CWS down
+split over 64-channel blocks, then the GEMM, whose first programs do the MAC residual + down
+(three launches); above 16 rows it is `current`) and `decode4` (the design before: the MAC down
+as a launch of its own, D3, before the GEMM; what the two halves torch.ops.splitq.quantize_input
+and torch.ops.splitq.gemm still run when called one after the other). `Launch.single` models
+work that one program of a grid does alone (none now).
 
 What it leaves out (so a measurement can fall short of it): L2 traffic (split-K atomics, the
 redundant reads of the gathered input, scratch that stays in L2 at decode is counted as DRAM
@@ -80,7 +83,7 @@ UNPACK_OPS_PER_CODE = 3  # CUDA-core integer ops to unpack one weight code (shif
 DECODE_ROWS = 16  # kernels: <= 16 rows is decode (one 16-row tile, split-K)
 
 VARIANTS = ("bf16", "w4a4_gemm", "mocd", "mocd+cws", "splitq")
-DESIGNS = ("current", "decode")
+DESIGNS = ("current", "decode", "decode4")
 ROWS = (1, 16, 256, 2048)
 
 
@@ -196,15 +199,25 @@ def gemm_launch(s: Shape, T: int, hw: Hardware, wbits: int, abits_aux: int, outl
     return L
 
 
+def mac_down_work(s: Shape, T: int, name: str) -> Launch:
+    """The MAC residual codes and down product over blocks of 64 main channels (D3's programs, or
+    the GEMM's first programs in the decode design)."""
+    L = Launch(name, _cdiv(s.main, 64))
+    L.bytes = T * s.main * 4 + s.main * s.mac_rp + T * s.mac_rp * 4
+    L.mma_int8 = 2 * 16 * s.main * s.mac_rp
+    L.cuda_ops = 12 * T * s.main
+    return L
+
+
 def quantize_launches(s: Shape, T: int, hw: Hardware, design: str, outliers: bool, cws: bool, mac: bool
                       ) -> list[Launch]:
-    """Kernel (a) (design current) or D1 + D2 (design decode at <= 16 rows)."""
+    """Kernel (a) (design current) or D1 + D2 (+ D3 in design decode4) at <= 16 rows."""
     ranks = (s.cws_rp if cws else 0) + (s.mac_rp if mac else 0)
     po = (s.text**2 + s.vision**2) * 4 if outliers else 0
     transforms = (s.n1**2 + s.n2**2) * 4 + s.main * 4 + po
     xform_flops = 2 * s.main * (s.n1 + s.n2) + 2 * (s.text**2 + s.vision**2) * outliers  # per row
     out_bytes = T * s.d_in + T * 16 + T * ranks * 4  # codes, scales / zeros, h_cws / h_mac
-    if design == "decode" and T <= DECODE_ROWS:
+    if design in ("decode", "decode4") and T <= DECODE_ROWS:
         # D1: transform tiles [16 x 16] of (n1, n2) per program, rows padded to 16 for tl.dot
         # (+ the outlier sets' dense transforms, one program per 64 output columns of a set)
         po_blocks = (_cdiv(s.text, 64) + _cdiv(s.vision, 64)) * outliers
@@ -216,14 +229,11 @@ def quantize_launches(s: Shape, T: int, hw: Hardware, design: str, outliers: boo
         d2.bytes = T * s.main * 4 + s.main * (s.cws_rp if cws else 0) + out_bytes
         d2.mma_int8 = 2 * 16 * s.main * (s.cws_rp if cws else 0)
         d2.cuda_ops = 8 * T * s.d_in
-        if not mac:
+        if not mac or design == "decode":  # as built: the MAC down runs in the GEMM's grid (mac_down_work)
             return [d1, d2]
-        # D3: MAC residual codes + down product over blocks of 64 main channels
-        d3 = Launch("d3_mac_down", _cdiv(s.main, 64))
-        d3.bytes = T * s.main * 4 + s.main * s.mac_rp + T * s.mac_rp * 4
-        d3.mma_int8 = 2 * 16 * s.main * s.mac_rp
-        d3.cuda_ops = 12 * T * s.main
-        return [d1, d2, d3]
+        # decode4 (before): D3, MAC residual codes + down product over blocks of 64 main channels
+        return [d1, d2, mac_down_work(s, T, "d3_mac_down")]
+
     bt = min(16, _next_pow2(T))
     a = Launch("a_quantize_input", min(_cdiv(T, bt), hw.sms))
     a.bytes = T * s.d_in * 2 + transforms + s.main * ranks + 2 * T * s.main * 4 + out_bytes  # scratch out + in
@@ -251,7 +261,17 @@ def variant_launches(s: Shape, T: int, hw: Hardware, variant: str, design: str, 
     if variant == "w4a4_gemm":
         return [gemm_launch(s, T, hw, wbits, aux_bits, outliers=False, cws=False, mac=False)]
     cws, mac = variant in ("mocd+cws", "splitq"), variant == "splitq"
-    return quantize_launches(s, T, hw, design, True, cws, mac) + [gemm_launch(s, T, hw, wbits, aux_bits, True, cws, mac)]
+    gemm = gemm_launch(s, T, hw, wbits, aux_bits, True, cws, mac)
+    if design == "decode" and mac and T <= DECODE_ROWS:
+        # the MAC-down programs take the GEMM grid's first tickets and run beside its programs, which
+        # wait for h_mac only before their epilogue: their work adds to the launch's totals
+        extra = mac_down_work(s, T, "mac_down")
+        gemm.name = "gemm+mac_down"
+        gemm.programs += extra.programs
+        gemm.bytes += extra.bytes
+        gemm.mma_int8 += extra.mma_int8
+        gemm.cuda_ops += extra.cuda_ops
+    return quantize_launches(s, T, hw, design, True, cws, mac) + [gemm]
 
 
 def predict(layer: str, T: int, hw_key: str, design: str) -> dict:
@@ -332,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(models), help=f"comma list of {models}")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--hardware", default="h100,h200,rtx4090", help=f"comma list of {sorted(HARDWARE)}")
-    ap.add_argument("--design", default="current,decode", help=f"comma list of {DESIGNS}")
+    ap.add_argument("--design", default="current,decode", help=f"comma list of {DESIGNS} (decode4: the four launches before)")
     ap.add_argument("--targets", action="store_true", help="print the issue's targets, predicted, as JSON")
     ap.add_argument("--json", default=None, help="write every prediction here")
     a = ap.parse_args(argv)

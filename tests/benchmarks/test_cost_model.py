@@ -55,10 +55,19 @@ def test_bytes_and_operations_follow_the_shapes(layer, rows):
 def test_decode_design_launches():
     for rows in (1, 3, 16):
         dec = cm.predict("7b.qkv", rows, "h100", "decode")["variants"]["splitq"]["launches"]
+        dec4 = cm.predict("7b.qkv", rows, "h100", "decode4")["variants"]["splitq"]["launches"]
         cur = cm.predict("7b.qkv", rows, "h100", "current")["variants"]["splitq"]["launches"]
-        assert len(dec) == 4 and len(cur) == 2  # D1, D2, D3 (MAC), GEMM: one over the issue's three
+        assert [L["name"] for L in dec] == ["d1_transform", "d2_quantize_down", "gemm+mac_down"]  # the issue's three
+        assert len(dec4) == 4 and len(cur) == 2  # before: D1, D2, D3 (MAC), GEMM
         assert cur[0]["programs"] == 1  # the serial kernel (a) the issue is about
         assert min(L["programs"] for L in dec) >= 4
+        # the MAC down moved, not dropped: same bytes and operations, one launch floor less
+        assert sum(L["bytes"] for L in dec) == sum(L["bytes"] for L in dec4)
+        assert sum(L["mma_int8"] for L in dec) == sum(L["mma_int8"] for L in dec4)
+        assert dec[-1]["programs"] == dec4[-1]["programs"] + dec4[2]["programs"]
+    # without MAC both decode designs are D1, D2, GEMM
+    mocd = cm.predict("7b.qkv", 1, "h100", "decode")["variants"]["mocd+cws"]["launches"]
+    assert [L["name"] for L in mocd] == ["d1_transform", "d2_quantize_down", "gemm"]
     # above 16 rows the decode design is the current one
     assert (cm.predict("7b.down", 256, "h100", "decode")["variants"]
             == cm.predict("7b.down", 256, "h100", "current")["variants"])

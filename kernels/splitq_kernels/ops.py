@@ -39,9 +39,9 @@ def linear_op(
     x: torch.Tensor, text_mask: Optional[torch.Tensor], tensors: list[Optional[torch.Tensor]], meta: list[int],
     precision: str,
 ) -> torch.Tensor:
-    """Kernel (a) then kernel (b): x [T, D_in] -> y [T, D_out] in x's dtype. At 1-16 rows three
-    launches (quantize_decode.plan_linear_decode: D1, D2, the GEMM with the MAC down in its grid);
-    the halves below, called one after the other, run D3 as a launch of its own."""
+    """Kernel (a) then kernel (b): x [T, D_in] -> y [T, D_out] in x's dtype. At 1-16 rows two
+    launches (quantize_decode.plan_linear_decode: D1 + D2 in one grid, the GEMM with the MAC down
+    in its grid); the halves below, called one after the other, run D3 as a launch of its own."""
     kl = KernelLayer.from_op_args(tensors, meta, precision)
     if can_implement_decode(kl, x.shape[0])[0]:
         return linear_decode_triton(x, text_mask, kl)[0]

@@ -6,23 +6,29 @@ Here the same outputs (`QuantizedActivations`, read by the same GEMM) come from 
 whose work is split over the main channels; per-row statistics are combined across
 programs with float atomics (max, and min when asymmetric) in a small workspace:
 
-- D1 `_decode_transform_kernel`, one program per [BLOCK_P1_COLS x BLOCK_P2_COLS] tile of the
-  transformed (n1 x n2) row, plus one per outlier set: Z = R P2[:, b-block] then
-  P1[:, a-block]^T Z for all rows (<= 16, padded to a 16-row tensor-core tile), to a float32
+- D1 `_transform_program`, one program per [BLOCK_P1_COLS x BLOCK_P2_COLS] tile of the
+  transformed (n1 x n2) row and group of TOKENS_PER_TILE tokens, plus one per outlier-set block:
+  Z = R P2[:, b-block] then P1[:, a-block]^T Z for the group's tokens, to a float32
   scratch [T, in_features]; per-row max |x| (max/min) by atomics. The outlier sets' dense
   transforms are split the same way, one program per block of output columns.
-- D2 `_decode_quantize_kernel`, one program per BLOCK_K main channels (and per block of an
-  outlier set's columns, which only quantizes): per-token grid from D1's statistics, codes, the CWS down product of its channels (int8 tl.dot) added into an int32
-  workspace, the MAC residual's statistics by atomics. The last program to arrive (atomic
-  counter) rescales h_cws and resets the workspace.
+- D2 `_quantize_program`, one program per BLOCK_K main channels (and per block of an outlier
+  set's columns, which only quantizes): per-token grid from D1's statistics, codes, the CWS down
+  product of its channels (int8 tl.dot) added into an int32 workspace, the MAC residual's
+  statistics by atomics. The last program to arrive (atomic counter) rescales h_cws and resets
+  the workspace.
+- D1 and D2 run in one grid (`_decode_transform_quantize_kernel`, the default): roles by ticket,
+  D1's programs first; D2's load their CWS down block, then wait for D1's arrival count (a
+  program waits only on programs that took earlier tickets, so it cannot deadlock). As two
+  launches of their own (`_decode_transform_kernel`, `_decode_quantize_kernel`) with
+  plan_quantize_decode(fused=False), for comparison.
 - the MAC down (only with MAC), one program per BLOCK_K main channels (`_mac_down_block`): the
   residual's codes at aux bits and the MAC down product, summed likewise; the last program
   (`_mac_finish`) rescales h_mac, applies the MAC row selection and resets the statistics to their
-  neutral values. `linear_decode_triton` (what torch.ops.splitq.linear runs: three launches) runs
+  neutral values. `linear_decode_triton` (what torch.ops.splitq.linear runs: two launches) runs
   these programs in the GEMM's grid (gemm.py, MAC_IN_GRID); `quantize_input_decode_triton` (the
   quantize half alone, whose outputs must be complete) as a launch of its own, D3
   `_decode_mac_kernel`.
-Every launch has a fixed grid from the shapes, no host synchronisation and no data-dependent
+Every launch has a fixed grid from the shapes (the row count included), no host synchronisation and no data-dependent
 allocation: CUDA-graph capturable. Integer sums by atomics are exact and order-free, and a float
 max/min is order-free, so results are deterministic. The workspace is shared per device (layers
 run one after another on one stream, as for the GEMM's split-K workspace) and is left neutral
@@ -173,14 +179,18 @@ def _transform_program(
     # scheme and which parts are present
     SYMMETRIC: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_VISION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """One D1 program: a transform tile (pid < the tile count) or a block of an outlier set."""
+    """One D1 program: a transform tile for one group of TOKENS_PER_TILE tokens (pid < the count
+    of both) or a block of an outlier set."""
     n_b = tl.cdiv(n2, BLOCK_P2_COLS)
-    n_tiles = tl.cdiv(n1, BLOCK_P1_COLS) * n_b
+    n_groups = tl.cdiv(T, TOKENS_PER_TILE)  # token groups are programs too (more programs at 16 rows)
+    n_tiles = tl.cdiv(n1, BLOCK_P1_COLS) * n_b * n_groups
     rows = tl.arange(0, BLOCK_T)
     row_valid = rows < T
     if pid < n_tiles:
-        b0 = (pid % n_b) * BLOCK_P2_COLS
-        a0 = (pid // n_b) * BLOCK_P1_COLS
+        g = pid % n_groups
+        tile = pid // n_groups
+        b0 = (tile % n_b) * BLOCK_P2_COLS
+        a0 = (tile // n_b) * BLOCK_P1_COLS
         b = b0 + tl.arange(0, BLOCK_P2_COLS)
         b_valid = b < n2
         a = a0 + tl.arange(0, BLOCK_P1_COLS)
@@ -189,7 +199,7 @@ def _transform_program(
         p1t = tl.load(p1_ptr + i_all[None, :] * n1 + a[:, None], mask=a_valid[:, None] & (i_all < n1)[None, :],
                       other=0.0)  # P1[i, a] as [a, i]
         hi, lo = init_stats(BLOCK_T, SYMMETRIC)
-        for tt in range(0, T, TOKENS_PER_TILE):
+        for tt in range(g * TOKENS_PER_TILE, T, n_groups * TOKENS_PER_TILE):  # this group: one iteration
             zr = tl.arange(0, TOKENS_PER_TILE * N1_PADDED)  # rows (token, i) of Z = R P2
             z_token = tt + zr // N1_PADDED
             z_i = zr % N1_PADDED
@@ -597,7 +607,7 @@ def plan_quantize_decode(
     tokens_per_tile = max(1, min(DECODE_ROWS, KRON_Z_ELEMENTS // (n1_padded * block_p2_cols)))
     off_text, off_vision, _ = code_offsets(kl)
     opts = dict(num_warps=4, num_stages=1, enable_fp_fusion=False)  # no FMA: residuals round like torch
-    n_tiles = triton.cdiv(kl.n1, block_p1_cols) * triton.cdiv(kl.n2, block_p2_cols)
+    n_tiles = triton.cdiv(kl.n1, block_p1_cols) * triton.cdiv(kl.n2, block_p2_cols) * triton.cdiv(T, tokens_per_tile)
     block_po_cols = 64 if kl.text > 32 or kl.vision > 32 else 32
     n_outlier_blocks = triton.cdiv(kl.text, block_po_cols) + triton.cdiv(kl.vision, block_po_cols)
     d1 = Launch(_decode_transform_kernel, (n_tiles + n_outlier_blocks,), dict(
@@ -672,10 +682,11 @@ def plan_linear_decode(
     act: QuantizedActivations, scratch: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     config=None,
 ) -> list[Launch]:
-    """The whole linear at 1-16 rows in three launches: D1, D2, and the GEMM, whose first
-    cdiv(main, 64) programs do D3's work (the MAC residual codes and down product, h_mac) while
-    the others stream the weights; a GEMM program waits for h_mac only before its epilogue
-    (gemm.py, MAC_IN_GRID). Without MAC the GEMM is the plain one (also three launches)."""
+    """The whole linear at 1-16 rows in two launches: D1 + D2 in one grid
+    (_decode_transform_quantize_kernel), and the GEMM, whose first cdiv(main, 64) programs do
+    D3's work (the MAC residual codes and down product, h_mac) while the others stream the
+    weights; a GEMM program waits for h_mac only before its epilogue (gemm.py, MAC_IN_GRID).
+    Without MAC the GEMM is the plain one (also two launches)."""
     from .gemm import default_config, plan_gemm  # gemm imports this module's MAC helpers
 
     has_mac = kl.mac_rank > 0
@@ -690,7 +701,7 @@ def plan_linear_decode(
 
 def linear_decode_triton(x: torch.Tensor, text_mask: torch.Tensor | None, kl: KernelLayer, store_mac: bool = False,
                          config=None) -> tuple[torch.Tensor, QuantizedActivations]:
-    """y [T, out_features] in x's dtype for x [T <= 16, in_features] by plan_linear_decode's three
+    """y [T, out_features] in x's dtype for x [T <= 16, in_features] by plan_linear_decode's two
     launches, and kernel (a)'s outputs (as quantize_input_decode_triton's; h_mac written by the
     GEMM's MAC-down programs). What torch.ops.splitq.linear runs at 1-16 rows."""
     if x.dim() != 2 or x.shape[1] != kl.in_features:

@@ -82,7 +82,8 @@ def _compile(kl, T: int, arch: int, tags: dict) -> list[dict]:
         k = plan.compile(arch)
         ptx = k.asm["ptx"]
         out.append({
-            "kernel": kname, **tags, "rows": T, "arch": arch, "split_k": cfg.split_k if kname.startswith("gemm") else None,
+            "kernel": kname, **tags, "rows": T, "arch": arch,
+            "split_k": cfg.split_k if kname.startswith("gemm") else None,
             "rint_magic": "0f4B400000" in ptx, "div_rn": "div.rn.f32" in ptx, "shared": k.metadata.shared,
             **_resource_usage(k.asm["cubin"]),
         })
@@ -161,9 +162,9 @@ def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a
 
 def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_SHAPES),
                           scheme_name: str = "w4a4") -> list[dict]:
-    """The split decode kernel (a) (quantize_decode.py: D1 + D2 fused, D3, and D1, D2 unfused) and the GEMM with the MAC down
-    in its grid (the linear op's third launch; split-K as on an H100) as configured for the real
-    layer shapes. Its tiles do not depend on the row count (always one 16-row tile), so one
+    """The split decode kernel (a) (quantize_decode.py: D1 + D2 fused, D3, and D1, D2 unfused)
+    and the GEMM with the MAC down in its grid (the linear op's second launch; split-K as on an
+    H100) as configured for the real layer shapes. Its tiles do not depend on the row count (always one 16-row tile), so one
     compilation per layer covers 1..16 rows."""
     import dataclasses
 

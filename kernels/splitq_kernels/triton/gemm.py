@@ -258,26 +258,28 @@ def _gemm_kernel(
         acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
 
         if SPLIT_K == 1:
-            acc = _segment(acc0, codes_ptr, stride_codes, 0, rows64, row_valid, main_words_ptr, N, k_main, cols, col_valid,
-                           0, nb_main, WEIGHT_BITS, CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, WORD_SUB)
-            y = _rescale(acc, scale_ptr, zero_ptr, 0, rows, row_valid, main_colsum_ptr, main_wscale_ptr, cols, col_valid,
-                         SYMMETRIC)
+            acc = _segment(acc0, codes_ptr, stride_codes, 0, rows64, row_valid, main_words_ptr, N, k_main, cols,
+                           col_valid, 0, nb_main, WEIGHT_BITS, CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, WORD_SUB)
+            y = _rescale(acc, scale_ptr, zero_ptr, 0, rows, row_valid, main_colsum_ptr, main_wscale_ptr, cols,
+                         col_valid, SYMMETRIC)
             if HAS_TEXT:
-                acc = _segment(acc0, codes_ptr, stride_codes, off_text, rows64, row_valid, text_words_ptr, N, k_text, cols,
-                               col_valid, 0, nb_text, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX, WORD_SUB)
+                acc = _segment(acc0, codes_ptr, stride_codes, off_text, rows64, row_valid, text_words_ptr, N, k_text,
+                               cols, col_valid, 0, nb_text, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX,
+                               WORD_SUB)
                 y += _rescale(acc, scale_ptr, zero_ptr, 1, rows, row_valid, text_colsum_ptr, text_wscale_ptr, cols,
                               col_valid, SYMMETRIC)
             if HAS_VISION:
-                acc = _segment(acc0, codes_ptr, stride_codes, off_vision, rows64, row_valid, vision_words_ptr, N, k_vision,
-                               cols, col_valid, 0, nb_vision, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX, WORD_SUB)
+                acc = _segment(acc0, codes_ptr, stride_codes, off_vision, rows64, row_valid, vision_words_ptr, N,
+                               k_vision, cols, col_valid, 0, nb_vision, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX,
+                               WORD_BYTES_AUX, WORD_SUB)
                 y += _rescale(acc, scale_ptr, zero_ptr, 2, rows, row_valid, vision_colsum_ptr, vision_wscale_ptr, cols,
                               col_valid, SYMMETRIC)
             if MAC_IN_GRID:
                 wait_until(sync_ptr + 2, 1)  # h_mac complete (the MAC-down programs)
             _epilogue(y, rows, row_valid, cols, col_valid, N,
-                      h_cws_ptr, cws_up_ptr, cws_up_scale_ptr, cws_rank, h_mac_ptr, mac_up_ptr, mac_up_scale_ptr, mac_rank,
-                      bias_ptr, out_ptr, stride_out, CWS_RANK_PADDED, MAC_RANK_PADDED, BLOCK_CWS_RANK, BLOCK_MAC_RANK,
-                      HAS_CWS, HAS_MAC, HAS_BIAS, INPUT_PRECISION)
+                      h_cws_ptr, cws_up_ptr, cws_up_scale_ptr, cws_rank, h_mac_ptr, mac_up_ptr, mac_up_scale_ptr,
+                      mac_rank, bias_ptr, out_ptr, stride_out, CWS_RANK_PADDED, MAC_RANK_PADDED, BLOCK_CWS_RANK,
+                      BLOCK_MAC_RANK, HAS_CWS, HAS_MAC, HAS_BIAS, INPUT_PRECISION)
         else:
             # split-K (decode: one row tile, T <= BLOCK_M): this program's share of the word blocks of
             # main | text | vision, summed into the int32 workspace [3, BLOCK_M, N] (one slab per range:
@@ -296,15 +298,16 @@ def _gemm_kernel(
             if HAS_TEXT:
                 l1, h1 = _split_range(lo, hi, nb_main, nb_text)
                 if h1 > l1:
-                    acc = _segment(acc0, codes_ptr, stride_codes, off_text, rows64, row_valid, text_words_ptr, N, k_text,
-                                   cols, col_valid, l1, h1, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX, WORD_SUB)
+                    acc = _segment(acc0, codes_ptr, stride_codes, off_text, rows64, row_valid, text_words_ptr, N,
+                                   k_text, cols, col_valid, l1, h1, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX,
+                                   WORD_BYTES_AUX, WORD_SUB)
                     tl.atomic_add(ws + BLOCK_M * N, acc, mask=ws_mask)
             if HAS_VISION:
                 l2, h2 = _split_range(lo, hi, nb_main + nb_text, nb_vision)
                 if h2 > l2:
                     acc = _segment(acc0, codes_ptr, stride_codes, off_vision, rows64, row_valid, vision_words_ptr, N,
-                                   k_vision, cols, col_valid, l2, h2, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX,
-                                   WORD_SUB)
+                                   k_vision, cols, col_valid, l2, h2, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX,
+                                   WORD_BYTES_AUX, WORD_SUB)
                     tl.atomic_add(ws + 2 * BLOCK_M * N, acc, mask=ws_mask)
             tl.debug_barrier()  # every thread's partial sums are in before the arrival is counted
             arrived = tl.atomic_add(counter_ptr + pid_n, 1)
@@ -318,8 +321,8 @@ def _gemm_kernel(
                                   col_valid, SYMMETRIC)
                 if HAS_VISION:
                     acc = tl.atomic_xchg(ws + 2 * BLOCK_M * N, acc0, mask=ws_mask)
-                    y += _rescale(acc, scale_ptr, zero_ptr, 2, rows, row_valid, vision_colsum_ptr, vision_wscale_ptr, cols,
-                                  col_valid, SYMMETRIC)
+                    y += _rescale(acc, scale_ptr, zero_ptr, 2, rows, row_valid, vision_colsum_ptr, vision_wscale_ptr,
+                                  cols, col_valid, SYMMETRIC)
                 tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next call
                 if MAC_IN_GRID:
                     wait_until(sync_ptr + 2, 1)  # h_mac complete (the MAC-down programs)

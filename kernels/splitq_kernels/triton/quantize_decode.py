@@ -360,7 +360,10 @@ def _decode_transform_kernel(
     SYMMETRIC: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_VISION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """D1 as a launch of its own (plan_quantize_decode(fused=False))."""
-    _transform_program(tl.program_id(0), x_ptr, stride_x, idx_main_ptr, smooth_ptr, p1_ptr, p2_ptr, idx_text_ptr, p_text_ptr, idx_vision_ptr, p_vision_ptr, scratch_ptr, stride_scratch, stats_ptr, T, n1, n2, n_main, n_text, n_vision, BLOCK_T, TOKENS_PER_TILE, N1_PADDED, BLOCK_P2_ROWS, BLOCK_P2_COLS, BLOCK_P1_COLS, BLOCK_PO_ROWS, BLOCK_PO_COLS, SYMMETRIC, HAS_TEXT, HAS_VISION, INPUT_PRECISION)
+    _transform_program(tl.program_id(0), x_ptr, stride_x, idx_main_ptr, smooth_ptr, p1_ptr, p2_ptr, idx_text_ptr,
+                       p_text_ptr, idx_vision_ptr, p_vision_ptr, scratch_ptr, stride_scratch, stats_ptr, T, n1, n2,
+                       n_main, n_text, n_vision, BLOCK_T, TOKENS_PER_TILE, N1_PADDED, BLOCK_P2_ROWS, BLOCK_P2_COLS,
+                       BLOCK_P1_COLS, BLOCK_PO_ROWS, BLOCK_PO_COLS, SYMMETRIC, HAS_TEXT, HAS_VISION, INPUT_PRECISION)
 
 
 @triton.jit
@@ -382,13 +385,20 @@ def _decode_quantize_kernel(
     HAS_TEXT: tl.constexpr, HAS_VISION: tl.constexpr, HAS_CWS: tl.constexpr, HAS_MAC: tl.constexpr,
 ):
     """D2 as a launch of its own (plan_quantize_decode(fused=False))."""
-    _quantize_program(tl.program_id(0), tl.num_programs(0), None, 0, scratch_ptr, stride_scratch, stats_ptr, clip_ptr, cws_down_ptr, cws_down_scale_ptr, cws_down_colsum_ptr, ws_ptr, counter_ptr, codes_ptr, stride_codes, scale_ptr, zero_ptr, h_cws_ptr, T, n_main, n_text, n_vision, off_text, off_vision, BLOCK_T, BLOCK_K, BLOCK_PO_COLS, CWS_RANK_PADDED, ACT_BITS, AUX_ACT_BITS, SYMMETRIC, HAS_TEXT, HAS_VISION, HAS_CWS, HAS_MAC, False)
+    _quantize_program(tl.program_id(0), tl.num_programs(0), None, 0, scratch_ptr, stride_scratch, stats_ptr, clip_ptr,
+                      cws_down_ptr, cws_down_scale_ptr, cws_down_colsum_ptr, ws_ptr, counter_ptr, codes_ptr,
+                      stride_codes, scale_ptr, zero_ptr, h_cws_ptr, T, n_main, n_text, n_vision, off_text, off_vision,
+                      BLOCK_T, BLOCK_K, BLOCK_PO_COLS, CWS_RANK_PADDED, ACT_BITS, AUX_ACT_BITS, SYMMETRIC, HAS_TEXT,
+                      HAS_VISION, HAS_CWS, HAS_MAC, False)
 
 
 @triton.jit
 def _decode_transform_quantize_kernel(
     # D1's arguments then D2's (decode_transform / decode_quantize above; shared names once)
-    x_ptr, stride_x, idx_main_ptr, smooth_ptr, p1_ptr, p2_ptr, idx_text_ptr, p_text_ptr, idx_vision_ptr, p_vision_ptr, scratch_ptr, stride_scratch, stats_ptr, T, n1, n2, n_main, n_text, n_vision, clip_ptr, cws_down_ptr, cws_down_scale_ptr, cws_down_colsum_ptr, ws_ptr, counter_ptr, codes_ptr, stride_codes, scale_ptr, zero_ptr, h_cws_ptr, off_text, off_vision,
+    x_ptr, stride_x, idx_main_ptr, smooth_ptr, p1_ptr, p2_ptr, idx_text_ptr, p_text_ptr, idx_vision_ptr, p_vision_ptr,
+    scratch_ptr, stride_scratch, stats_ptr, T, n1, n2, n_main, n_text, n_vision, clip_ptr, cws_down_ptr,
+    cws_down_scale_ptr, cws_down_colsum_ptr, ws_ptr, counter_ptr, codes_ptr, stride_codes, scale_ptr, zero_ptr,
+    h_cws_ptr, off_text, off_vision,
     # counters [ticket, D1 arrivals, programs done] (zero on entry and on exit); D1's program count
     sync_ptr, n_d1,
     BLOCK_T: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, N1_PADDED: tl.constexpr,
@@ -405,11 +415,19 @@ def _decode_transform_quantize_kernel(
     started, so the wait ends whatever order the hardware runs the grid in."""
     ticket = tl.atomic_add(sync_ptr + 0, 1)
     if ticket < n_d1:
-        _transform_program(ticket, x_ptr, stride_x, idx_main_ptr, smooth_ptr, p1_ptr, p2_ptr, idx_text_ptr, p_text_ptr, idx_vision_ptr, p_vision_ptr, scratch_ptr, stride_scratch, stats_ptr, T, n1, n2, n_main, n_text, n_vision, BLOCK_T, TOKENS_PER_TILE, N1_PADDED, BLOCK_P2_ROWS, BLOCK_P2_COLS, BLOCK_P1_COLS, BLOCK_PO_ROWS, BLOCK_PO_COLS, SYMMETRIC, HAS_TEXT, HAS_VISION, INPUT_PRECISION)
+        _transform_program(ticket, x_ptr, stride_x, idx_main_ptr, smooth_ptr, p1_ptr, p2_ptr, idx_text_ptr, p_text_ptr,
+                           idx_vision_ptr, p_vision_ptr, scratch_ptr, stride_scratch, stats_ptr, T, n1, n2, n_main,
+                           n_text, n_vision, BLOCK_T, TOKENS_PER_TILE, N1_PADDED, BLOCK_P2_ROWS, BLOCK_P2_COLS,
+                           BLOCK_P1_COLS, BLOCK_PO_ROWS, BLOCK_PO_COLS, SYMMETRIC, HAS_TEXT, HAS_VISION,
+                           INPUT_PRECISION)
         tl.debug_barrier()  # every thread's scratch stores and statistics atomics are in
         tl.atomic_add(sync_ptr + 1, 1)
     else:
-        _quantize_program(ticket - n_d1, tl.num_programs(0) - n_d1, sync_ptr + 1, n_d1, scratch_ptr, stride_scratch, stats_ptr, clip_ptr, cws_down_ptr, cws_down_scale_ptr, cws_down_colsum_ptr, ws_ptr, counter_ptr, codes_ptr, stride_codes, scale_ptr, zero_ptr, h_cws_ptr, T, n_main, n_text, n_vision, off_text, off_vision, BLOCK_T, BLOCK_K, BLOCK_PO_COLS, CWS_RANK_PADDED, ACT_BITS, AUX_ACT_BITS, SYMMETRIC, HAS_TEXT, HAS_VISION, HAS_CWS, HAS_MAC, True)
+        _quantize_program(ticket - n_d1, tl.num_programs(0) - n_d1, sync_ptr + 1, n_d1, scratch_ptr, stride_scratch,
+                          stats_ptr, clip_ptr, cws_down_ptr, cws_down_scale_ptr, cws_down_colsum_ptr, ws_ptr,
+                          counter_ptr, codes_ptr, stride_codes, scale_ptr, zero_ptr, h_cws_ptr, T, n_main, n_text,
+                          n_vision, off_text, off_vision, BLOCK_T, BLOCK_K, BLOCK_PO_COLS, CWS_RANK_PADDED, ACT_BITS,
+                          AUX_ACT_BITS, SYMMETRIC, HAS_TEXT, HAS_VISION, HAS_CWS, HAS_MAC, True)
     done = tl.atomic_add(sync_ptr + 2, 1)
     if done == tl.num_programs(0) - 1:  # every program is past its wait: counters back to zero
         tl.atomic_xchg(sync_ptr + 0, 0)

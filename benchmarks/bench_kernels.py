@@ -93,7 +93,11 @@ def check_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, pre
     from splitq_kernels.layout import prepare_kernel_layer
     from splitq_kernels.testing import check_linear
     from splitq_kernels.triton.gemm import gemm_triton
-    from splitq_kernels.triton.quantize_decode import can_implement_decode, quantize_input_decode_triton
+    from splitq_kernels.triton.quantize_decode import (
+        can_implement_decode,
+        linear_decode_triton,
+        quantize_input_decode_triton,
+    )
     from splitq_kernels.triton.quantize_input import quantize_input_triton
 
     ok = True
@@ -112,6 +116,11 @@ def check_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, pre
                 report, r_own, r_full = check_linear(y, act, x, mask, layer, scheme, kl)
                 # float32 output: no final rounding, so the ratio shows the rescaling noise margin
                 _, r32, _ = check_linear(gemm_triton(act, kl, torch.float32), act, x, mask, layer, scheme, kl)
+                if can_implement_decode(kl, rows)[0]:  # the op's three launches (MAC down in the GEMM's grid)
+                    y3, act3 = linear_decode_triton(x, mask, kl, store_mac=True)
+                    check_linear(y3, act3, x, mask, layer, scheme, kl)
+                    if not torch.equal(y3, y):
+                        raise AssertionError("the op's three decode launches and the two halves' four disagree")
                 log(f"  check {name:8s} {variant:8s} rows={rows:5d}: ok  (worst error/tolerance bf16 "
                     f"{max(r_own, r_full):.2f}, float32 {r32:.3f}, "
                     f"explained code flips {report.explained_flips} of {report.codes_compared}, "

@@ -22,11 +22,16 @@ ratio to BF16 is t(bf16) / t(variant), bf16 being one cuBLAS launch.
 Variants (as benchmarks/bench_kernels.py times them): bf16, w4a4_gemm (kernel (b) alone, main
 path only, pre-quantized activations: the plain W4A4 GEMM), mocd (kernels (a) + (b), outlier
 paths), mocd+cws, splitq (+ MAC). Designs: `current` (the persistent kernel (a), one program
-per 16 rows, so one program at decode, then the GEMM) and `decode` (as built:
-kernels/splitq_kernels/triton/quantize_decode.py for <= 16 rows: D1 transform split over
-transform tiles and outlier-set column blocks, D2 quantize + CWS down split over 64-channel
-blocks, D3 MAC residual + down likewise (only with MAC), then the same GEMM; above 16 rows it is
-`current`). `Launch.single` models work that one program of a grid does alone (none now).
+per 16 rows, so one program at decode, then the GEMM), `decode` (as built, what
+torch.ops.splitq.linear runs at <= 16 rows, two launches: kernels/splitq_kernels/triton/
+quantize_decode.py's D1 transform split over transform tiles and outlier-set column blocks and
+D2 quantize + CWS down split over 64-channel blocks, in one grid (D2's programs wait for D1's:
+`Launch.phases`, GRID_WAIT_S), then the GEMM, whose first programs do the MAC residual + down;
+above 16 rows it is `current`), `decode3` (D1 and D2 as two launches, then the GEMM with the
+MAC down: three launches) and `decode4` (the first design: the MAC down as a launch of its own,
+D3, before the GEMM; what the two halves torch.ops.splitq.quantize_input and
+torch.ops.splitq.gemm still run, with D1 + D2 fused, when called one after the other).
+`Launch.single` models work that one program of a grid does alone (none now).
 
 What it leaves out (so a measurement can fall short of it): L2 traffic (split-K atomics, the
 redundant reads of the gathered input, scratch that stays in L2 at decode is counted as DRAM
@@ -76,11 +81,12 @@ HARDWARE = {
 
 LAUNCH_S = 1.5e-6  # assumed: time floor of one kernel in a replayed CUDA graph (launch + ramp + tail)
 SINGLE_SM_BW_FACTOR = 3.0  # assumed: one SM alone streams ~3x its 1/SMs share of DRAM bandwidth
+GRID_WAIT_S = 0.7e-6  # assumed: from the last producer's release atomic to a waiting program of the same grid seeing it
 UNPACK_OPS_PER_CODE = 3  # CUDA-core integer ops to unpack one weight code (shift, mask, offset)
 DECODE_ROWS = 16  # kernels: <= 16 rows is decode (one 16-row tile, split-K)
 
 VARIANTS = ("bf16", "w4a4_gemm", "mocd", "mocd+cws", "splitq")
-DESIGNS = ("current", "decode")
+DESIGNS = ("current", "decode", "decode3", "decode4")
 ROWS = (1, 16, 256, 2048)
 
 
@@ -124,13 +130,34 @@ class Launch:
     # launch lasts at least as long as the slowest of them
     single: list = dataclasses.field(default_factory=list)
 
+    # phases run one after another inside this one launch (the fused D1 + D2: D2's programs wait
+    # for D1's by an arrival counter): the launch pays one floor, each phase its work, and each wait
+    # GRID_WAIT_S; bytes that a later phase loads before its wait (`prefetched`) overlap the phase
+    # before when every program of the grid is resident at once (programs <= SMs)
+    phases: list = dataclasses.field(default_factory=list)
+    prefetched: float = 0.0
+
     def time(self, hw: Hardware) -> dict:
+        if self.phases:
+            return self._phased_time(hw)
         out = self._time(hw)
         for part in self.single:
             t = part._time(hw)
             if t["s"] > out["s"]:
                 out = {**t, "bound": f"single program ({t['bound']})"}
         return out
+
+    def _phased_time(self, hw: Hardware) -> dict:
+        parts = []
+        for i, ph in enumerate(self.phases):
+            if i > 0 and self.prefetched and self.programs <= hw.sms:
+                ph = dataclasses.replace(ph, bytes=ph.bytes - self.prefetched)
+            parts.append(ph._time(hw))
+        work = sum(t["s"] - LAUNCH_S for t in parts)
+        waits = GRID_WAIT_S * (len(self.phases) - 1)
+        slowest = max(range(len(parts)), key=lambda i: parts[i]["s"])
+        return {"s": LAUNCH_S + work + waits, "bound": f"phases ({parts[slowest]['bound']})",
+                **{k: sum(t[k] for t in parts) for k in ("memory_s", "mma_s", "cuda_s")}, "wait_s": waits}
 
     def _time(self, hw: Hardware) -> dict:
         f = min(1.0, self.programs / hw.sms)
@@ -196,34 +223,50 @@ def gemm_launch(s: Shape, T: int, hw: Hardware, wbits: int, abits_aux: int, outl
     return L
 
 
+def mac_down_work(s: Shape, T: int, name: str) -> Launch:
+    """The MAC residual codes and down product over blocks of 64 main channels (D3's programs, or
+    the GEMM's first programs in the decode design)."""
+    L = Launch(name, _cdiv(s.main, 64))
+    L.bytes = T * s.main * 4 + s.main * s.mac_rp + T * s.mac_rp * 4
+    L.mma_int8 = 2 * 16 * s.main * s.mac_rp
+    L.cuda_ops = 12 * T * s.main
+    return L
+
+
 def quantize_launches(s: Shape, T: int, hw: Hardware, design: str, outliers: bool, cws: bool, mac: bool
                       ) -> list[Launch]:
-    """Kernel (a) (design current) or D1 + D2 (design decode at <= 16 rows)."""
+    """Kernel (a) (design current) or D1 + D2 (+ D3 in design decode4) at <= 16 rows."""
     ranks = (s.cws_rp if cws else 0) + (s.mac_rp if mac else 0)
     po = (s.text**2 + s.vision**2) * 4 if outliers else 0
     transforms = (s.n1**2 + s.n2**2) * 4 + s.main * 4 + po
     xform_flops = 2 * s.main * (s.n1 + s.n2) + 2 * (s.text**2 + s.vision**2) * outliers  # per row
     out_bytes = T * s.d_in + T * 16 + T * ranks * 4  # codes, scales / zeros, h_cws / h_mac
-    if design == "decode" and T <= DECODE_ROWS:
-        # D1: transform tiles [16 x 16] of (n1, n2) per program, rows padded to 16 for tl.dot
+    if design in ("decode", "decode3", "decode4") and T <= DECODE_ROWS:
+        # D1: transform tiles [16 x 16] of (n1, n2) and token groups per program
         # (+ the outlier sets' dense transforms, one program per 64 output columns of a set)
         po_blocks = (_cdiv(s.text, 64) + _cdiv(s.vision, 64)) * outliers
-        d1 = Launch("d1_transform", _cdiv(s.n1, 16) * _cdiv(s.n2, 16) + po_blocks)
+        # tokens per Kronecker tile as quantize_decode plans them (KRON_Z_ELEMENTS = 4096 elements of
+        # Z, 16 columns): the products run on whole groups of tokens, one group per program
+        tpt = max(1, min(DECODE_ROWS, 4096 // (max(16, _next_pow2(s.n1)) * 16)))
+        d1 = Launch("d1_transform", _cdiv(s.n1, 16) * _cdiv(s.n2, 16) * _cdiv(T, tpt) + po_blocks)
         d1.bytes = T * s.d_in * 2 + transforms + T * s.d_in * 4
-        d1.mma_tf32 = _tf32x3(16 * xform_flops)
+        d1.mma_tf32 = _tf32x3(_cdiv(T, tpt) * tpt * xform_flops)
         # D2: quantize + CWS down over blocks of 64 main channels (per-row stats from D1's atomics)
         d2 = Launch("d2_quantize_down", _cdiv(s.main, 64) + po_blocks)
         d2.bytes = T * s.main * 4 + s.main * (s.cws_rp if cws else 0) + out_bytes
         d2.mma_int8 = 2 * 16 * s.main * (s.cws_rp if cws else 0)
         d2.cuda_ops = 8 * T * s.d_in
-        if not mac:
+        if design == "decode":  # as built: D1 and D2 in one grid, D2 waiting for D1 after loading its CWS block
+            fused = Launch("d1d2_fused", d1.programs + d2.programs, phases=[d1, d2],
+                           prefetched=s.main * (s.cws_rp if cws else 0))
+            for k in ("bytes", "mma_int8", "mma_tf32", "cuda_ops"):
+                setattr(fused, k, getattr(d1, k) + getattr(d2, k))
+            return [fused]
+        if not mac or design == "decode3":  # the MAC down in the GEMM's grid (mac_down_work)
             return [d1, d2]
-        # D3: MAC residual codes + down product over blocks of 64 main channels
-        d3 = Launch("d3_mac_down", _cdiv(s.main, 64))
-        d3.bytes = T * s.main * 4 + s.main * s.mac_rp + T * s.mac_rp * 4
-        d3.mma_int8 = 2 * 16 * s.main * s.mac_rp
-        d3.cuda_ops = 12 * T * s.main
-        return [d1, d2, d3]
+        # decode4: D3, MAC residual codes + down product over blocks of 64 main channels
+        return [d1, d2, mac_down_work(s, T, "d3_mac_down")]
+
     bt = min(16, _next_pow2(T))
     a = Launch("a_quantize_input", min(_cdiv(T, bt), hw.sms))
     a.bytes = T * s.d_in * 2 + transforms + s.main * ranks + 2 * T * s.main * 4 + out_bytes  # scratch out + in
@@ -251,7 +294,17 @@ def variant_launches(s: Shape, T: int, hw: Hardware, variant: str, design: str, 
     if variant == "w4a4_gemm":
         return [gemm_launch(s, T, hw, wbits, aux_bits, outliers=False, cws=False, mac=False)]
     cws, mac = variant in ("mocd+cws", "splitq"), variant == "splitq"
-    return quantize_launches(s, T, hw, design, True, cws, mac) + [gemm_launch(s, T, hw, wbits, aux_bits, True, cws, mac)]
+    gemm = gemm_launch(s, T, hw, wbits, aux_bits, True, cws, mac)
+    if design in ("decode", "decode3") and mac and T <= DECODE_ROWS:
+        # the MAC-down programs take the GEMM grid's first tickets and run beside its programs, which
+        # wait for h_mac only before their epilogue: their work adds to the launch's totals
+        extra = mac_down_work(s, T, "mac_down")
+        gemm.name = "gemm+mac_down"
+        gemm.programs += extra.programs
+        gemm.bytes += extra.bytes
+        gemm.mma_int8 += extra.mma_int8
+        gemm.cuda_ops += extra.cuda_ops
+    return quantize_launches(s, T, hw, design, True, cws, mac) + [gemm]
 
 
 def predict(layer: str, T: int, hw_key: str, design: str) -> dict:
@@ -332,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(models), help=f"comma list of {models}")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--hardware", default="h100,h200,rtx4090", help=f"comma list of {sorted(HARDWARE)}")
-    ap.add_argument("--design", default="current,decode", help=f"comma list of {DESIGNS}")
+    ap.add_argument("--design", default="current,decode", help=f"comma list of {DESIGNS} (decode3, decode4: before)")
     ap.add_argument("--targets", action="store_true", help="print the issue's targets, predicted, as JSON")
     ap.add_argument("--json", default=None, help="write every prediction here")
     a = ap.parse_args(argv)
@@ -350,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(res))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"launch_s": LAUNCH_S, "single_sm_bw_factor": SINGLE_SM_BW_FACTOR,
+            json.dump({"launch_s": LAUNCH_S, "single_sm_bw_factor": SINGLE_SM_BW_FACTOR, "grid_wait_s": GRID_WAIT_S,
                        "hardware": {k: dataclasses.asdict(v) for k, v in HARDWARE.items()}, "results": res}, f, indent=1)
     return 0
 

@@ -19,7 +19,7 @@ import torch
 
 from .layout import KernelLayer, prepare_kernel_layer
 from .triton.gemm import gemm_triton
-from .triton.quantize_decode import can_implement_decode, quantize_input_decode_triton
+from .triton.quantize_decode import can_implement_decode, linear_decode_triton, quantize_input_decode_triton
 from .triton.quantize_input import QuantizedActivations, alloc_activations, quantize_input_triton
 
 __all__ = ["KernelLayer", "prepare_kernel_layer", "splitq_linear_triton"]
@@ -39,9 +39,13 @@ def linear_op(
     x: torch.Tensor, text_mask: Optional[torch.Tensor], tensors: list[Optional[torch.Tensor]], meta: list[int],
     precision: str,
 ) -> torch.Tensor:
-    """Kernel (a) then kernel (b): x [T, D_in] -> y [T, D_out] in x's dtype."""
+    """Kernel (a) then kernel (b): x [T, D_in] -> y [T, D_out] in x's dtype. At 1-16 rows two
+    launches (quantize_decode.plan_linear_decode: D1 + D2 in one grid, the GEMM with the MAC down
+    in its grid); the halves below, called one after the other, run D3 as a launch of its own."""
     kl = KernelLayer.from_op_args(tensors, meta, precision)
-    return gemm_triton(quantize_input_auto(x, text_mask, kl), kl, x.dtype)
+    if can_implement_decode(kl, x.shape[0])[0]:
+        return linear_decode_triton(x, text_mask, kl)[0]
+    return gemm_triton(quantize_input_triton(x, text_mask, kl), kl, x.dtype)
 
 
 @linear_op.register_fake

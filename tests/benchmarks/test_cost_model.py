@@ -54,11 +54,25 @@ def test_bytes_and_operations_follow_the_shapes(layer, rows):
 
 def test_decode_design_launches():
     for rows in (1, 3, 16):
-        dec = cm.predict("7b.qkv", rows, "h100", "decode")["variants"]["splitq"]["launches"]
-        cur = cm.predict("7b.qkv", rows, "h100", "current")["variants"]["splitq"]["launches"]
-        assert len(dec) == 4 and len(cur) == 2  # D1, D2, D3 (MAC), GEMM: one over the issue's three
+        pred = {d: cm.predict("7b.qkv", rows, "h100", d)["variants"]["splitq"]["launches"] for d in cm.DESIGNS}
+        dec, dec3, dec4, cur = pred["decode"], pred["decode3"], pred["decode4"], pred["current"]
+        assert [L["name"] for L in dec] == ["d1d2_fused", "gemm+mac_down"]  # as built: two launches
+        assert [L["name"] for L in dec3] == ["d1_transform", "d2_quantize_down", "gemm+mac_down"]
+        assert len(dec4) == 4 and len(cur) == 2  # before: D1, D2, D3 (MAC), GEMM
         assert cur[0]["programs"] == 1  # the serial kernel (a) the issue is about
         assert min(L["programs"] for L in dec) >= 4
+        # the work moved, not dropped: same bytes and operations, fewer launch floors
+        for d in (dec, dec3):
+            assert sum(L["bytes"] for L in d) == sum(L["bytes"] for L in dec4)
+            assert sum(L["mma_int8"] for L in d) == sum(L["mma_int8"] for L in dec4)
+            assert d[-1]["programs"] == dec4[-1]["programs"] + dec4[2]["programs"]
+        assert dec[0]["programs"] == dec4[0]["programs"] + dec4[1]["programs"]
+        # the fused launch: one floor, both phases' work, one wait
+        assert dec[0]["s"] > cm.LAUNCH_S + cm.GRID_WAIT_S and dec[0]["wait_s"] == cm.GRID_WAIT_S
+        assert dec[0]["s"] < dec3[0]["s"] + dec3[1]["s"]
+    # without MAC: the fused D1 + D2, then the plain GEMM
+    mocd = cm.predict("7b.qkv", 1, "h100", "decode")["variants"]["mocd+cws"]["launches"]
+    assert [L["name"] for L in mocd] == ["d1d2_fused", "gemm"]
     # above 16 rows the decode design is the current one
     assert (cm.predict("7b.down", 256, "h100", "decode")["variants"]
             == cm.predict("7b.down", 256, "h100", "current")["variants"])

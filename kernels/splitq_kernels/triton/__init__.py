@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 
-_KERNEL_MODULES = ("common", "quantize_input", "gemm", "quantize_decode")
+_KERNEL_MODULES = ("common", "quantize_input", "quantize_decode", "gemm")  # gemm imports quantize_decode's helpers
 
 
 def use_interpreter() -> None:
@@ -31,8 +31,8 @@ def use_interpreter() -> None:
 
     names = [f"{__name__}.{m}" for m in _KERNEL_MODULES]
     if all(n in sys.modules for n in names[1:]):
-        if is_interpreted(sys.modules[names[1]]._quantize_input_kernel) and is_interpreted(
-            sys.modules[names[2]]._gemm_kernel
+        if is_interpreted(sys.modules[f"{__name__}.quantize_input"]._quantize_input_kernel) and is_interpreted(
+            sys.modules[f"{__name__}.gemm"]._gemm_kernel
         ):
             return
     prev = os.environ.get("TRITON_INTERPRET")

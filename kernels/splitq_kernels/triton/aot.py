@@ -47,7 +47,7 @@ CASES = [(arch, name, sym, rows) for arch in (90, 89) for name, sym in (("w4a4",
 
 def _plans(kl, T: int):
     from .gemm import default_config, plan_gemm
-    from .quantize_decode import can_implement_decode, decode_workspace, plan_quantize_decode
+    from .quantize_decode import can_implement_decode, decode_workspace, plan_linear_decode, plan_quantize_decode
     from .quantize_input import alloc_activations, plan_quantize_input
 
     x = torch.empty(T, kl.in_features, dtype=torch.bfloat16)
@@ -64,9 +64,14 @@ def _plans(kl, T: int):
     }
     if can_implement_decode(kl, T)[0]:  # what the op runs at 1-16 rows instead of kernel (a)
         ws = decode_workspace(x.device, kl.act_symmetric, max(kl.cws_rank_padded, kl.mac_rank_padded))
-        for p in plan_quantize_decode(x, torch.ones(T, dtype=torch.bool), kl, act, torch.empty(T, kl.in_features),
-                                      ws):
+        mask, scratch = torch.ones(T, dtype=torch.bool), torch.empty(T, kl.in_features)
+        # D1 + D2 fused, D3 (the quantize_input op), and D1, D2 as launches of their own (fused=False)
+        for p in plan_quantize_decode(x, mask, kl, act, scratch, ws) + plan_quantize_decode(
+                x, mask, kl, act, scratch, ws, mac_in_gemm=True, fused=False):
             plans[p.kernel.fn.__name__.strip("_").removesuffix("_kernel")] = p
+        if kl.mac_rank:  # the linear op's third launch: the GEMM with the MAC down in its grid
+            out = torch.empty(T, kl.out_features, dtype=torch.bfloat16)
+            plans["gemm_mac_in_grid"] = plan_linear_decode(x, mask, kl, out, act, scratch, ws, cfg)[-1]
     return cfg, plans
 
 
@@ -77,7 +82,8 @@ def _compile(kl, T: int, arch: int, tags: dict) -> list[dict]:
         k = plan.compile(arch)
         ptx = k.asm["ptx"]
         out.append({
-            "kernel": kname, **tags, "rows": T, "arch": arch, "split_k": cfg.split_k if kname == "gemm" else None,
+            "kernel": kname, **tags, "rows": T, "arch": arch,
+            "split_k": cfg.split_k if kname.startswith("gemm") else None,
             "rint_magic": "0f4B400000" in ptx, "div_rn": "div.rn.f32" in ptx, "shared": k.metadata.shared,
             **_resource_usage(k.asm["cubin"]),
         })
@@ -156,8 +162,9 @@ def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a
 
 def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_SHAPES),
                           scheme_name: str = "w4a4") -> list[dict]:
-    """The split decode kernel (a) (quantize_decode.py: D1, D2, D3) as configured for the real
-    layer shapes. Its tiles do not depend on the row count (always one 16-row tile), so one
+    """The split decode kernel (a) (quantize_decode.py: D1 + D2 fused, D3, and D1, D2 unfused)
+    and the GEMM with the MAC down in its grid (the linear op's second launch; split-K as on an
+    H100) as configured for the real layer shapes. Its tiles do not depend on the row count (always one 16-row tile), so one
     compilation per layer covers 1..16 rows."""
     import dataclasses
 
@@ -165,7 +172,8 @@ def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_
 
     from ..layout import prepare_kernel_layer
     from ..reference import SplitQScheme
-    from .quantize_decode import DECODE_ROWS, decode_workspace, plan_quantize_decode
+    from .gemm import default_config, word_blocks
+    from .quantize_decode import DECODE_ROWS, decode_workspace, plan_linear_decode, plan_quantize_decode
     from .quantize_input import alloc_activations
 
     _check_compiled_mode()
@@ -182,14 +190,22 @@ def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_
         x = torch.empty(DECODE_ROWS, d_in, dtype=torch.bfloat16)
         act = alloc_activations(kl, DECODE_ROWS, x.device)
         ws = decode_workspace(x.device, kl.act_symmetric, max(kl.cws_rank_padded, kl.mac_rank_padded))
-        plans = plan_quantize_decode(x, torch.ones(DECODE_ROWS, dtype=torch.bool), kl, act,
-                                     torch.empty(DECODE_ROWS, d_in), ws)
+        mask, scratch = torch.ones(DECODE_ROWS, dtype=torch.bool), torch.empty(DECODE_ROWS, d_in)
+        # D1 + D2 fused, D3 (the quantize_input op); D1, D2 as launches of their own (fused=False)
+        plans = plan_quantize_decode(x, mask, kl, act, scratch, ws)
+        plans += plan_quantize_decode(x, mask, kl, act, scratch, ws, mac_in_gemm=True, fused=False)
+        # the linear op's third launch: the GEMM with the MAC down in its grid, split as on an H100
+        cfg = default_config(kl, DECODE_ROWS, torch.device("cpu"))
+        cfg = dataclasses.replace(cfg, split_k=max(1, min(word_blocks(kl), 528 // -(-d_out // cfg.block_n))))
+        out = torch.empty(DECODE_ROWS, d_out, dtype=torch.bfloat16)
+        plans.append(plan_linear_decode(x, mask, kl, out, act, scratch, ws, cfg)[-1])
         for arch in archs:
             for plan in plans:
                 k = plan.compile(arch)
                 results.append({
-                    "kernel": plan.kernel.fn.__name__ if hasattr(plan.kernel, "fn") else str(plan.kernel),
-                    "layer": name, "scheme": scheme_name, "rows": "1-16", "arch": arch, "programs": plan.grid[0],
+                    "kernel": plan.kernel.fn.__name__ + (" MAC_IN_GRID" if plan.constexprs.get("MAC_IN_GRID") else ""),
+                    "layer": name, "scheme": scheme_name, "rows": "1-16", "arch": arch,
+                    "programs": plan.grid[0] * (plan.grid[1] if len(plan.grid) > 1 else 1),
                     "rint_magic": "0f4B400000" in k.asm["ptx"], "div_rn": "div.rn.f32" in k.asm["ptx"],
                     "shared": k.metadata.shared, **_resource_usage(k.asm["cubin"]),
                 })

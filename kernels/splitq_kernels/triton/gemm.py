@@ -14,6 +14,12 @@ Decode (T <= BLOCK_M = 16): the K ranges are split over SPLIT_K programs per out
 enough programs stream the weights. Partial int32 sums go to a zeroed workspace with atomic adds
 (exact and order-independent, so results are deterministic); the last program to arrive for a
 tile (an atomic counter) reads them back while resetting them to zero, and runs the epilogue.
+
+MAC_IN_GRID (decode with MAC, quantize_decode.plan_linear_decode): the grid has
+cdiv(main, BLOCK_K_MAC) more programs, and roles come from a ticket (an atomic counter) instead of
+program_id: the first tickets do the MAC down (quantize_decode._mac_down_block / _mac_finish:
+residual codes from the decode scratch, h_mac), the others the GEMM, which waits for h_mac only
+before its epilogue. So the decode path is three launches (D1, D2, this one) with MAC.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import triton.language as tl
 
 from ..layout import WORD_SUB, KernelLayer, codes_per_word, word_bytes
 from .launch import Launch
+from .quantize_decode import _mac_down_block, _mac_finish, wait_until
 from .quantize_input import QuantizedActivations, code_offsets
 
 
@@ -101,7 +108,9 @@ def _lowrank(
     for r0 in range(0, rank, BLOCK_RANK):
         r = r0 + tl.arange(0, BLOCK_RANK)
         # the padded ranks (up to RANK_PADDED) hold zeros in h and in up (layout.padded_rank): r needs no mask
-        h = tl.load(h_ptr + rows64[:, None] * RANK_PADDED + r[None, :], mask=row_valid[:, None], other=0.0)
+        # .cg (L2, not L1): h_mac may come from another program of the same grid (MAC_IN_GRID)
+        h = tl.load(h_ptr + rows64[:, None] * RANK_PADDED + r[None, :], mask=row_valid[:, None], other=0.0,
+                    cache_modifier=".cg")
         u = tl.load(up_ptr + r.to(tl.int64)[:, None] * N + cols[None, :], mask=col_valid[None, :], other=0)
         y = tl.dot(h, u.to(tl.float32) * us[None, :], y, input_precision=INPUT_PRECISION)
     return y
@@ -171,6 +180,12 @@ def _gemm_kernel(
     out_ptr, stride_out,
     # split-K only (None otherwise): int32 partial sums [3, BLOCK_M, N], arrival counter per column tile
     workspace_ptr, counter_ptr,
+    # MAC down in this grid (MAC_IN_GRID, decode; None otherwise): text mask [T] as uint8 (None: all
+    # text), D1's float32 scratch, D2's statistics [16, 8], clipping [4]; MAC down factor codes, per-rank
+    # scale and code sum; int32 workspace [16, MAC_RANK_PADDED]; counters [ticket, MAC arrivals,
+    # h_mac ready, programs done]; residual codes (debug; None)
+    mask_ptr, scratch_ptr, stride_scratch, stats_ptr, clip_ptr, mac_down_ptr, mac_down_scale_ptr,
+    mac_down_colsum_ptr, mac_ws_ptr, sync_ptr, mac_codes_ptr,
     # sizes: rows, outputs, K of each range and the codes column where text and vision start, ranks
     T, N, k_main, k_text, k_vision, off_text, off_vision, cws_rank, mac_rank,
     # tiles: output tile, row tiles per group (L2 reuse), programs per output tile along K
@@ -188,96 +203,140 @@ def _gemm_kernel(
     HAS_MAC: tl.constexpr, HAS_BIAS: tl.constexpr,
     # tl.dot input precision of the float32 products (the up products)
     INPUT_PRECISION: tl.constexpr,
+    # MAC down in this grid: its programs' channels, activation bits, MAC rows (0 text, 1 vision,
+    # 2 all), whether a mask is given, whether the residual codes are stored (debug)
+    MAC_IN_GRID: tl.constexpr, BLOCK_K_MAC: tl.constexpr, ACT_BITS: tl.constexpr, AUX_ACT_BITS: tl.constexpr,
+    MAC_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_MAC_CODES: tl.constexpr,
 ):
-    # grouped ordering of output tiles: programs that run together share weight columns in L2
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(T, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * n_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < T
-    rows64 = rows.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_valid = cols < N
-    # word blocks of each K range (a block is CODES_PER_WORD * WORD_SUB K rows)
-    nb_main = tl.cdiv(k_main, CODES_PER_WORD_MAIN * WORD_SUB)
-    nb_text = tl.cdiv(k_text, CODES_PER_WORD_AUX * WORD_SUB)
-    nb_vision = tl.cdiv(k_vision, CODES_PER_WORD_AUX * WORD_SUB)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-
-    if SPLIT_K == 1:
-        acc = _segment(acc0, codes_ptr, stride_codes, 0, rows64, row_valid, main_words_ptr, N, k_main, cols, col_valid,
-                       0, nb_main, WEIGHT_BITS, CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, WORD_SUB)
-        y = _rescale(acc, scale_ptr, zero_ptr, 0, rows, row_valid, main_colsum_ptr, main_wscale_ptr, cols, col_valid,
-                     SYMMETRIC)
-        if HAS_TEXT:
-            acc = _segment(acc0, codes_ptr, stride_codes, off_text, rows64, row_valid, text_words_ptr, N, k_text, cols,
-                           col_valid, 0, nb_text, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX, WORD_SUB)
-            y += _rescale(acc, scale_ptr, zero_ptr, 1, rows, row_valid, text_colsum_ptr, text_wscale_ptr, cols,
-                          col_valid, SYMMETRIC)
-        if HAS_VISION:
-            acc = _segment(acc0, codes_ptr, stride_codes, off_vision, rows64, row_valid, vision_words_ptr, N, k_vision,
-                           cols, col_valid, 0, nb_vision, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX, WORD_SUB)
-            y += _rescale(acc, scale_ptr, zero_ptr, 2, rows, row_valid, vision_colsum_ptr, vision_wscale_ptr, cols,
-                          col_valid, SYMMETRIC)
-        _epilogue(y, rows, row_valid, cols, col_valid, N,
-                  h_cws_ptr, cws_up_ptr, cws_up_scale_ptr, cws_rank, h_mac_ptr, mac_up_ptr, mac_up_scale_ptr, mac_rank,
-                  bias_ptr, out_ptr, stride_out, CWS_RANK_PADDED, MAC_RANK_PADDED, BLOCK_CWS_RANK, BLOCK_MAC_RANK,
-                  HAS_CWS, HAS_MAC, HAS_BIAS, INPUT_PRECISION)
+    if MAC_IN_GRID:
+        # roles by ticket (a dynamic program id), not by program_id: the first n_mac tickets do the
+        # MAC down (they never wait), the rest are the GEMM's programs; a GEMM program that waits
+        # for h_mac took its ticket after every MAC-down program had started, so the wait ends
+        # whatever order the hardware schedules the grid in (no deadlock)
+        ticket = tl.atomic_add(sync_ptr + 0, 1)
+        n_mac = tl.cdiv(k_main, BLOCK_K_MAC)
+        is_gemm = ticket >= n_mac
+        n_tiles_mn = tl.cdiv(T, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        work = tl.maximum(ticket - n_mac, 0)
+        pid = work % n_tiles_mn
+        pid_k = work // n_tiles_mn
+        if ticket < n_mac:
+            _mac_down_block(ticket, scratch_ptr, stride_scratch, stats_ptr, clip_ptr, mac_down_ptr, mac_ws_ptr,
+                            scale_ptr, zero_ptr, mac_codes_ptr, T, k_main, BLOCK_M, BLOCK_K_MAC, MAC_RANK_PADDED,
+                            ACT_BITS, AUX_ACT_BITS, SYMMETRIC, STORE_MAC_CODES)
+            tl.debug_barrier()  # every thread's atomics are in before the arrival is counted
+            arrived = tl.atomic_add(sync_ptr + 1, 1)
+            if arrived == n_mac - 1:  # the last MAC-down program: h_mac, then announce it
+                tl.atomic_xchg(sync_ptr + 1, 0)
+                _mac_finish(mask_ptr, stats_ptr, clip_ptr, mac_down_scale_ptr, mac_down_colsum_ptr, mac_ws_ptr,
+                            h_mac_ptr, T, BLOCK_M, MAC_RANK_PADDED, AUX_ACT_BITS, SYMMETRIC, MAC_ROWS, HAS_MASK)
+                tl.debug_barrier()  # every thread's h_mac is stored before it is announced
+                tl.atomic_xchg(sync_ptr + 2, 1)
     else:
-        # split-K (decode: one row tile, T <= BLOCK_M): this program's share of the word blocks of
-        # main | text | vision, summed into the int32 workspace [3, BLOCK_M, N] (one slab per range:
-        # each has its own scales)
+        pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        nb = nb_main + nb_text + nb_vision
-        per = tl.cdiv(nb, SPLIT_K)
-        lo = pid_k * per
-        hi = tl.minimum(lo + per, nb)
-        ws_mask = row_valid[:, None] & col_valid[None, :]
-        ws = workspace_ptr + rows[:, None] * N + cols[None, :]
-        l0, h0 = _split_range(lo, hi, 0, nb_main)
-        if h0 > l0:
+        is_gemm = pid >= 0
+    if is_gemm:
+        # grouped ordering of output tiles: programs that run together share weight columns in L2
+        n_m = tl.cdiv(T, BLOCK_M)
+        n_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * n_n
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = rows < T
+        rows64 = rows.to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_valid = cols < N
+        # word blocks of each K range (a block is CODES_PER_WORD * WORD_SUB K rows)
+        nb_main = tl.cdiv(k_main, CODES_PER_WORD_MAIN * WORD_SUB)
+        nb_text = tl.cdiv(k_text, CODES_PER_WORD_AUX * WORD_SUB)
+        nb_vision = tl.cdiv(k_vision, CODES_PER_WORD_AUX * WORD_SUB)
+        acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+
+        if SPLIT_K == 1:
             acc = _segment(acc0, codes_ptr, stride_codes, 0, rows64, row_valid, main_words_ptr, N, k_main, cols,
-                           col_valid, l0, h0, WEIGHT_BITS, CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, WORD_SUB)
-            tl.atomic_add(ws, acc, mask=ws_mask)
-        if HAS_TEXT:
-            l1, h1 = _split_range(lo, hi, nb_main, nb_text)
-            if h1 > l1:
-                acc = _segment(acc0, codes_ptr, stride_codes, off_text, rows64, row_valid, text_words_ptr, N, k_text,
-                               cols, col_valid, l1, h1, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX, WORD_SUB)
-                tl.atomic_add(ws + BLOCK_M * N, acc, mask=ws_mask)
-        if HAS_VISION:
-            l2, h2 = _split_range(lo, hi, nb_main + nb_text, nb_vision)
-            if h2 > l2:
-                acc = _segment(acc0, codes_ptr, stride_codes, off_vision, rows64, row_valid, vision_words_ptr, N,
-                               k_vision, cols, col_valid, l2, h2, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX,
-                               WORD_SUB)
-                tl.atomic_add(ws + 2 * BLOCK_M * N, acc, mask=ws_mask)
-        tl.debug_barrier()  # every thread's partial sums are in before the arrival is counted
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1)
-        if arrived == SPLIT_K - 1:  # the last program of this tile: read back (and zero) the sums
-            acc = tl.atomic_xchg(ws, acc0, mask=ws_mask)
+                           col_valid, 0, nb_main, WEIGHT_BITS, CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, WORD_SUB)
             y = _rescale(acc, scale_ptr, zero_ptr, 0, rows, row_valid, main_colsum_ptr, main_wscale_ptr, cols,
                          col_valid, SYMMETRIC)
             if HAS_TEXT:
-                acc = tl.atomic_xchg(ws + BLOCK_M * N, acc0, mask=ws_mask)
+                acc = _segment(acc0, codes_ptr, stride_codes, off_text, rows64, row_valid, text_words_ptr, N, k_text,
+                               cols, col_valid, 0, nb_text, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX,
+                               WORD_SUB)
                 y += _rescale(acc, scale_ptr, zero_ptr, 1, rows, row_valid, text_colsum_ptr, text_wscale_ptr, cols,
                               col_valid, SYMMETRIC)
             if HAS_VISION:
-                acc = tl.atomic_xchg(ws + 2 * BLOCK_M * N, acc0, mask=ws_mask)
+                acc = _segment(acc0, codes_ptr, stride_codes, off_vision, rows64, row_valid, vision_words_ptr, N,
+                               k_vision, cols, col_valid, 0, nb_vision, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX,
+                               WORD_BYTES_AUX, WORD_SUB)
                 y += _rescale(acc, scale_ptr, zero_ptr, 2, rows, row_valid, vision_colsum_ptr, vision_wscale_ptr, cols,
                               col_valid, SYMMETRIC)
-            tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next call
+            if MAC_IN_GRID:
+                wait_until(sync_ptr + 2, 1)  # h_mac complete (the MAC-down programs)
             _epilogue(y, rows, row_valid, cols, col_valid, N,
                       h_cws_ptr, cws_up_ptr, cws_up_scale_ptr, cws_rank, h_mac_ptr, mac_up_ptr, mac_up_scale_ptr,
                       mac_rank, bias_ptr, out_ptr, stride_out, CWS_RANK_PADDED, MAC_RANK_PADDED, BLOCK_CWS_RANK,
                       BLOCK_MAC_RANK, HAS_CWS, HAS_MAC, HAS_BIAS, INPUT_PRECISION)
+        else:
+            # split-K (decode: one row tile, T <= BLOCK_M): this program's share of the word blocks of
+            # main | text | vision, summed into the int32 workspace [3, BLOCK_M, N] (one slab per range:
+            # each has its own scales)
+            nb = nb_main + nb_text + nb_vision
+            per = tl.cdiv(nb, SPLIT_K)
+            lo = pid_k * per
+            hi = tl.minimum(lo + per, nb)
+            ws_mask = row_valid[:, None] & col_valid[None, :]
+            ws = workspace_ptr + rows[:, None] * N + cols[None, :]
+            l0, h0 = _split_range(lo, hi, 0, nb_main)
+            if h0 > l0:
+                acc = _segment(acc0, codes_ptr, stride_codes, 0, rows64, row_valid, main_words_ptr, N, k_main, cols,
+                               col_valid, l0, h0, WEIGHT_BITS, CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, WORD_SUB)
+                tl.atomic_add(ws, acc, mask=ws_mask)
+            if HAS_TEXT:
+                l1, h1 = _split_range(lo, hi, nb_main, nb_text)
+                if h1 > l1:
+                    acc = _segment(acc0, codes_ptr, stride_codes, off_text, rows64, row_valid, text_words_ptr, N,
+                                   k_text, cols, col_valid, l1, h1, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX,
+                                   WORD_BYTES_AUX, WORD_SUB)
+                    tl.atomic_add(ws + BLOCK_M * N, acc, mask=ws_mask)
+            if HAS_VISION:
+                l2, h2 = _split_range(lo, hi, nb_main + nb_text, nb_vision)
+                if h2 > l2:
+                    acc = _segment(acc0, codes_ptr, stride_codes, off_vision, rows64, row_valid, vision_words_ptr, N,
+                                   k_vision, cols, col_valid, l2, h2, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX,
+                                   WORD_BYTES_AUX, WORD_SUB)
+                    tl.atomic_add(ws + 2 * BLOCK_M * N, acc, mask=ws_mask)
+            tl.debug_barrier()  # every thread's partial sums are in before the arrival is counted
+            arrived = tl.atomic_add(counter_ptr + pid_n, 1)
+            if arrived == SPLIT_K - 1:  # the last program of this tile: read back (and zero) the sums
+                acc = tl.atomic_xchg(ws, acc0, mask=ws_mask)
+                y = _rescale(acc, scale_ptr, zero_ptr, 0, rows, row_valid, main_colsum_ptr, main_wscale_ptr, cols,
+                             col_valid, SYMMETRIC)
+                if HAS_TEXT:
+                    acc = tl.atomic_xchg(ws + BLOCK_M * N, acc0, mask=ws_mask)
+                    y += _rescale(acc, scale_ptr, zero_ptr, 1, rows, row_valid, text_colsum_ptr, text_wscale_ptr, cols,
+                                  col_valid, SYMMETRIC)
+                if HAS_VISION:
+                    acc = tl.atomic_xchg(ws + 2 * BLOCK_M * N, acc0, mask=ws_mask)
+                    y += _rescale(acc, scale_ptr, zero_ptr, 2, rows, row_valid, vision_colsum_ptr, vision_wscale_ptr,
+                                  cols, col_valid, SYMMETRIC)
+                tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next call
+                if MAC_IN_GRID:
+                    wait_until(sync_ptr + 2, 1)  # h_mac complete (the MAC-down programs)
+                _epilogue(y, rows, row_valid, cols, col_valid, N,
+                          h_cws_ptr, cws_up_ptr, cws_up_scale_ptr, cws_rank, h_mac_ptr, mac_up_ptr, mac_up_scale_ptr,
+                          mac_rank, bias_ptr, out_ptr, stride_out, CWS_RANK_PADDED, MAC_RANK_PADDED, BLOCK_CWS_RANK,
+                          BLOCK_MAC_RANK, HAS_CWS, HAS_MAC, HAS_BIAS, INPUT_PRECISION)
 
+    if MAC_IN_GRID:
+        done = tl.atomic_add(sync_ptr + 3, 1)
+        if done == tl.num_programs(0) - 1:  # every program is past its wait: counters back to zero
+            tl.atomic_xchg(sync_ptr + 0, 0)
+            tl.atomic_xchg(sync_ptr + 2, 0)
+            tl.atomic_xchg(sync_ptr + 3, 0)
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -290,6 +349,7 @@ class GemmConfig:
 
 
 DECODE_ROWS = 16  # up to this many rows, the decode configuration (one row tile, split-K)
+BLOCK_K_MAC = 64  # main channels per MAC-down program in the GEMM's grid (== quantize_decode.BLOCK_K_DECODE)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -335,7 +395,12 @@ def splitk_workspace(device: torch.device, n: int, tiles: int) -> tuple[torch.Te
     return ws, cnt
 
 
-def plan_gemm(act: QuantizedActivations, kl: KernelLayer, out: torch.Tensor, cfg: GemmConfig) -> Launch:
+def plan_gemm(act: QuantizedActivations, kl: KernelLayer, out: torch.Tensor, cfg: GemmConfig,
+              mac_in_grid: tuple[dict, dict, torch.Tensor, torch.Tensor] | None = None) -> Launch:
+    """The GEMM's launch. mac_in_grid (decode with MAC, quantize_decode.plan_linear_decode): the
+    MAC-down programs' (arguments, constexprs) from quantize_decode.mac_down_inputs, the int32
+    workspace and the four counters; the grid then gets cdiv(main, BLOCK_K_MAC) more programs
+    that do D3's work, and act.h_mac is written by them."""
     T, N = out.shape
     has_text, has_vision, has_cws, has_mac = kl.text > 0, kl.vision > 0, kl.cws_rank > 0, kl.mac_rank > 0
     off_text, off_vision, _ = code_offsets(kl)
@@ -377,6 +442,21 @@ def plan_gemm(act: QuantizedActivations, kl: KernelLayer, out: torch.Tensor, cfg
         INPUT_PRECISION=kl.precision,
     )
     grid = (triton.cdiv(T, cfg.block_m) * n_tiles, cfg.split_k)
+    mac_args = dict(mask_ptr=None, scratch_ptr=None, stride_scratch=0, stats_ptr=None, clip_ptr=None, mac_down_ptr=None,
+                    mac_down_scale_ptr=None, mac_down_colsum_ptr=None, mac_ws_ptr=None, sync_ptr=None,
+                    mac_codes_ptr=None)
+    mac_constexprs = dict(MAC_IN_GRID=False, BLOCK_K_MAC=BLOCK_K_MAC, ACT_BITS=kl.act_bits,
+                          AUX_ACT_BITS=kl.aux_act_bits, MAC_ROWS=0, HAS_MASK=False, STORE_MAC_CODES=False)
+    if mac_in_grid is not None:
+        if not has_mac or T > DECODE_ROWS or cfg.block_m != DECODE_ROWS:
+            raise ValueError(f"the MAC down in the GEMM's grid needs MAC and one row tile of {DECODE_ROWS} rows "
+                             f"(T={T}, block_m={cfg.block_m}, mac_rank={kl.mac_rank})")
+        mac_inputs, mac_meta, mac_ws, sync = mac_in_grid
+        mac_args.update(mac_inputs, mac_ws_ptr=mac_ws, sync_ptr=sync)
+        mac_constexprs.update(mac_meta, MAC_IN_GRID=True)
+        grid = (grid[0] * grid[1] + triton.cdiv(kl.main, BLOCK_K_MAC),)  # one axis: roles come from tickets
+    args.update(mac_args)
+    constexprs.update(mac_constexprs)
     return Launch(_gemm_kernel, grid, args, constexprs, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 

@@ -41,6 +41,13 @@ def test_real_shape_matches_reference(layer_name, rows):
     y = gemm_triton(act, kl, torch.bfloat16)
     _, r_own, r_full = check_linear(y, act, x, mask, layer, scheme, kl)  # raises with the details
     assert max(r_own, r_full) <= 1.0
+    if can_implement_decode(kl, rows)[0]:  # the op's two launches (in-grid waits) give the same, bit for bit
+        from splitq_kernels.triton.quantize_decode import linear_decode_triton
+
+        for _ in range(2):  # the second call relies on the first having left the counters at zero
+            y2, act2 = linear_decode_triton(x, mask, kl, store_mac=True)
+            check_linear(y2, act2, x, mask, layer, scheme, kl)
+            assert torch.equal(y2, y)
 
 
 def test_cuda_graph_capture_under_torch_compile():

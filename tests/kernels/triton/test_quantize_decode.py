@@ -12,8 +12,13 @@ from splitq_kernels.layout import prepare_kernel_layer
 from splitq_kernels.reference import SplitQScheme, quantize_linear
 from splitq_kernels.testing import check_linear
 from splitq_kernels.triton import quantize_decode
-from splitq_kernels.triton.gemm import gemm_triton
-from splitq_kernels.triton.quantize_decode import can_implement_decode, quantize_input_decode_triton
+from splitq_kernels.triton.gemm import GemmConfig, gemm_triton
+from splitq_kernels.triton.quantize_input import alloc_activations, code_offsets
+from splitq_kernels.triton.quantize_decode import (
+    can_implement_decode,
+    linear_decode_triton,
+    quantize_input_decode_triton,
+)
 
 from splitq_vllm.testing.layers import random_activations, random_float_layer
 from splitq_vllm.testing.layers import random_text_masks as masks
@@ -40,11 +45,28 @@ def make(shape: dict, scheme_name: str, sym: bool, seed: int, mac_rows: str = "t
     return scheme, q, prepare_kernel_layer(q, scheme, "cpu")
 
 
-def run_and_check(x, mask, q, scheme, kl):
+# The default decode config here is one 64-column tile split over K (4 "SMs" on the CPU). These give
+# every GEMM program a whole tile (split-K 1: what 7B gate_up gets on an H100), or 3 per 32-column tile.
+SPLIT1 = GemmConfig(block_m=16, block_n=32, split_k=1, group_m=1, num_warps=4, num_stages=1)
+SPLIT3 = GemmConfig(block_m=16, block_n=32, split_k=3, group_m=1, num_warps=4, num_stages=1)
+
+
+def run_and_check(x, mask, q, scheme, kl, config=None):
+    """The four launches of the two halves (D1, D2, D3, GEMM) and the op's three (D1, D2, the GEMM
+    with the MAC down in its grid) against the reference; the two agree bit for bit."""
     act = quantize_input_decode_triton(x, mask, kl, store_mac=True)
-    y = gemm_triton(act, kl, x.dtype)
+    y = gemm_triton(act, kl, x.dtype, config)
     report, _, _ = check_linear(y, act, x, mask, q, scheme, kl)  # raises with the details
     assert report.explained_flips <= max(2, report.codes_compared // 500), report
+    y3, act3 = linear_decode_triton(x, mask, kl, store_mac=True, config=config)
+    check_linear(y3, act3, x, mask, q, scheme, kl)
+    assert torch.equal(y3, y)
+    off_text, off_vision, _ = code_offsets(kl)  # the segments' alignment padding is never written
+    for lo, n in ((0, kl.main), (off_text, kl.text), (off_vision, kl.vision)):
+        assert torch.equal(act.codes[:, lo:lo + n], act3.codes[:, lo:lo + n])
+    for name in ("scale", "zero", "h_cws", "h_mac", "mac_codes"):
+        a, b = getattr(act, name), getattr(act3, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
     return y
 
 
@@ -64,10 +86,10 @@ def _neutral(sym: bool) -> None:
 def test_decode_kernel_a_matches_reference(scheme_name, sym, shape, rows):
     shp = WIDE if shape == "wide" else LONG
     scheme, q, kl = make(shp, scheme_name, sym, seed=rows + 3 * sym)
-    for seed in (1, 2):  # twice: the second call relies on the first having reset the workspace
+    for seed, config in ((1, None), (2, SPLIT1)):  # twice: the second call relies on the first's reset workspace
         x = random_activations(rows, shp["in_features"], seed=seed + rows, outlier_channels=4).to(torch.bfloat16)
         mask = masks(rows, seed)["mixed"] if rows > 1 else torch.ones(1, dtype=torch.bool)
-        run_and_check(x, mask, q, scheme, kl)
+        run_and_check(x, mask, q, scheme, kl, config)
         _neutral(sym)
 
 
@@ -94,6 +116,7 @@ def test_mac_only_on_the_rows_it_targets(mac_rows):
     y = run_and_check(x, mask, q, scheme, kl)
     no_mac = prepare_kernel_layer(dataclasses.replace(q, mac_down=None, mac_up=None), scheme, "cpu")
     y0 = gemm_triton(quantize_input_decode_triton(x, mask, no_mac), no_mac, x.dtype)
+    run_and_check(x, mask, q, scheme, kl, SPLIT3)  # the MAC-down programs beside split-K GEMM programs
     target = {"text": mask, "vision": ~mask, "all": torch.ones_like(mask)}[mac_rows]
     assert torch.equal(y[~target], y0[~target])
     assert bool(((y[target] - y0[target]).abs().amax(-1) > 0).all())
@@ -111,7 +134,19 @@ def test_empty_sets_and_branches(parts):
     for name, sym in (("w4a4", True), ("w3a2", False)):
         scheme, q, kl = make(shape, name, sym, seed=15)
         x = random_activations(5, shape["in_features"], seed=16)
-        run_and_check(x, masks(5, 17)["mixed"], q, scheme, kl)
+        mask = masks(5, 17)["mixed"]
+        run_and_check(x, mask, q, scheme, kl)
+        _neutral(sym)
+        # D1 and D2 as launches of their own (fused=False) give the same outputs, bit for bit
+        act = quantize_input_decode_triton(x, mask, kl, store_mac=True)
+        split = alloc_activations(kl, 5, x.device, store_mac=True)
+        ws = quantize_decode.decode_workspace(x.device, sym, max(kl.cws_rank_padded, kl.mac_rank_padded))
+        plans = quantize_decode.plan_quantize_decode(x, mask, kl, split, torch.empty(5, kl.in_features), ws,
+                                                     fused=False)
+        assert len(plans) == 2 + (kl.mac_rank > 0)
+        for p in plans:
+            p.run()
+        assert torch.equal(gemm_triton(split, kl, x.dtype), gemm_triton(act, kl, x.dtype))
         _neutral(sym)
 
 
@@ -121,6 +156,7 @@ def test_no_mask_means_all_text_and_errors_are_clear():
     y_none = gemm_triton(quantize_input_decode_triton(x, None, kl), kl, x.dtype)
     y_all = gemm_triton(quantize_input_decode_triton(x, torch.ones(3, dtype=torch.bool), kl), kl, x.dtype)
     assert torch.equal(y_none, y_all)
+    assert torch.equal(linear_decode_triton(x, None, kl)[0], y_none)
     assert can_implement_decode(kl, 16) == (True, "")
     ok, why = can_implement_decode(kl, 17)
     assert not ok and "1..16 rows" in why
@@ -133,9 +169,10 @@ def test_no_mask_means_all_text_and_errors_are_clear():
 
 
 def test_the_op_takes_the_decode_path_up_to_16_rows():
-    """splitq_linear_triton (torch.ops.splitq.linear) runs the split launches at 1-16 rows and the
-    persistent kernel (a) above; both agree with the reference (the other tests) and the op's
-    output is the decode path's, bit for bit."""
+    """splitq_linear_triton (torch.ops.splitq.linear) runs the three decode launches at 1-16 rows
+    (linear_decode_triton) and the persistent kernel (a) above; both agree with the reference (the
+    other tests) and the op's output is the decode path's, bit for bit, whichever way the decode
+    path is run (three launches, or the two halves' four)."""
     from splitq_kernels.ops import splitq_linear_triton
 
     scheme, q, kl = make(LONG, "w4a4", False, seed=40)
@@ -144,4 +181,5 @@ def test_the_op_takes_the_decode_path_up_to_16_rows():
         mask = masks(rows, 42)["mixed"]
         y = splitq_linear_triton(x, mask, kl)
         assert torch.equal(y, gemm_triton(quantize_input_decode_triton(x, mask, kl), kl, x.dtype))
+        assert torch.equal(y, linear_decode_triton(x, mask, kl)[0])
         _neutral(False)

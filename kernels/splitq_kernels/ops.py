@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .layout import KernelLayer, prepare_kernel_layer
+from .triton import quantize_decode
 from .triton.gemm import gemm_triton
 from .triton.quantize_decode import can_implement_decode, linear_decode_triton, quantize_input_decode_triton
 from .triton.quantize_input import QuantizedActivations, alloc_activations, quantize_input_triton
@@ -41,10 +42,13 @@ def linear_op(
 ) -> torch.Tensor:
     """Kernel (a) then kernel (b): x [T, D_in] -> y [T, D_out] in x's dtype. At 1-16 rows two
     launches (quantize_decode.plan_linear_decode: D1 + D2 in one grid, the GEMM with the MAC down
-    in its grid); the halves below, called one after the other, run D3 as a launch of its own."""
+    in its grid); the halves below, called one after the other, run D3 as a launch of its own.
+    With SPLITQ_DECODE_IN_GRID_WAITS=0, four launches and no in-grid wait (same outputs)."""
     kl = KernelLayer.from_op_args(tensors, meta, precision)
     if can_implement_decode(kl, x.shape[0])[0]:
-        return linear_decode_triton(x, text_mask, kl)[0]
+        if quantize_decode.IN_GRID_WAITS:
+            return linear_decode_triton(x, text_mask, kl)[0]
+        return gemm_triton(quantize_input_decode_triton(x, text_mask, kl), kl, x.dtype)
     return gemm_triton(quantize_input_triton(x, text_mask, kl), kl, x.dtype)
 
 

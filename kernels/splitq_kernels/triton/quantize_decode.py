@@ -41,6 +41,8 @@ applies (splitq_kernels.testing).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +51,12 @@ from ..layout import KernelLayer, next_pow2
 from ..reference.scheme import MAC_ROWS as MAC_ROW_CHOICES  # ("text", "vision", "all")
 from .common import init_stats, qcodes, qgrid, row_stats, stored_zero
 from .launch import Launch
+
+# The in-grid waits (D2 on D1 in one grid, the GEMM's epilogue on the MAC down in its grid) are
+# ordered by tickets taken at program start, so they cannot deadlock whatever order the GPU runs
+# the programs in; but no GPU has run them yet. SPLITQ_DECODE_IN_GRID_WAITS=0 (read at import) runs
+# the same math as four launches without any wait (D1, D2, D3, GEMM): the fallback if they hang.
+IN_GRID_WAITS = os.environ.get("SPLITQ_DECODE_IN_GRID_WAITS", "1") != "0"
 from .quantize_input import (
     KRON_BLOCK,
     KRON_Z_ELEMENTS,
@@ -611,11 +619,12 @@ def mac_down_inputs(text_mask: torch.Tensor | None, kl: KernelLayer, out: Quanti
 
 def plan_quantize_decode(
     x: torch.Tensor, text_mask: torch.Tensor | None, kl: KernelLayer, out: QuantizedActivations, scratch: torch.Tensor,
-    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor], mac_in_gemm: bool = False, fused: bool = True,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor], mac_in_gemm: bool = False, fused: bool | None = None,
 ) -> list[Launch]:
-    """The launches for x [T <= 16, in_features]: D1 and D2 in one grid (fused, the default:
-    _decode_transform_quantize_kernel) or as two launches (fused=False), then D3 with MAC unless
-    mac_in_gemm (the GEMM's first programs do D3's work then, see plan_linear_decode)."""
+    """The launches for x [T <= 16, in_features]: D1 and D2 in one grid (fused, the default unless
+    IN_GRID_WAITS is off: _decode_transform_quantize_kernel) or as two launches (fused=False), then
+    D3 with MAC unless mac_in_gemm (the GEMM's first programs do D3's work then, see plan_linear_decode)."""
+    fused = IN_GRID_WAITS if fused is None else fused
     T = x.shape[0]
     stats, ws, cnt = workspace
     has_text, has_vision, has_cws, has_mac = kl.text > 0, kl.vision > 0, kl.cws_rank > 0, kl.mac_rank > 0

@@ -169,10 +169,10 @@ def test_no_mask_means_all_text_and_errors_are_clear():
 
 
 def test_the_op_takes_the_decode_path_up_to_16_rows():
-    """splitq_linear_triton (torch.ops.splitq.linear) runs the three decode launches at 1-16 rows
+    """splitq_linear_triton (torch.ops.splitq.linear) runs the two decode launches at 1-16 rows
     (linear_decode_triton) and the persistent kernel (a) above; both agree with the reference (the
     other tests) and the op's output is the decode path's, bit for bit, whichever way the decode
-    path is run (three launches, or the two halves' four)."""
+    path is run (two launches, the two halves' three, or four launches without in-grid waits)."""
     from splitq_kernels.ops import splitq_linear_triton
 
     scheme, q, kl = make(LONG, "w4a4", False, seed=40)
@@ -183,3 +183,23 @@ def test_the_op_takes_the_decode_path_up_to_16_rows():
         assert torch.equal(y, gemm_triton(quantize_input_decode_triton(x, mask, kl), kl, x.dtype))
         assert torch.equal(y, linear_decode_triton(x, mask, kl)[0])
         _neutral(False)
+
+
+def test_without_in_grid_waits_the_decode_path_is_four_plain_launches(monkeypatch):
+    """SPLITQ_DECODE_IN_GRID_WAITS=0 (the fallback if a GPU hangs on them): no fused grid, D3 on its
+    own, the plain GEMM; the op's output is bit-identical to the two-launch path's."""
+    from splitq_kernels.ops import splitq_linear_triton
+
+    scheme, q, kl = make(WIDE, "w4a4", True, seed=50)
+    x = random_activations(3, WIDE["in_features"], seed=51).to(torch.bfloat16)
+    mask = masks(3, 52)["mixed"]
+    fused = splitq_linear_triton(x, mask, kl)
+    monkeypatch.setattr(quantize_decode, "IN_GRID_WAITS", False)
+    act = alloc_activations(kl, 3, x.device, False)
+    scratch = torch.empty(3, kl.in_features, dtype=torch.float32)
+    workspace = quantize_decode.decode_workspace(x.device, kl.act_symmetric, max(kl.cws_rank_padded, kl.mac_rank_padded))
+    kernels = [launch.kernel for launch in quantize_decode.plan_quantize_decode(x, mask, kl, act, scratch, workspace)]
+    names = [getattr(k, "__name__", None) or k.fn.__name__ for k in kernels]
+    assert names == ["_decode_transform_kernel", "_decode_quantize_kernel", "_decode_mac_kernel"]
+    assert torch.equal(splitq_linear_triton(x, mask, kl), fused)
+    _neutral(True)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..capture import LayerInputs
-from ..layer import collect_stats, drop_fp_weights, float32_layer, fused_weight, install_calib_linears, MaskHolder
+from ..layer import MaskHolder, collect_stats, drop_fp_weights, float32_layer, fused_weight, install_calib_linears, run_sample
 from ..memory import peak_memory_mb
 from ..mocd import text_row_plan
 from ..progress import log
@@ -119,7 +119,7 @@ def calibrate_baseline_layer(
 
 
 def _served_loss(work, calib, quantized, mask, inputs, targets, cfg, device) -> float:
-    """Squared error of the layer with its groups run through the integer reference forward."""
+    """Mean squared error of the layer with its groups run through the integer reference forward."""
     from splitq_kernels.reference import splitq_linear
 
     class _Integer:
@@ -136,19 +136,18 @@ def _served_loss(work, calib, quantized, mask, inputs, targets, cfg, device) -> 
         r = _Integer(quantized[kind])
         for m in mods:
             m.runner = r
-    total = 0.0
+    total, count = 0.0, 0
     try:
         with torch.no_grad():
-            from ..layer import run_sample
-
             for i in range(len(inputs.hidden)):
                 y = run_sample(work, mask, inputs, i, device)
                 total += float(((y - targets[i].to(device=device, dtype=torch.float32)) ** 2).sum())
+                count += y.numel()
     finally:
         for mods in calib.values():
             for m in mods:
                 m.runner = None
-    return total
+    return total / max(count, 1)
 
 
 __all__ = ["BASELINES", "calibrate_baseline_layer", "mbq", "masquant", "vlmq"]

@@ -117,13 +117,14 @@ def token_gradients(
 ) -> tuple[dict[str, list[torch.Tensor]], float]:
     """Per group and sample, |dL/dY| of the group's output (T, D_out) on the CPU, with
     L = ||layer_q(x) - layer_fp(x)||^2 the layer's quantized forward (the given parameters, e.g.
-    RTN) against the FP targets. Also returns the loss summed over samples."""
+    RTN) against the FP targets. Also returns that loss per output element (what
+    method.train_groups logs as the initial loss)."""
     runners = {k: _GradRunner(p, cfg.quant_scheme, mask) for k, p in params.items()}
     for kind, mods in calib.items():
         for m in mods:
             m.runner = runners[kind]
     grads: dict[str, list[torch.Tensor]] = {k: [] for k in runners}
-    total = 0.0
+    total, count = 0.0, 0
     try:
         for r in runners.values():
             r.begin_step(False)
@@ -135,6 +136,7 @@ def token_gradients(
                 loss = ((y - targets[i].to(device=device, dtype=torch.float32)) ** 2).sum()
                 loss.backward()
             total += float(loss.detach())
+            count += y.numel()
             for k, r in runners.items():
                 # one call per input: a group whose members share the input has one leaf
                 got = [o.grad for o in r.outputs if o.grad is not None]
@@ -149,16 +151,16 @@ def token_gradients(
         for mods in calib.values():
             for m in mods:
                 m.runner = None
-    return grads, total
+    return grads, total / max(count, 1)
 
 
 def layer_loss(work, calib: dict, params: dict[str, GroupParams], mask, inputs, targets, cfg, device) -> float:
-    """Squared error of the layer's fake-quant forward (the given parameters) against the targets."""
+    """Mean squared error of the layer's fake-quant forward (the given parameters) against the targets."""
     runners = {k: GroupRunner(p, cfg.quant_scheme, mask) for k, p in params.items()}
     for kind, mods in calib.items():
         for m in mods:
             m.runner = runners[kind]
-    total = 0.0
+    total, count = 0.0, 0
     try:
         for r in runners.values():
             r.begin_step(False)
@@ -166,6 +168,7 @@ def layer_loss(work, calib: dict, params: dict[str, GroupParams], mask, inputs, 
             for i in range(len(inputs.hidden)):
                 y = run_sample(work, mask, inputs, i, device)
                 total += float(((y - targets[i].to(device=device, dtype=torch.float32)) ** 2).sum())
+                count += y.numel()
                 for r in runners.values():
                     r.clear()
     finally:
@@ -174,4 +177,4 @@ def layer_loss(work, calib: dict, params: dict[str, GroupParams], mask, inputs, 
         for mods in calib.values():
             for m in mods:
                 m.runner = None
-    return total
+    return total / max(count, 1)

@@ -18,7 +18,7 @@ from torch import nn
 from ..capture import LayerInputs
 from ..layer import MaskHolder, collect_stats, drop_fp_weights, float32_layer, fused_weight, install_calib_linears, run_sample
 from ..memory import peak_memory_mb
-from ..mocd import text_row_plan
+from ..mocd import ChannelStats, text_row_plan
 from ..progress import log
 from ..recipe import CalibrationConfig
 from . import masquant, mbq, vlmq
@@ -150,4 +150,44 @@ def _served_loss(work, calib, quantized, mask, inputs, targets, cfg, device) -> 
     return total / max(count, 1)
 
 
-__all__ = ["BASELINES", "calibrate_baseline_layer", "mbq", "masquant", "vlmq"]
+def calibrate_linear(
+    method: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    xs: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    cfg: CalibrationConfig,
+):
+    """One linear on its own (benchmarks/layer_level.py): the block is the linear, so the token
+    gradients are those of ||Y_rtn - Y||^2, 2 |Y_rtn - Y|. Returns (SplitQLinear, info, and for
+    MASQuant the full Eq. 29 forward `MASQuantLinear`, else None)."""
+    from splitq_kernels.reference import splitq_linear
+
+    stats = ChannelStats.empty(weight.shape[1])
+    for x, m in zip(xs, masks):
+        stats.update(x, m, None)
+    positions = sample_positions(masks, cfg.baseline_max_tokens, cfg.seed)
+    samples = GroupSamples(
+        [x[p] for x, p in zip(xs, positions)], [m[p] for m, p in zip(masks, positions)], positions,
+        sum(int(m.sum()) for m in masks), sum(int((~m).sum()) for m in masks),
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rtn = plain_params(weight, bias, stats, cfg, gen).quantized()
+    grads = []
+    for x, m in zip(xs, masks):
+        y = torch.nn.functional.linear(x, weight, bias)
+        grads.append(2 * (splitq_linear(x, m, rtn, cfg.quant_scheme) - y).abs())
+    if method == "mbq":
+        g_t, g_v = mbq.modality_gradients(grads, masks)
+        return (*mbq.calibrate_group(weight, bias, samples, stats, g_t, g_v, cfg, gen), None)
+    if method == "masquant":
+        full, info = masquant.calibrate(weight, bias, samples, stats, cfg, gen)
+        q, _ = masquant.calibrate_group(weight, bias, samples, stats, cfg, torch.Generator().manual_seed(cfg.seed))
+        return q, info, full
+    if method == "vlmq":
+        g_rows = torch.cat([g[p] for g, p in zip(grads, positions)])
+        return (*vlmq.calibrate_group(weight, bias, samples, stats, g_rows, [weight.shape[0]], "qkv", cfg, gen), None)
+    raise ValueError(f"not a baseline method: {method!r} (expected one of {', '.join(BASELINES)})")
+
+
+__all__ = ["BASELINES", "calibrate_baseline_layer", "calibrate_linear", "mbq", "masquant", "vlmq"]

@@ -182,8 +182,7 @@ def calibrate_linear(
         return (*mbq.calibrate_group(weight, bias, samples, stats, g_t, g_v, cfg, gen), None)
     if method == "masquant":
         full, info = masquant.calibrate(weight, bias, samples, stats, cfg, gen)
-        q, _ = masquant.calibrate_group(weight, bias, samples, stats, cfg, torch.Generator().manual_seed(cfg.seed))
-        return q, info, full
+        return masquant.checkpoint_part(full, weight, bias, stats, cfg, gen), info, full
     if method == "vlmq":
         g_rows = torch.cat([g[p] for g, p in zip(grads, positions)])
         return (*vlmq.calibrate_group(weight, bias, samples, stats, g_rows, [weight.shape[0]], "qkv", cfg, gen), None)

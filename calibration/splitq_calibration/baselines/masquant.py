@@ -168,7 +168,14 @@ def calibrate_group(
     """What a SplitQ checkpoint holds of MASQuant: the text-smoothed base Q(X / s_t) Q(s_t W) on
     every row (module docstring)."""
     full, info = calibrate(weight, bias, samples, stats, cfg, gen)
+    return checkpoint_part(full, weight, bias, stats, cfg, gen), info
+
+
+def checkpoint_part(
+    full: MASQuantLinear, weight: torch.Tensor, bias, stats: ChannelStats, cfg: CalibrationConfig, gen
+) -> SplitQLinear:
+    """The SplitQ group of a calibrated MASQuant layer: its text smoothing on every row."""
     params = plain_params(weight, bias, stats, cfg, gen)
     with torch.no_grad():
         params.smooth.copy_((1.0 / full.s_text).to(params.smooth))
-    return params.quantized(), info
+    return params.quantized()

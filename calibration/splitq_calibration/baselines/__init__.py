@@ -22,7 +22,15 @@ from ..mocd import ChannelStats, text_row_plan
 from ..progress import log
 from ..recipe import CalibrationConfig
 from . import masquant, mbq, vlmq
-from .common import GroupSamples, InputRecorder, layer_loss, plain_params, sample_positions, token_gradients
+from .common import (
+    GroupSamples,
+    InputRecorder,
+    TokenGradients,
+    layer_loss,
+    plain_params,
+    sample_positions,
+    token_gradients,
+)
 
 BASELINES = ("mbq", "masquant", "vlmq")
 NEEDS_GRADIENTS = ("mbq", "vlmq")
@@ -82,7 +90,7 @@ def calibrate_baseline_layer(
     # (b) the block-wise backward (MBQ's sensitivities, VLMQ's importance)
     grads, init_loss = None, None
     if cfg.method in NEEDS_GRADIENTS:
-        grads, init_loss = token_gradients(work, calib, rtn, mask, inputs, targets, cfg, device)
+        grads, init_loss = token_gradients(work, calib, rtn, mask, inputs, targets, positions, cfg, device)
     else:
         init_loss = layer_loss(work, calib, rtn, mask, inputs, targets, cfg, device)
 
@@ -93,12 +101,12 @@ def calibrate_baseline_layer(
         w, b = frozen[kind]
         s, gen = samples[kind], gens[kind]
         if cfg.method == "mbq":
-            g_t, g_v = mbq.modality_gradients(grads[kind], inputs.text_masks)
+            g_t, g_v = grads[kind].modality_means()
             q, gi = mbq.calibrate_group(w, b, s, stats[kind], g_t, g_v, cfg, gen)
         elif cfg.method == "masquant":
             q, gi = masquant.calibrate_group(w, b, s, stats[kind], cfg, gen)
         else:
-            g_rows = torch.cat([g[p] for g, p in zip(grads[kind], s.positions)])
+            g_rows = torch.cat(grads[kind].rows)
             q, gi = vlmq.calibrate_group(w, b, s, stats[kind], g_rows, [m.out_features for m in mods], kind, cfg, gen)
         quantized[kind] = q.to("cpu")
         final[kind] = q
@@ -173,18 +181,18 @@ def calibrate_linear(
     )  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.seed)
     rtn = plain_params(weight, bias, stats, cfg, gen).quantized()
-    grads = []
-    for x, m in zip(xs, masks):
+    grads = TokenGradients()
+    for x, m, p in zip(xs, masks, positions):
         y = torch.nn.functional.linear(x, weight, bias)
-        grads.append(2 * (splitq_linear(x, m, rtn, cfg.quant_scheme) - y).abs())
+        grads.add(2 * (splitq_linear(x, m, rtn, cfg.quant_scheme) - y), m, p)
     if method == "mbq":
-        g_t, g_v = mbq.modality_gradients(grads, masks)
+        g_t, g_v = grads.modality_means()
         return (*mbq.calibrate_group(weight, bias, samples, stats, g_t, g_v, cfg, gen), None)
     if method == "masquant":
         full, info = masquant.calibrate(weight, bias, samples, stats, cfg, gen)
         return masquant.checkpoint_part(full, weight, bias, stats, cfg, gen), info, full
     if method == "vlmq":
-        g_rows = torch.cat([g[p] for g, p in zip(grads, positions)])
+        g_rows = torch.cat(grads.rows)
         return (*vlmq.calibrate_group(weight, bias, samples, stats, g_rows, [weight.shape[0]], "qkv", cfg, gen), None)
     raise ValueError(f"not a baseline method: {method!r} (expected one of {', '.join(BASELINES)})")
 

@@ -65,6 +65,32 @@ def sample_positions(text_masks: list[torch.Tensor], max_tokens: int, seed: int)
     return out
 
 
+@dataclass
+class TokenGradients:
+    """|dL/dY| of one group's output: at the sampled rows (per sample (k_i, D_out)), and summed
+    over every token and output channel of each modality (what MBQ's means need), so memory is
+    that of the sampled rows, not of every token's gradient."""
+
+    rows: list[torch.Tensor] = field(default_factory=list)
+    text_sum: float = 0.0
+    vision_sum: float = 0.0
+    text_count: int = 0
+    vision_count: int = 0
+
+    def add(self, g: torch.Tensor, text_mask: torch.Tensor, positions: torch.Tensor) -> None:
+        g = g.detach().abs().reshape(-1, g.shape[-1])
+        m = text_mask.reshape(-1).to(g.device)
+        self.rows.append(g[positions.to(g.device)].cpu())
+        self.text_sum += float(g[m].sum())
+        self.vision_sum += float(g[~m].sum())
+        self.text_count += int(m.sum()) * g.shape[1]
+        self.vision_count += int((~m).sum()) * g.shape[1]
+
+    def modality_means(self) -> tuple[float, float]:
+        """(|g_l|, |g_v|): the mean over the text / vision tokens and output channels."""
+        return self.text_sum / max(self.text_count, 1), self.vision_sum / max(self.vision_count, 1)
+
+
 class InputRecorder:
     """A forward pre-hook on a group's first member: keeps the sampled rows of its input."""
 
@@ -112,10 +138,12 @@ def token_gradients(
     mask: MaskHolder,
     inputs,
     targets,
+    positions: list[torch.Tensor],
     cfg: CalibrationConfig,
     device: torch.device,
-) -> tuple[dict[str, list[torch.Tensor]], float]:
-    """Per group and sample, |dL/dY| of the group's output (T, D_out) on the CPU, with
+) -> tuple[dict[str, TokenGradients], float]:
+    """Per group, |dL/dY| of the group's output at the sampled `positions` of each sample and
+    per modality (TokenGradients), with
     L = ||layer_q(x) - layer_fp(x)||^2 the layer's quantized forward (the given parameters, e.g.
     RTN) against the FP targets. Also returns that loss per output element (what
     method.train_groups logs as the initial loss)."""
@@ -123,7 +151,7 @@ def token_gradients(
     for kind, mods in calib.items():
         for m in mods:
             m.runner = runners[kind]
-    grads: dict[str, list[torch.Tensor]] = {k: [] for k in runners}
+    grads = {k: TokenGradients() for k in runners}
     total, count = 0.0, 0
     try:
         for r in runners.values():
@@ -143,7 +171,7 @@ def token_gradients(
                 if not got:
                     raise RuntimeError(f"no gradient reached the output of group {k}")
                 g = sum(got)
-                grads[k].append(g.detach().abs().reshape(-1, g.shape[-1]).cpu())
+                grads[k].add(g, inputs.text_masks[i], positions[i])
                 r.clear()
     finally:
         for r in runners.values():

@@ -99,19 +99,6 @@ def search_alpha(
     return a, equalization(w_max, x_absmax, a), errors
 
 
-def modality_gradients(grads: list[torch.Tensor], text_masks: list[torch.Tensor]) -> tuple[float, float]:
-    """|g_l|, |g_v|: mean |dL/dY| over the text / vision tokens (and output channels) of every sample."""
-    s_t = s_v = 0.0
-    n_t = n_v = 0
-    for g, m in zip(grads, text_masks):
-        m = m.reshape(-1).to(g.device)
-        s_t += float(g[m].sum())
-        s_v += float(g[~m].sum())
-        n_t += int(m.sum()) * g.shape[1]
-        n_v += int((~m).sum()) * g.shape[1]
-    return s_t / max(n_t, 1), s_v / max(n_v, 1)
-
-
 def calibrate_group(
     weight: torch.Tensor,
     bias: torch.Tensor | None,

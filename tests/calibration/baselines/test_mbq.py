@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from splitq_calibration.baselines import mbq
+from splitq_calibration.baselines.common import TokenGradients
 from splitq_kernels.reference import SplitQScheme
 
 
@@ -59,6 +60,7 @@ def test_the_modality_weights_change_the_answer():
 
 
 def test_modality_gradients_are_the_mean_per_modality():
-    g = [torch.tensor([[1.0, 3.0], [2.0, 2.0], [10.0, 30.0]])]
-    m = [torch.tensor([True, True, False])]
-    assert mbq.modality_gradients(g, m) == (2.0, 20.0)
+    g = TokenGradients()
+    g.add(torch.tensor([[1.0, -3.0], [2.0, 2.0], [10.0, -30.0]]), torch.tensor([True, True, False]), torch.tensor([2]))
+    assert g.modality_means() == (2.0, 20.0)
+    assert torch.equal(g.rows[0], torch.tensor([[10.0, 30.0]]))  # |g| at the sampled rows only

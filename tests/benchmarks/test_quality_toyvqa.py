@@ -37,3 +37,19 @@ def test_quality_benchmark_rows_and_reuse(tmp_path):
     second = _run(tmp_path)
     assert (ckpt / "config.json").stat().st_mtime_ns == mtime
     assert [r["accuracy"] for r in second["results"]] == [r["accuracy"] for r in first["results"]]
+
+
+def test_served_rows_of_several_methods_follow_their_reference_rows():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_toyvqa", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = lambda s, m, a: {"scheme": s, "method": m, "accuracy": a, "image_accuracy": a, "text_accuracy": a}  # noqa: E731
+    results = [row("fp16", "fp16", 0.9), row("w4a4", "mbq", 0.8), row("w4a4", "vlmq", 0.7),
+               row("w4a4", "mbq_vllm", 0.81), row("w4a4", "vlmq_vllm", 0.72)]  # fmt: skip
+    lines = mod.markdown(results, ["w4a4"], ["mbq", "vlmq"]).splitlines()
+    assert [ln.split(" | ")[1] for ln in lines[2:]] == [
+        "FP16", "MBQ", "VLMQ", "MBQ, served by vLLM", "VLMQ, served by vLLM"
+    ]  # fmt: skip
+    assert "| W4A4 | VLMQ, served by vLLM | 72.0 |" in lines[-1]

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from ..capture import LayerInputs
-from ..layer import MaskHolder, collect_stats, drop_fp_weights, float32_layer, fused_weight, install_calib_linears, run_sample
+from ..layer import (
+    MaskHolder,
+    collect_stats,
+    drop_fp_weights,
+    float32_layer,
+    fused_weight,
+    install_calib_linears,
+    run_sample,
+)
 from ..memory import peak_memory_mb
 from ..mocd import ChannelStats, text_row_plan
 from ..progress import log

@@ -39,7 +39,8 @@ def test_search_picks_the_grid_point_of_least_weighted_error():
     for g_t, g_v in ((1.0, 0.1), (1.0, 1.0), (0.05, 1.0)):
         alpha, e, errors = mbq.search_alpha(w, x, m, x.abs().amax(0), scheme, g_t, g_v, grid=10)
         direct = [_direct_error(w, x, m, a, scheme, g_t, g_v) for a in mbq.alpha_grid(10)]
-        torch.testing.assert_close(torch.tensor(errors, dtype=torch.float64), torch.tensor(direct, dtype=torch.float64), rtol=2e-3, atol=1e-3)
+        f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        torch.testing.assert_close(f64(errors), f64(direct), rtol=2e-3, atol=1e-3)
         assert alpha == mbq.alpha_grid(10)[min(range(10), key=lambda i: direct[i])]
         torch.testing.assert_close(e, mbq.equalization(w.abs().amax(0), x.abs().amax(0), alpha))
 

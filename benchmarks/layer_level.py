@@ -18,7 +18,10 @@ Each method calibrates on 16 samples (64 vision + 32 text rows each) with the pr
 calibration code (`splitq_calibration`: channel selection, GroupParams init, FlatQuant-style
 training, 15 epochs by default), is frozen with `quantize_linear`, and is scored on 16 held-out
 samples through the integer reference (`splitq_linear`, what is served): relative output error
-||Y_q - Y||^2 / ||Y||^2 on text rows, vision rows and all rows.
+||Y_q - Y||^2 / ||Y||^2 on text rows, vision rows and all rows. The paper's baselines (MBQ,
+MASQuant, VLMQ: splitq_calibration/baselines/, `calibrate_linear`: the block is the linear
+itself) are scored the same way; MASQuant also by its full Eq. 29 forward (`MASQuantLinear`:
+per-modality smoothing and the vision-row correction, which the SplitQ format cannot hold).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("rtn", "smoothquant", "flatquant", "mocd", "mocd_cws", "splitq")
+BASELINES = ("mbq", "masquant", "vlmq")  # splitq_calibration.baselines: no training epochs
+METHODS = ("rtn", "smoothquant", "flatquant", "mocd", "mocd_cws", "splitq", "mbq", "masquant", "vlmq")
 SCHEMES = ("w4a8", "w4a4", "w3a3", "w3a2")
 LABELS = {
     "rtn": "RTN",
@@ -40,6 +44,10 @@ LABELS = {
     "mocd": "MOCD",
     "mocd_cws": "MOCD + CWS",
     "splitq": "MOCD + CWS + MAC (SplitQ)",
+    "mbq": "MBQ",
+    "masquant": "MASQuant, text base (the checkpoint)",
+    "masquant_full": "MASQuant, full Eq. 29 (not in the format)",
+    "vlmq": "VLMQ",
 }
 
 
@@ -122,13 +130,26 @@ def calibrate_one(weight, bias, train: Data, method: str, scheme: str, epochs: i
     return q, cfg.quant_scheme, info
 
 
-def evaluate(q, scheme, weight, bias, test: Data) -> dict[str, float]:
+def calibrate_baseline(weight, bias, train: Data, method: str, scheme: str):
+    """A baseline (MBQ, MASQuant, VLMQ) of one linear: (SplitQLinear, scheme, info, the full
+    MASQuant forward or None)."""
+    from splitq_calibration.baselines import calibrate_linear
+    from splitq_calibration.recipe import CalibrationConfig
+
+    cfg = CalibrationConfig(method=method, scheme=scheme, device="cpu").resolved()
+    q, info, full = calibrate_linear(method, weight, bias, train.x, train.text_mask, cfg)
+    keep = {k: v for k, v in info.items() if k in ("alpha", "g_text", "g_vision", "cmc_rank", "importance")}
+    return q, cfg.quant_scheme, keep, full
+
+
+def evaluate(q, scheme, weight, bias, test: Data, forward=None) -> dict[str, float]:
+    """Relative output errors of q through the integer reference (or of `forward(x, mask)`)."""
     from splitq_kernels.reference import splitq_linear
 
     err = {"text": [0.0, 0.0], "vision": [0.0, 0.0]}
     for x, m in zip(test.x, test.text_mask):
         y = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
-        yq = splitq_linear(x.double(), m, q, scheme)
+        yq = splitq_linear(x.double(), m, q, scheme) if forward is None else forward(x, m).double()
         for name, rows in (("text", m), ("vision", ~m)):
             err[name][0] += float(((yq[rows] - y[rows]) ** 2).sum())
             err[name][1] += float((y[rows] ** 2).sum())
@@ -161,15 +182,24 @@ def main(argv: list[str] | None = None) -> dict:
     test = make_data(args.d, args.samples, 64, 32, gen, channels=train.channels)
     rows = []
 
-    def run(label: str, method: str, scheme: str, **overrides) -> None:
-        t0 = time.perf_counter()
-        q, sch, info = calibrate_one(weight, bias, train, method, scheme, args.epochs, **overrides)
-        errors = evaluate(q, sch, weight, bias, test)
+    def record(label: str, method: str, scheme: str, overrides: dict, errors: dict, t0: float, info: dict) -> None:
         row = {"label": label, "method": method, "scheme": scheme, "overrides": overrides, **errors,
                "seconds": round(time.perf_counter() - t0, 1), **info}
         rows.append(row)
         print(f"{scheme:5s} {label:34s} text {errors['text']:.4e}  vision {errors['vision']:.4e}  "
               f"all {errors['all']:.4e}  ({row['seconds']:.1f} s)", flush=True)
+
+    def run(label: str, method: str, scheme: str, **overrides) -> None:
+        t0 = time.perf_counter()
+        if method in BASELINES:
+            q, sch, info, full = calibrate_baseline(weight, bias, train, method, scheme)
+            record(label, method, scheme, overrides, evaluate(q, sch, weight, bias, test), t0, info)
+            if full is not None:
+                errors = evaluate(None, sch, weight, bias, test, forward=full)
+                record(LABELS["masquant_full"], "masquant_full", scheme, overrides, errors, t0, info)
+            return
+        q, sch, info = calibrate_one(weight, bias, train, method, scheme, args.epochs, **overrides)
+        record(label, method, scheme, overrides, evaluate(q, sch, weight, bias, test), t0, info)
 
     for scheme in args.schemes.split(","):
         for method in args.methods.split(","):

@@ -5,12 +5,13 @@
 
 For each scheme (W4A8, W4A4, W3A3, W3A2) and method (RTN, SmoothQuant, FlatQuant, MOCD, +CWS,
 +MAC = full SplitQ) it calibrates models/toyvqa-qwen25vl with the project's own calibration
-(`splitq_calibration.calibrate`, the recipe presets of recipe.py) on ToyVQA calibration pictures,
+(`splitq_calibration.calibrate`, the recipe presets of recipe.py; MBQ, MASQuant and VLMQ are the
+paper's baselines, calibration/splitq_calibration/baselines/) on ToyVQA calibration pictures,
 then scores the first `--n` questions of the test split (greedy, exact match):
 - every checkpoint through the reference (transformers with the integer SplitQ forward,
   `load_quantized_model`), FP16 as the bundled bfloat16 weights;
-- the full-SplitQ checkpoints also through vLLM's OpenAI server with the plugin
-  (`--quantization splitq`), the path users take.
+- the checkpoints of the `--serve` methods (default: full SplitQ) also through vLLM's OpenAI
+  server with the plugin (`--quantization splitq`), the path users take.
 Checkpoints are kept in --work: a second run only scores (calibration resumes and skips).
 `--plot-dir` draws the Fig. 2-style text vs vision channel magnitudes of one layer's qkv and down
 inputs (splitq-inspect).
@@ -28,10 +29,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "toyvqa-qwen25vl"
-METHODS = ("rtn", "smoothquant", "flatquant", "mocd", "mocd_cws", "splitq")
+METHODS = ("rtn", "smoothquant", "flatquant", "mocd", "mocd_cws", "splitq", "mbq", "masquant", "vlmq")
 SCHEMES = ("w4a8", "w4a4", "w3a3", "w3a2")
 LABELS = {"fp16": "FP16", "rtn": "RTN", "smoothquant": "SmoothQuant", "flatquant": "FlatQuant", "mocd": "MOCD",
-          "mocd_cws": "+CWS", "splitq": "+MAC (SplitQ)", "splitq_vllm": "SplitQ, served by vLLM"}  # fmt: skip
+          "mocd_cws": "+CWS", "splitq": "+MAC (SplitQ)", "mbq": "MBQ", "masquant": "MASQuant (text base)",
+          "vlmq": "VLMQ"}  # fmt: skip
+LABELS.update({f"{m}_vllm": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, served by vLLM" for m in METHODS})
 
 
 def calib_data(work: Path, n: int) -> Path:
@@ -110,6 +113,17 @@ def standard_error(p: float, n: int) -> float:
     return (p * (1 - p) / max(1, n)) ** 0.5
 
 
+def _table_rows(results: list[dict], schemes: list[str], methods: list[str]) -> list[tuple[str, str, dict]]:
+    """(bits, label, result) in table order: FP16, then per scheme each method, then the served rows."""
+    by = {(r["scheme"], r["method"]): r for r in results}
+    rows = [("W16A16", "FP16", by[("fp16", "fp16")])]
+    for s in schemes:
+        for m in [*methods, *(f"{x}_vllm" for x in methods)]:
+            if (s, m) in by:
+                rows.append((s.upper(), LABELS[m], by[(s, m)]))
+    return rows
+
+
 def markdown(results: list[dict], schemes: list[str], methods: list[str]) -> str:
     """The accuracy table: all questions (with one standard error), image and text-only ones."""
     by = {(r["scheme"], r["method"]): r for r in results}
@@ -122,12 +136,7 @@ def markdown(results: list[dict], schemes: list[str], methods: list[str]) -> str
         return (f"| {bits} | {label} | {100 * r['accuracy']:.1f} ± {se:.1f} | {100 * r['image_accuracy']:.1f} | "
                 f"{100 * r['text_accuracy']:.1f} | {d:+.1f} |\n")  # fmt: skip
 
-    out = head + row("W16A16", "FP16", fp)
-    for s in schemes:
-        for m in [*methods, "splitq_vllm"]:
-            if (s, m) in by:
-                out += row(s.upper(), LABELS[m], by[(s, m)])
-    return out
+    return head + "".join(row(*r) for r in _table_rows(results, schemes, methods))
 
 
 def per_kind_markdown(results: list[dict], schemes: list[str], methods: list[str]) -> str:
@@ -146,12 +155,7 @@ def per_kind_markdown(results: list[dict], schemes: list[str], methods: list[str
         cells = [f"{100 * pk[k]['correct'] / pk[k]['n']:.0f}" if k in pk else "" for k in kinds]
         return f"| {bits} | {label} | " + " | ".join(cells) + " |\n"
 
-    out += row("W16A16", "FP16", fp)
-    for s in schemes:
-        for m in [*methods, "splitq_vllm"]:
-            if (s, m) in by:
-                out += row(s.upper(), LABELS[m], by[(s, m)])
-    return out
+    return out + "".join(row(*r) for r in _table_rows(results, schemes, methods))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=5, help="calibration epochs (trained methods)")
     ap.add_argument("--jobs", type=int, default=2, help="calibrations in parallel (one thread each)")
     ap.add_argument("--no-vllm", action="store_true", help="skip the served-model rows")
+    ap.add_argument("--serve", nargs="+", default=["splitq"], help="methods whose checkpoints are also served by vLLM")
     ap.add_argument("--plot-dir", type=Path, help="write Fig. 2-style channel plots (qkv and down inputs) here")
     ap.add_argument("--plot-layer", type=int, default=1)
     ap.add_argument("--json", type=Path)
@@ -185,13 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(f"{r['scheme']:5s} {LABELS[r['method']]:14s} accuracy {r['accuracy']:.3f} (image {r['image_accuracy']:.3f}, "
                   f"text {r['text_accuracy']:.3f}) {r['seconds']:.0f} s  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
-    if not args.no_vllm and "splitq" in args.methods:
+    for m in [] if args.no_vllm else [m for m in args.serve if m in args.methods]:
         for s in args.schemes:
-            ckpt = Path(next(t["ckpt"] for t in tasks if t["method"] == "splitq" and t["scheme"] == s))
+            ckpt = Path(next(t["ckpt"] for t in tasks if t["method"] == m and t["scheme"] == s))
             t1 = time.time()
-            r = {"method": "splitq_vllm", "scheme": s, **score_vllm(ckpt, args.n), "seconds": time.time() - t1}
+            r = {"method": f"{m}_vllm", "scheme": s, **score_vllm(ckpt, args.n), "seconds": time.time() - t1}
             results.append(r)
-            print(f"{s:5s} {LABELS['splitq_vllm']}: accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)", flush=True)
+            print(f"{s:5s} {LABELS[r['method']]}: accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)", flush=True)
     if args.plot_dir:
         args.plot_dir.mkdir(parents=True, exist_ok=True)
         for group in ("qkv", "down"):

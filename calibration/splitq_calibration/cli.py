@@ -26,7 +26,8 @@ from .recipe import (
 )
 
 HELP = {
-    "method": "preset for unset settings: " + ", ".join(METHODS) + " (default splitq)",
+    "method": "preset for unset settings: " + ", ".join(METHODS) + " (default splitq); mbq, masquant, vlmq "
+    "are the paper's baselines (docs/calibration.md, Baselines)",
     "scheme": "bits: w4a8, w4a4, w3a3, w3a2 (any wXaY, X,Y in 2..8)",
     "act_symmetric": "symmetric (default) or asymmetric per-token activations",
     "mac_rows": "rows that get MAC: text (the paper), vision, all (Table 5)",
@@ -70,6 +71,11 @@ HELP = {
     "keep_work_dir": "keep <output>.partial/ after the export",
     "log_every": "log every N epochs",
     "report": "write timings, losses and peak memory per layer to this JSON file",
+    "baseline_max_tokens": "group-input rows the baselines (mbq, masquant, vlmq) sample (default 8192)",
+    "mbq_grid": "mbq: points of the migration-strength grid in [0, 1) (default 20)",
+    "masquant_epochs": "masquant: MAS training epochs (default 2)",
+    "masquant_rank_ratio": "masquant: CMC rank fraction, layer-level only (default 0.08)",
+    "vlmq_damp": "vlmq: GPTQ dampening ratio (default 0.01)",
 }
 
 

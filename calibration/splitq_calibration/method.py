@@ -33,6 +33,7 @@ from torch import nn
 from splitq_kernels.reference import SplitQLinear
 
 from .activations import ActivationStore
+from .baselines import BASELINES, calibrate_baseline_layer
 from .capture import LayerInputs
 from .dims import outlier_counts
 from .errors import CalibrationError
@@ -220,6 +221,10 @@ def calibrate_layer(
     module itself, converted in place and its linears' weights freed once the frozen copies (in
     the layer's own dtype) are taken."""
     cfg = config
+    if cfg.method in BASELINES:  # MBQ, MASQuant, VLMQ: their own per-layer algorithm
+        return calibrate_baseline_layer(
+            layer, layer_index, inputs, kinds, cfg, device, offload_dtype, text_rows, want_outputs, store, consume
+        )
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

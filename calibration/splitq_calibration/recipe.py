@@ -18,6 +18,12 @@ row of the paper's ablation tables is one invocation (README.md, "Calibration"):
 | flatquant   | none              | off  | off  | smooth + Kronecker                 | yes     |
 | smoothquant | none              | off  | off  | SmoothQuant scale (alpha 0.5) only | no      |
 | rtn         | none              | off  | off  | identity                           | no      |
+| mbq         | none              | off  | off  | MBQ's modality-balanced scale search | no    |
+| masquant    | none              | off  | off  | MASQuant's text smoothing (MAS)    | MAS only |
+| vlmq        | none              | off  | off  | identity; importance-aware GPTQ    | no      |
+
+mbq, masquant and vlmq are the paper's baselines, each its own module (baselines/: its paper's
+algorithm, run per layer in place of the train step; docs/calibration.md, "Baselines").
 
 A recipe is the settings themselves (optionally under `splitq:`), or llm-compressor's shape: a
 stage whose modifiers are one `SplitQModifier` with the settings as its arguments (what
@@ -39,7 +45,7 @@ from splitq_kernels.reference import SplitQScheme
 from splitq_kernels.reference.scheme import MAC_ROWS
 from splitq_vllm.checkpoint import DEFAULT_IGNORE
 
-METHODS = ("splitq", "mocd_cws", "mocd", "flatquant", "smoothquant", "rtn")
+METHODS = ("splitq", "mocd_cws", "mocd", "flatquant", "smoothquant", "rtn", "mbq", "masquant", "vlmq")
 SELECTIONS = ("mocd", "none", "random", "text_max", "vision_max", "multi_max", "multi_mean")
 LOWRANK_MODES = ("learnable", "fixed")
 TRANSFORM_INITS = ("orthogonal", "identity")
@@ -60,6 +66,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         selection="none", cws_ratio=0.0, mac_ratio=0.0, train=False, transform_init="identity", smooth_init="none"
     ),
 }
+# The baselines write plain SplitQ groups (one main set, identity transforms, no branches): their
+# own modules set the smoothing (MBQ, MASQuant) or the integer weights (VLMQ).
+for _m in ("mbq", "masquant", "vlmq"):
+    PRESETS[_m] = dict(PRESETS["rtn"])
 
 # Settings that do not change the checkpoint: a resumed run may differ in these.
 RUNTIME_ONLY = {
@@ -205,6 +215,12 @@ class CalibrationConfig:
     keep_work_dir: bool = False
     log_every: int = 1
     report: str | None = None
+    # --- the baselines (baselines/*.py)
+    baseline_max_tokens: int = 8192  # sampled group-input rows the baselines search / build Hessians on
+    mbq_grid: int = 20  # MBQ's (AWQ's) grid of migration strengths in [0, 1)
+    masquant_epochs: int = 2  # MASQuant's MAS training (Table 5)
+    masquant_rank_ratio: float = 0.08  # CMC rank / min(D_in, D_out) (layer level only: not in the format)
+    vlmq_damp: float = 0.01  # VLMQ's (GPTQ's) dampening ratio
 
     # ------------------------------------------------------------------------------------------
     def resolved(self) -> "CalibrationConfig":
@@ -243,7 +259,10 @@ class CalibrationConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v < 0.5:
                 raise RecipeError(f"{name}: expected a fraction in [0, 0.5), got {v!r}")
-        for name in ("mocd_k", "mocd_max_tokens", "batch_size", "num_samples", "max_seq_len", "log_every"):
+        for name in (
+            "mocd_k", "mocd_max_tokens", "batch_size", "num_samples", "max_seq_len", "log_every",
+            "baseline_max_tokens", "mbq_grid",
+        ):  # fmt: skip
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise RecipeError(f"{name}: expected a positive integer, got {v!r}")
@@ -253,7 +272,11 @@ class CalibrationConfig:
                 raise RecipeError(f"{name}: expected a non-negative number of GB, got {v!r}")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise RecipeError(f"epochs: expected a non-negative integer, got {self.epochs!r}")
-        for name in ("lr", "clip_lr", "smooth_alpha", "smoothquant_alpha"):
+        if not isinstance(self.masquant_epochs, int) or self.masquant_epochs < 0:
+            raise RecipeError(f"masquant_epochs: expected a non-negative integer, got {self.masquant_epochs!r}")
+        if not isinstance(self.masquant_rank_ratio, (int, float)) or not 0 <= self.masquant_rank_ratio <= 1:
+            raise RecipeError(f"masquant_rank_ratio: expected a fraction in [0, 1], got {self.masquant_rank_ratio!r}")
+        for name in ("lr", "clip_lr", "smooth_alpha", "smoothquant_alpha", "vlmq_damp"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0:
                 raise RecipeError(f"{name}: expected a non-negative number, got {v!r}")

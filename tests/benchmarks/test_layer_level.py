@@ -3,6 +3,7 @@
 import importlib.util
 import sys
 
+import pytest
 import torch
 
 from tests.helpers.paths import BENCHMARKS
@@ -42,3 +43,17 @@ def test_quick_run_scores_every_method_and_splitq_beats_rtn(tmp_path):
         assert 0 < r["text"] < 10 and 0 < r["vision"] < 10
     assert rows["splitq"]["all"] < rows["rtn"]["all"]
     assert (tmp_path / "out.json").is_file() and "| W4A4 |" in (tmp_path / "t.md").read_text()
+
+
+def test_quick_run_of_the_baselines_scores_masquant_in_full_and_as_its_checkpoint(tmp_path):
+    result = _module().main(["--d", "96", "--samples", "4", "--epochs", "1", "--schemes", "w4a4", "--no-ablations",
+                             "--methods", "rtn,mbq,masquant,vlmq"])  # the --quick sizes
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"rtn", "mbq", "masquant", "masquant_full", "vlmq"}
+    for r in rows.values():
+        assert 0 < r["text"] < 10 and 0 < r["vision"] < 10
+    # the text rows of MASQuant's full Eq. 29 are its checkpoint's (the text-smoothed base); the
+    # vision rows gain the vision smoothing and the CMC correction the format cannot hold
+    assert rows["masquant_full"]["text"] == pytest.approx(rows["masquant"]["text"], rel=1e-5)
+    assert rows["masquant_full"]["vision"] < 0.5 * rows["masquant"]["vision"]
+    assert rows["mbq"]["all"] < rows["rtn"]["all"]  # the vision outliers are smoothed away

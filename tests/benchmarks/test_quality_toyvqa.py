@@ -64,3 +64,15 @@ def test_tables_carry_standard_errors_and_every_kind():
     per_kind = q.per_kind_markdown(rows, ["w4a4"], ["rtn"])
     assert "add (n=10, ±16)" in per_kind and "position (n=8, ±18)" in per_kind
     assert "| W16A16 | FP16 | 90 | 38 |" in per_kind and "| W4A4 | RTN | 50 |  |" in per_kind
+
+
+def test_served_rows_of_several_methods_follow_their_reference_rows():
+    mod = _module()
+    row = lambda s, m, a: {"scheme": s, "method": m, "accuracy": a, "n": 1000, "image_accuracy": a, "text_accuracy": a}  # noqa: E731
+    results = [row("fp16", "fp16", 0.9), row("w4a4", "mbq", 0.8), row("w4a4", "vlmq", 0.7),
+               row("w4a4", "mbq_vllm", 0.81), row("w4a4", "vlmq_vllm", 0.72)]  # fmt: skip
+    lines = mod.markdown(results, ["w4a4"], ["mbq", "vlmq"]).splitlines()
+    assert [ln.split(" | ")[1] for ln in lines[2:]] == [
+        "FP16", "MBQ", "VLMQ", "MBQ, served by vLLM", "VLMQ, served by vLLM"
+    ]  # fmt: skip
+    assert "| W4A4 | VLMQ, served by vLLM | 72.0 ± 1.4 |" in lines[-1]

@@ -83,10 +83,13 @@ def test_speculative_decoding_and_a_split_vision_tower_are_refused():
 
 ONE_CORE_PER_RANK = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 ATOL = {"tp2": 1e-1, "pp2": 1e-2, "dp2": 1e-2}  # see the module doc
+# (flags, eager). PP=2 runs compiled: vllm-cpu 0.32's V1 runner allocates a later stage's
+# intermediate-tensor buffers only in the compile warm-up's dummy run, so PP=2 with
+# --enforce-eager fails in vLLM itself (sync_and_gather_intermediate_tensors asserts), SplitQ or not.
 LAYOUTS = {
-    "tp2": ["--tensor-parallel-size", "2"],
-    "pp2": ["--pipeline-parallel-size", "2"],
-    "dp2": ["--data-parallel-size", "2"],
+    "tp2": (["--tensor-parallel-size", "2"], True),
+    "pp2": (["--pipeline-parallel-size", "2"], False),
+    "dp2": (["--data-parallel-size", "2"], True),
 }
 
 
@@ -122,7 +125,8 @@ def baseline(ckpt, tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_server_gives_the_tp1_answers(ckpt, baseline, layout, tmp_path_factory):
     env = server_env(tmp_path_factory.mktemp("vllm-cache"), **ONE_CORE_PER_RANK)
-    with OpenAIServer(ckpt, server_args(*LAYOUTS[layout]), env=env) as s:
+    flags, eager = LAYOUTS[layout]
+    with OpenAIServer(ckpt, server_args(*flags, eager=eager), env=env) as s:
         print(f"\n{layout} server start-up: {s.startup_seconds:.1f} s")
         logs = s.logs()
         alone, batch = serve_all(s)

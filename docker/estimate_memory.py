@@ -142,7 +142,8 @@ def estimate(name: str, scheme_name: str = "w4a4", max_model_len: int = MAX_MODE
              tensor_parallel_size: int = 1) -> dict:
     """The numbers for one of MODELS (its public config's shapes)."""
     model, config = build_meta_model(name)
-    return dict(estimate_model(model, config, scheme_name, max_model_len, dtype_bytes, tensor_parallel_size), model=name)
+    e = estimate_model(model, config, scheme_name, max_model_len, dtype_bytes, tensor_parallel_size)
+    return dict(e, model=name)
 
 
 def estimate_model(model, config, scheme_name: str = "w4a4", max_model_len: int = MAX_MODEL_LEN, dtype_bytes: int = 2,
@@ -289,7 +290,8 @@ def markdown(rows: list[dict]) -> str:
         row(f"**per GPU ({n} GPUs): SplitQ linears**", [gib(r["per_gpu"]["splitq_layers_served_bytes"]) for r in rows])
         row(f"**per GPU ({n} GPUs): 16-bit rest**", [gib(r["per_gpu"]["unquantized_bytes"]) for r in rows])
         row(f"**per GPU ({n} GPUs): weights**", [gib(r["per_gpu"]["served_weights_bytes"]) for r in rows])
-        row(f"per GPU ({n} GPUs): KV cache per token, KiB", [f"{r['per_gpu']['kv_bytes_per_token'] / 1024:.0f}" for r in rows])
+        row(f"per GPU ({n} GPUs): KV cache per token, KiB",
+            [f"{r['per_gpu']['kv_bytes_per_token'] / 1024:.0f}" for r in rows])
     return "\n".join(lines)
 
 

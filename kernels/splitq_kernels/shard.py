@@ -58,7 +58,8 @@ def splitq_linear_triton_shard(
     x: torch.Tensor, text_mask: torch.Tensor | None, kl: KernelLayer, gemm: KernelLayer, shard: KShard
 ) -> torch.Tensor:
     """One rank's partial output: x [T, in_features] (the whole input), kl / gemm as above."""
-    codes, scale, zero, h_cws, h_mac = torch.ops.splitq.quantize_input(x, text_mask, kl.tensors(), kl.meta(), kl.precision)
+    qi = torch.ops.splitq.quantize_input(x, text_mask, kl.tensors(), kl.meta(), kl.precision)
+    codes, scale, zero, h_cws, h_mac = qi
     return torch.ops.splitq.gemm(
         shard_codes(codes, kl, gemm, shard), scale, zero, h_cws, h_mac, gemm.tensors(), gemm.meta(), gemm.precision,
         x.dtype,

@@ -11,7 +11,8 @@ Refused, each with a message naming the setting: speculative decoding (drafter f
 update the mask), micro-batching (--enable-dbo / --ubatch-size: the layers would see a row slice
 of the step's mask), prefill context parallelism (the layers see a token slice), a TP size that
 does not divide the language model's heads, KV heads or intermediate size, and a TP size that
-leaves a rank of a row-parallel layer without main channels (checked per layer when it is built).
+leaves a rank of a row-parallel layer without main channels (from the checkpoint's layer dims in
+the front end, and per layer when it is built).
 
 `check_parallel` runs in the front end (a wrapper of vLLM's ModelConfig.verify_with_parallel_config,
 installed by `register()`, so a bad setting fails in seconds, before any worker starts) and again
@@ -36,9 +37,28 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default) if cfg is not None else default
 
 
+ROW_PARALLEL_KINDS = ("o", "down")  # group kinds (splitq_vllm.model_layout) vLLM builds as RowParallelLinear
+
+
+def row_parallel_mains(quantization_config: Any) -> dict[str, int]:
+    """{checkpoint layer: main channels} of the row-parallel layers of a quantization_config dict
+    ({} when it is not a readable SplitQ config: the checkpoint checks report that)."""
+    from splitq_vllm.checkpoint import SplitQConfig
+
+    if hasattr(quantization_config, "to_dict"):  # a transformers QuantizationConfig object
+        quantization_config = quantization_config.to_dict()
+    try:
+        cfg = SplitQConfig.from_dict(quantization_config)
+    except Exception:  # noqa: BLE001
+        return {}
+    return {name: d.main for name, d in cfg.layers.items() if d.group.rsplit(".", 1)[-1] in ROW_PARALLEL_KINDS}
+
+
 def check_parallel(parallel_config: Any, hf_text_config: Any, speculative_config: Any = None,
-                   hf_vision_config: Any = None, mm_encoder_tp_mode: str | None = None) -> None:
-    """Raise ParallelConfigError for a parallel setting SplitQ cannot serve (module doc)."""
+                   hf_vision_config: Any = None, mm_encoder_tp_mode: str | None = None,
+                   row_parallel: dict[str, int] | None = None) -> None:
+    """Raise ParallelConfigError for a parallel setting SplitQ cannot serve (module doc).
+    row_parallel: {layer: main channels} of the row-parallel layers (their blocks are checked)."""
     if speculative_config is not None:
         raise ParallelConfigError(
             "SplitQ: speculative decoding (--speculative-config) is not supported: drafter forwards do not update "
@@ -76,6 +96,8 @@ def check_parallel(parallel_config: Any, hf_text_config: Any, speculative_config
             f"SplitQ: --tensor-parallel-size {tp} does not divide the language model's intermediate size {inter} "
             "(gate_up_proj / down_proj are split across ranks)"
         )
+    for name, main in (row_parallel or {}).items():
+        row_shard(name, main, tp, 0)
     vheads = _get(hf_vision_config, "num_heads")
     if vheads and vheads % tp and mm_encoder_tp_mode != "data":
         raise ParallelConfigError(
@@ -94,12 +116,17 @@ def check_vllm_config(model_config: Any, parallel_config: Any, speculative_confi
         speculative_config,
         hf_vision_config=_get(hf, "vision_config"),
         mm_encoder_tp_mode=_get(mm, "mm_encoder_tp_mode"),
+        row_parallel=row_parallel_mains(_get(hf, "quantization_config")),
     )
 
 
 def row_shard(layer_name: str, main: int, tp_size: int, tp_rank: int):
-    """The KShard of `tp_rank` for a row-parallel layer (ShardError names the layer and the sizes that work)."""
-    return main_k_shards(main, tp_size, layer=layer_name)[tp_rank]
+    """The KShard of `tp_rank` for a row-parallel layer; a TP size that leaves a rank empty raises
+    ParallelConfigError naming the setting, the layer, its main channels and the sizes that work."""
+    try:
+        return main_k_shards(main, tp_size, layer=layer_name)[tp_rank]
+    except ShardError as e:
+        raise ParallelConfigError(f"SplitQ: --tensor-parallel-size {tp_size}: {e}") from e
 
 
 def install_front_end_check() -> None:

@@ -69,6 +69,26 @@ def test_unsupported_settings_are_refused_naming_the_setting(parallel, text, exp
     assert expected in str(e.value)
 
 
+def test_a_tp_size_leaving_a_row_parallel_rank_empty_is_refused_naming_the_layer():
+    rows = {"model.layers.3.mlp.down_proj": 722, "model.layers.3.self_attn.o_proj": 20}
+    check_parallel(par(tensor_parallel_size=2), SimpleNamespace(num_attention_heads=4), row_parallel=rows)
+    with pytest.raises(ParallelConfigError) as e:
+        check_parallel(par(tensor_parallel_size=4), SimpleNamespace(num_attention_heads=4), row_parallel=rows)
+    msg = str(e.value)  # 20 channels in blocks of 8: rank 3 would get none
+    assert "--tensor-parallel-size 4" in msg and "model.layers.3.self_attn.o_proj" in msg and "20 channels" in msg
+    assert "sizes that work for it: [1, 2, 3]" in msg
+
+
+def test_the_row_parallel_layers_of_a_checkpoint_config(ckpt):
+    import json
+
+    from splitq_vllm.plugin.parallel import row_parallel_mains
+
+    rows = row_parallel_mains(json.loads((ckpt / "config.json").read_text())["quantization_config"])
+    assert len(rows) == 2 * 4 and all(n.endswith(("o_proj", "down_proj")) for n in rows)  # 4 decoder layers
+    assert set(rows.values()) == {240, 722}
+
+
 def test_speculative_decoding_and_a_split_vision_tower_are_refused():
     with pytest.raises(ParallelConfigError, match="speculative decoding"):
         check_parallel(par(), TEXT, speculative_config=object())

@@ -18,7 +18,8 @@ _registered = False
 
 
 def register() -> None:
-    """Register the `splitq` quantization method with vLLM and install the text-mask hook.
+    """Register the `splitq` quantization method with vLLM and install the hooks (text mask,
+    front-end parallel checks, pipeline mask relay: splitq_vllm.plugin.install_hooks).
 
     Guarded by its own flag: in engine and worker processes the config class may already be
     imported (unpickling the VllmConfig imports it, which registers the method) before vLLM calls
@@ -27,7 +28,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from .plugin import install_embed_hook  # imports vLLM; registers the quantization config
+    from .plugin import install_hooks  # imports vLLM; registers the quantization config
 
-    install_embed_hook()
+    install_hooks()
     _registered = True

@@ -7,11 +7,15 @@ order and the first that can implement the layer is used, the reasons of the oth
 Triton alone (on a CPU device it runs the kernels in Triton's interpreter: slow, for tests and
 CI), failing the load with the reason when it cannot; `reference` = the reference alone.
 Each backend has two steps:
-- `prepare(layer, ref, scheme)`: once, after loading: turn the reference `SplitQLinear` `ref`
+- `prepare(layer, ref, scheme, shard)`: once, after loading: turn the reference `SplitQLinear` `ref`
   (codes unpacked, fused outputs concatenated) into whatever the forward wants, stored as
   buffers on the vLLM layer so that the model's `.to()`, torch.compile and CUDA graphs see them.
-- `apply(layer, x, text_mask, bias)`: x (T, D_in) in the model dtype, text_mask (T,) bool;
-  no data-dependent Python control flow (the mask is a tensor, never inspected).
+  `shard` (a KShard) for a row-parallel layer under tensor parallelism: `ref` is the rank's layer
+  (reference/shard.py: main_w holds the rank's block of the main K range) and `apply` returns the
+  rank's partial output.
+- `apply(layer, x, text_mask, bias)`: x (T, D_in) in the model dtype (the whole input, also for a
+  shard), text_mask (T,) bool; no data-dependent Python control flow (the mask is a tensor,
+  never inspected).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import fields, replace
 import torch
 from torch import nn
 
-from splitq_kernels.reference import QuantizedTensor, SplitQLinear, SplitQScheme, splitq_linear
+from splitq_kernels.reference import KShard, QuantizedTensor, SplitQLinear, SplitQScheme, splitq_linear, splitq_linear_shard
 
 from .env import env_choice
 
@@ -80,7 +84,7 @@ class Backend:
     def can_implement(self, kron: tuple[int, int], scheme: SplitQScheme, device: torch.device) -> tuple[bool, str]:
         raise NotImplementedError
 
-    def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
+    def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme, shard: KShard | None = None) -> None:
         raise NotImplementedError
 
     def apply(self, layer: nn.Module, x: torch.Tensor, text_mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -138,15 +142,24 @@ def reference_linear(
     aux_act_bits: int,
     act_symmetric: bool,
     mac_rows: str,
+    shard: list[int],
 ) -> torch.Tensor:
-    """splitq_kernels.reference.splitq_linear(x, text_mask, layer, scheme) as a torch op."""
+    """splitq_kernels.reference.splitq_linear(x, text_mask, layer, scheme) as a torch op; with
+    shard = [rank, size, start, stop] (else []) splitq_linear_shard, the rank's partial output."""
     scheme = SplitQScheme(weight_bits, act_bits, aux_weight_bits, aux_act_bits, act_symmetric, mac_rows)
-    return splitq_linear(x, text_mask, _from_layout(layout, tensors, bias), scheme)
+    layer = _from_layout(layout, tensors, bias)
+    if shard:
+        return splitq_linear_shard(x, text_mask, layer, scheme, KShard(*shard))
+    return splitq_linear(x, text_mask, layer, scheme)
 
 
 @reference_linear.register_fake
-def _(x, text_mask, tensors, bias, layout, out_features, *scheme):
+def _(x, text_mask, tensors, bias, layout, out_features, *scheme_and_shard):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _shard_args(shard: KShard | None) -> list[int]:
+    return [] if shard is None else [shard.rank, shard.size, shard.start, shard.stop]
 
 
 _PREFIX = "splitq_ref_"
@@ -165,13 +178,14 @@ class ReferenceBackend(Backend):
     def can_implement(self, kron: tuple[int, int], scheme: SplitQScheme, device: torch.device) -> tuple[bool, str]:
         return True, ""
 
-    def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
+    def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme, shard: KShard | None = None) -> None:
         layout, tensors = _layout_of(ref)
         for i, t in enumerate(tensors):
             layer.register_buffer(f"{_PREFIX}{i}", t, persistent=False)
         layer.splitq_ref_layout = layout
         layer.splitq_ref_count = len(tensors)
         layer.splitq_ref_out_features = ref.out_features
+        layer.splitq_ref_shard = _shard_args(shard)
         layer.splitq_scheme = scheme
 
     def apply(self, layer: nn.Module, x: torch.Tensor, text_mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -180,6 +194,7 @@ class ReferenceBackend(Backend):
         return torch.ops.splitq.reference_linear(
             x, text_mask, tensors, bias, layer.splitq_ref_layout, layer.splitq_ref_out_features,
             s.weight_bits, s.act_bits, s.aux_weight_bits, s.aux_act_bits, s.act_symmetric, s.mac_rows,
+            layer.splitq_ref_shard,
         )  # fmt: skip
 
 
@@ -207,7 +222,7 @@ class TritonBackend(Backend):
 
         return can_implement(kron, scheme, device, interpreter=self.interpreter)
 
-    def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme) -> None:
+    def prepare(self, layer: nn.Module, ref: SplitQLinear, scheme: SplitQScheme, shard: KShard | None = None) -> None:
         import logging
 
         from splitq_kernels.ops import KernelLayer, prepare_kernel_layer
@@ -237,12 +252,28 @@ class TritonBackend(Backend):
         layer.splitq_kl_meta = kl.meta()
         layer.splitq_kl_precision = kl.precision
         layer.splitq_scheme = scheme
+        layer.splitq_kl_shard = shard
+        if shard is not None:  # kernel (b)'s view of the rank (splitq_kernels.shard)
+            from splitq_kernels.shard import gemm_shard_layer
+
+            gemm = gemm_shard_layer(kl, shard)
+            layer.splitq_kl_gemm_present = [t is not None for t in gemm.tensors()]
+            layer.splitq_kl_gemm_meta = gemm.meta()
 
     def apply(self, layer: nn.Module, x: torch.Tensor, text_mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         tensors = [getattr(layer, f"{_KL_PREFIX}{i}") if p else None for i, p in enumerate(layer.splitq_kl_present)]
         if bias is None and layer.splitq_kl_bias_index is not None:
             tensors[layer.splitq_kl_bias_index] = None  # skip_bias_add: the caller adds the bias
-        return torch.ops.splitq.linear(x, text_mask, tensors, layer.splitq_kl_meta, layer.splitq_kl_precision)
+        shard = layer.splitq_kl_shard
+        if shard is None:
+            return torch.ops.splitq.linear(x, text_mask, tensors, layer.splitq_kl_meta, layer.splitq_kl_precision)
+        from splitq_kernels.layout import KernelLayer
+        from splitq_kernels.shard import splitq_linear_triton_shard
+
+        kl = KernelLayer.from_op_args(tensors, layer.splitq_kl_meta, layer.splitq_kl_precision)
+        gemm_tensors = [t if p else None for t, p in zip(tensors, layer.splitq_kl_gemm_present)]
+        gemm = KernelLayer.from_op_args(gemm_tensors, layer.splitq_kl_gemm_meta, layer.splitq_kl_precision)
+        return splitq_linear_triton_shard(x, text_mask, kl, gemm, shard)
 
 
 _KL_PREFIX = "splitq_kl_"

@@ -27,6 +27,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from splitq_vllm.checkpoint import CheckpointError, SplitQCheckpoint, SplitQConfig, matches_ignore
 
 from .backends import requested_backend, triton_available
+from .parallel import check_vllm_config
 from .text_mask import install_embed_hook, mask_mode, new_mask_buffer
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so that vLLM's log handler shows it
@@ -112,7 +113,7 @@ class SplitQVllmConfig(QuantizationConfig):
         self.ignore = [p if p.startswith("re:") else rename(p) for p in self.ignore]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear, UnquantizedLinearMethod
+        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head, attention: unquantized
@@ -125,11 +126,6 @@ class SplitQVllmConfig(QuantizationConfig):
                     "SplitQ: linear '%s' is neither quantized nor in the ignore list; it runs unquantized", prefix
                 )
             return UnquantizedLinearMethod()
-        if isinstance(layer, RowParallelLinear) and getattr(layer, "tp_size", 1) > 1:
-            raise NotImplementedError(
-                f"SplitQ: tensor parallelism > 1 is not supported for row-parallel layers ('{prefix}'): their "
-                "channel sets and transforms span the whole input, which vLLM splits across ranks (format v1)"
-            )
         from .linear import Member, SplitQLinearMethod
 
         return SplitQLinearMethod(
@@ -176,13 +172,16 @@ class SplitQVllmConfig(QuantizationConfig):
     def _is_ignored(self, prefix: str) -> bool:
         return matches_ignore(prefix, self.ignore)
 
-    def text_mask_buffer(self) -> torch.Tensor:
-        """The model's one mask buffer (created at the first SplitQ layer, on the current device)."""
+    def text_mask_buffer(self, vllm_config=None, device: torch.device | None = None) -> torch.Tensor:
+        """The model's one mask buffer (created at the first SplitQ layer, on the current device,
+        or by the pipeline relay of a stage without SplitQ layers)."""
         if self._mask is None:
-            from vllm.config import get_current_vllm_config
+            if vllm_config is None:
+                from vllm.config import get_current_vllm_config
 
-            rows = get_current_vllm_config().scheduler_config.max_num_batched_tokens + MASK_MARGIN_ROWS
-            self._mask = new_mask_buffer(rows)
+                vllm_config = get_current_vllm_config()
+            rows = vllm_config.scheduler_config.max_num_batched_tokens + MASK_MARGIN_ROWS
+            self._mask = new_mask_buffer(rows, device)
         return self._mask
 
     def _check_runtime(self) -> None:
@@ -196,24 +195,8 @@ class SplitQVllmConfig(QuantizationConfig):
 
         install_embed_hook()  # idempotent; register() normally did it already
         cfg = get_current_vllm_config()
-        pp = cfg.parallel_config.pipeline_parallel_size
-        if pp > 1:
-            raise NotImplementedError(
-                f"SplitQ: pipeline parallelism ({pp} stages) is not supported: the text/vision token mask is "
-                "filled by the first stage only (embed_input_ids), later stages would not see it"
-            )
-        tp = cfg.parallel_config.tensor_parallel_size
-        if tp > 1:
-            raise NotImplementedError(
-                f"SplitQ: tensor parallelism ({tp} ranks) is not supported: the row-parallel layers (o_proj, "
-                "down_proj) get their input split across ranks, but their channel sets and transforms span the "
-                "whole input (format v1, docs/format.md)"
-            )
-        if cfg.speculative_config is not None:
-            raise NotImplementedError(
-                "SplitQ: speculative decoding is not supported: drafter forwards do not update the text/vision "
-                "token mask of the SplitQ layers"
-            )
+        # tensor / pipeline / data parallelism are served (parallel.py); the rest is refused there
+        check_vllm_config(cfg.model_config, cfg.parallel_config, cfg.speculative_config)
         inductor = cfg.compilation_config.inductor_compile_config or {}
         if inductor.get("freezing") or inductor.get("max_autotune"):
             raise NotImplementedError(

@@ -17,6 +17,14 @@ table, checks the input-side copies, and records (suffix, member). `process_weig
 fails on anything not loaded, naming the checkpoint tensor, checks the values (channel sets
 partition the input, finite floats, positive scales), builds the reference `SplitQLinear` of the
 fused layer (`concat_outputs` of the members) and hands it to the backend (backends.py), once.
+
+Tensor parallelism (parallel.py, docs/vllm_plugin.md): in a column-parallel layer (qkv, gate_up)
+vLLM's loaders split the output-side tensors by rank (k/v replicated when the TP size exceeds the
+KV heads) and copy the input-side ones whole. A row-parallel layer (o_proj, down_proj) with TP > 1
+keeps every tensor whole except the packed main weight, of which each rank reads only the bytes of
+its block of the main K range (reference/shard.py: blocks start on 8-code packing groups); `apply`
+all-gathers the input so every rank runs the input side on the whole X, and the backend computes
+the rank's partial output, which vLLM's all-reduce sums.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScaleParameter, ModelWeightParameter
 
-from splitq_kernels.reference import SplitQScheme, concat_outputs
+from splitq_kernels.packing import packed_row_bytes, unpack_codes
+from splitq_kernels.reference import KShard, QuantizedTensor, SplitQScheme, concat_outputs
 from splitq_vllm.checkpoint import (
     CheckpointError,
     LayerDims,
@@ -41,6 +50,7 @@ from splitq_vllm.checkpoint import (
 )
 
 from .backends import Backend, select_backend
+from .parallel import row_shard
 from .text_mask import BUFFER_NAME
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so that vLLM's log handler shows it
@@ -75,6 +85,7 @@ class SplitQLinearMethod(LinearMethodBase):
         dims0 = members[0].dims
         self.specs: list[TensorSpec] = [s for s in layer_tensor_specs(dims0, scheme) if s.suffix != "bias"]
         self.backend: Backend | None = None
+        self.shard: KShard | None = None  # set in create_weights for a row-parallel layer with TP > 1
 
     # ------------------------------------------------------------------------------------------
     def _member_index(self, shard_id) -> int:
@@ -134,10 +145,18 @@ class SplitQLinearMethod(LinearMethodBase):
                         f"but the layers read the same input (group '{member.dims.group}', fused as vLLM layer "
                         f"'{self.prefix}'): input-side tensors must be identical"
                     )
+            if self.shard is not None and spec.suffix == "main_qweight":
+                loaded_weight = self._shard_bytes(loaded_weight)
             base_loader(param, loaded_weight, *args, **kwargs)
             loaded.add((spec.suffix, idx))
 
         return loader
+
+    def _shard_bytes(self, packed: torch.Tensor) -> torch.Tensor:
+        """The rank's bytes of a packed main weight row: its block starts on an 8-code group, which
+        is `bits` bytes (docs/format.md, "Packing")."""
+        wb, s = self.scheme.weight_bits, self.shard
+        return packed.narrow(1, s.start // 8 * wb, packed_row_bytes(s.width, wb))
 
     def _tracking_bias_loader(self, layer: nn.Module, base_loader):
         def loader(param, loaded_weight, *args, **kwargs):
@@ -174,13 +193,23 @@ class SplitQLinearMethod(LinearMethodBase):
                 f"SplitQ: vLLM layer '{self.prefix}' has {len(output_partition_sizes)} output shards, the checkpoint "
                 f"{len(self.members)} layers for it ({[m.name for m in self.members]})"
             )
+        from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+
         tp = getattr(layer, "tp_size", 1)
-        for m, part in zip(self.members, output_partition_sizes):
-            if m.dims.out_features != part * tp or m.dims.in_features != input_size or input_size_per_partition != input_size:
+        row_parallel = isinstance(layer, RowParallelLinear) and tp > 1
+        replicas = getattr(layer, "num_kv_head_replicas", 1) if isinstance(layer, QKVParallelLinear) else 1
+        for i, (m, part) in enumerate(zip(self.members, output_partition_sizes)):
+            # column-parallel: vLLM gives each rank 1/tp of the outputs (of k and v: replicas ranks share one block)
+            out = part if row_parallel else part * tp // (replicas if i > 0 else 1)
+            if m.dims.out_features != out or m.dims.in_features != input_size:
                 raise CheckpointError(
                     f"SplitQ: checkpoint layer '{m.name}' is {m.dims.in_features} -> {m.dims.out_features}, but vLLM "
-                    f"layer '{self.prefix}' expects {input_size} -> {part * tp} for it (is this checkpoint for this model?)"
+                    f"layer '{self.prefix}' expects {input_size} -> {out} for it (is this checkpoint for this model?)"
                 )
+        if input_size_per_partition != input_size and not row_parallel:
+            raise CheckpointError(f"SplitQ: vLLM layer '{self.prefix}' splits its input but is not row-parallel")
+        if row_parallel:
+            self.shard = row_shard(self.prefix, self.members[0].dims.main, tp, layer.tp_rank)
         has_bias = bool(getattr(layer, "has_bias", False))
         for m in self.members:
             if m.dims.bias != has_bias:
@@ -196,9 +225,12 @@ class SplitQLinearMethod(LinearMethodBase):
                 shape = (out_total, *spec.shape[1:])
             else:
                 shape = spec.shape
+            if self.shard is not None and spec.suffix == "main_qweight":
+                shape = (out_total, packed_row_bytes(self.shard.width, self.scheme.weight_bits))
             data = torch.empty(shape, dtype=spec.dtype)
             loader = self._tracking_loader(layer, weight_loader, spec)
-            if spec.side == "input":
+            if spec.side == "input" or self.shard is not None:
+                # replicated, or a row-parallel shard's tensor: copied whole (main_qweight narrowed by the loader)
                 param = BasevLLMParameter(data=data, weight_loader=loader)
             elif len(shape) == 2:
                 param = ModelWeightParameter(data=data, input_dim=1, output_dim=0, weight_loader=loader)
@@ -233,19 +265,39 @@ class SplitQLinearMethod(LinearMethodBase):
                 v = getattr(layer, s.suffix).data
                 t[s.suffix] = v[start : start + rows] if s.side == "output" else v
             check_layer_values(m.name, m.dims, t)
-            members.append(tensors_to_layer(t, replace(m.dims, out_features=rows, bias=False), self.scheme))
+            dims = replace(m.dims, out_features=rows, bias=False)
+            if self.shard is None:
+                members.append(tensors_to_layer(t, dims, self.scheme))
+            else:
+                members.append(self._rank_layer(t, dims))
             start += rows
         ref = concat_outputs(members) if len(members) > 1 else members[0]
         for s in self.specs:  # the packed copies are not needed any more
             delattr(layer, s.suffix)
         self.backend = select_backend(ref.kron_shape, self.scheme, ref.main_w.codes.device)
-        self.backend.prepare(layer, ref, self.scheme)
+        self.backend.prepare(layer, ref, self.scheme, self.shard)
+        layer.splitq_shard = self.shard
         layer.splitq_backend = self.backend.name
         logger.info_once("SplitQ: %s backend on %s", self.backend.name, ref.main_w.codes.device)
+
+    def _rank_layer(self, t: dict[str, torch.Tensor], dims: LayerDims):
+        """A row-parallel rank's reference layer (reference/shard.py): everything whole but the main
+        weight, whose loaded bytes are the block's."""
+        wb = self.scheme.weight_bits
+        rest = tensors_to_layer({k: v for k, v in t.items() if k != "main_qweight"}, dims, self.scheme)
+        codes = unpack_codes(t["main_qweight"], self.shard.width, wb)
+        # shard_layer's convention (main_w = the block's columns), built from the block directly:
+        # the full main weight never exists on this rank
+        return replace(rest, main_w=QuantizedTensor(codes, t["main_wscale"].reshape(-1, 1), None, wb))
 
     # ------------------------------------------------------------------------------------------
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
+        if self.shard is not None:
+            # row-parallel: every rank runs the input side on the whole input (vLLM split it by rank)
+            from vllm.distributed import tensor_model_parallel_all_gather
+
+            x2 = tensor_model_parallel_all_gather(x2.contiguous(), dim=-1)
         mask = getattr(layer, BUFFER_NAME)[: x2.shape[0]]
         y = self.backend.apply(layer, x2, mask, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])

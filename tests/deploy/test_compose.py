@@ -209,3 +209,26 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     assert [str(a) for a in resolved["services"]["splitq"]["command"]] == serve_command()
+
+
+def test_two_gpu_service_splits_the_model_with_tensor_parallelism():
+    """The 2 x RTX 4090 service (profile tp2): two GPUs reserved, --tensor-parallel-size 2, the
+    rest of the one-GPU service's settings, a command vLLM's parser accepts."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    c = load_compose()
+    svc, one = c["services"]["splitq-tp2"], c["services"]["splitq"]
+    assert svc["profiles"] == ["tp2"]
+    assert svc["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 2
+    cmd = [str(a) for a in svc["command"]]
+    env = read_env_file(ENV_EXAMPLE)
+    args = _parse_serve(cmd)
+    assert args.model == f"/checkpoints/{env['TP2_CHECKPOINT_NAME']}" and args.quantization == "splitq"
+    assert args.tensor_parallel_size == 2
+    engine = AsyncEngineArgs.from_cli_args(args)
+    assert engine.tensor_parallel_size == 2
+    single = _parse_serve(serve_command())
+    for flag in ("max_model_len", "gpu_memory_utilization", "max_num_seqs", "limit_mm_per_prompt", "mm_processor_kwargs"):
+        assert getattr(args, flag) == getattr(single, flag), flag
+    assert svc["environment"]["VLLM_API_KEY"] == one["environment"]["VLLM_API_KEY"]
+    assert svc["volumes"] == one["volumes"] and svc["ports"] != one["ports"]

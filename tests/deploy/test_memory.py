@@ -131,3 +131,21 @@ def test_served_bytes_extrapolation_is_exact(em):
         assert em.kernel_layout_bytes([replace(dims[0], bias=False)], scheme) == prepare_kernel_layer(
             replace(members[0], bias=None), scheme, "cpu"
         ).nbytes()
+
+
+def test_per_gpu_memory_under_tensor_parallelism(em):
+    """--tensor-parallel-size 2 on the tiny Qwen2.5-VL's shapes: each GPU holds more than half of
+    the SplitQ layers (their input side and the row-parallel layers' outlier weights, low-rank
+    factors and scales are on every GPU) and less than all of them; 16-bit parts and KV cache split."""
+    from splitq_vllm.testing.published import meta_model
+
+    ids = {"bos": 1, "eos": 2, "pad": 0, "image": 5, "video": 6, "vision_start": 3, "vision_end": 4}
+    model = meta_model("tiny-qwen2.5-vl", token_ids=ids)
+    one = em.estimate_model(model, model.config, "w4a4")
+    two = em.estimate_model(model, model.config, "w4a4", tensor_parallel_size=2)
+    assert "per_gpu" not in one and two["splitq_layers_served_bytes"] == one["splitq_layers_served_bytes"]
+    g = two["per_gpu"]
+    assert one["splitq_layers_served_bytes"] / 2 < g["splitq_layers_served_bytes"] < one["splitq_layers_served_bytes"]
+    assert g["kv_bytes_per_token"] * 2 == one["kv_bytes_per_token"]  # 2 KV heads, one per GPU
+    assert g["served_weights_bytes"] < one["served_weights_bytes"]
+    assert em.budget(two, 24564, 0.9)["room_after_weights_bytes"] > em.budget(one, 24564, 0.9)["room_after_weights_bytes"]

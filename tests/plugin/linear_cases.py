@@ -154,7 +154,8 @@ def main() -> None:
         "unmapped_names": lambda: failing(lambda t: None, map_names=False),
     }
     def refusals() -> dict:
-        """What the text-mask design cannot serve is refused when the model is built."""
+        """What the text-mask design cannot serve is refused: in the front end (building the engine
+        config: parallel settings, parallel.py) or when the model is built (_check_runtime)."""
         from vllm.engine.arg_utils import EngineArgs
         from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
@@ -164,18 +165,22 @@ def main() -> None:
         variants = {
             "pipeline_parallel": dict(pipeline_parallel_size=2),
             "tensor_parallel": dict(tensor_parallel_size=2),
+            "tensor_parallel_4": dict(tensor_parallel_size=4, mm_encoder_tp_mode="data"),
+            "tensor_parallel_4_vision_split": dict(tensor_parallel_size=4),
+            "tensor_parallel_3": dict(tensor_parallel_size=3),
+            "micro_batching": dict(enable_dbo=True),
             "speculative_decoding": dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
             "inductor_freezing": dict(compilation_config={"inductor_compile_config": {"freezing": True}}),
             "plain": {},
         }
         for name, kw in variants.items():
-            cfg = EngineArgs(model=ckpt_dir, max_model_len=1024, **kw).create_engine_config()
-            with set_current_vllm_config(cfg):
-                try:
+            try:
+                cfg = EngineArgs(model=ckpt_dir, max_model_len=1024, **kw).create_engine_config()
+                with set_current_vllm_config(cfg):
                     cfg.quant_config._check_runtime()
-                    out[name] = None
-                except NotImplementedError as e:
-                    out[name] = str(e)
+                out[name] = None
+            except (NotImplementedError, ValueError) as e:
+                out[name] = f"{type(e).__name__}: {e}"
         install_embed_hook()
         try:
             check_model_class(Qwen3VLForConditionalGeneration)  # has its own embed_input_ids

@@ -36,3 +36,33 @@ def test_forced_triton_beyond_a_kernel_limit_is_refused_with_the_reason(monkeypa
 def test_forced_reference(monkeypatch):
     monkeypatch.setenv("SPLITQ_BACKEND", "reference")
     assert isinstance(select_backend((MAX_N1 + 1, 2), W4A4, CPU), ReferenceBackend)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_row_parallel_shards_through_the_backends_sum_to_the_full_layer(backend_name):
+    """prepare(..., shard) / apply of each backend, as the plugin wires them for a row-parallel
+    layer under TP=2 (the rank's layer, the whole input): the two partial outputs sum to the
+    unsharded backend's output (Triton: in the interpreter)."""
+    from torch import nn
+
+    from splitq_kernels.reference import main_k_shards, shard_layer
+    from splitq_vllm.testing.layers import random_activations, random_quantized_layer
+
+    if backend_name == "triton":
+        import splitq_kernels.triton
+
+        splitq_kernels.triton.use_interpreter()
+    make = {"reference": ReferenceBackend, "triton": lambda: TritonBackend(interpreter=True)}[backend_name]
+    layer = random_quantized_layer(85, 37, 3, 5, (7, 11), W4A4, cws_rank=3, mac_rank=4, bias=False, seed=3)
+    x = random_activations(19, 85, seed=3, outlier_channels=4)
+    mask = torch.arange(19) % 3 > 0
+    full_module = nn.Module()
+    make().prepare(full_module, layer, W4A4)
+    full = make().apply(full_module, x, mask, None)
+    parts = []
+    for shard in main_k_shards(77, 2):
+        module, backend = nn.Module(), make()
+        backend.prepare(module, shard_layer(layer, shard), W4A4, shard)
+        parts.append(backend.apply(module, x, mask, None))
+    err = (parts[0] + parts[1] - full).abs().max() / full.abs().max()
+    assert err < 1e-5, float(err)

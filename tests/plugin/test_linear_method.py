@@ -74,9 +74,10 @@ def test_corrupt_tensors_fail_while_loading_with_the_tensor_name(results, case, 
 @pytest.mark.parametrize(
     "variant, expected",
     [
-        ("pipeline_parallel", "pipeline parallelism (2 stages) is not supported"),
-        ("tensor_parallel", "tensor parallelism (2 ranks) is not supported"),
-        ("speculative_decoding", "speculative decoding is not supported"),
+        ("tensor_parallel_3", "attention heads (4) must be divisible by tensor parallel size (3)"),
+        ("tensor_parallel_4_vision_split", "4 does not divide the vision tower's 2 heads; serve with --mm-encoder-tp-mode data"),
+        ("micro_batching", "micro-batching (--enable-dbo / --ubatch-size) is not supported"),
+        ("speculative_decoding", "speculative decoding (--speculative-config) is not supported"),
         ("inductor_freezing", "inductor freezing"),
         ("model_overriding_embed_input_ids", "Qwen3VLForConditionalGeneration overrides embed_input_ids"),
     ],
@@ -86,3 +87,8 @@ def test_what_the_mask_cannot_serve_is_refused_at_start_up(results, variant, exp
     assert "crash" not in r, r.get("crash")
     assert r["plain"] is None
     assert r[variant] is not None and expected in r[variant], r[variant]
+
+
+@pytest.mark.parametrize("variant", ["tensor_parallel", "tensor_parallel_4", "pipeline_parallel"])
+def test_tensor_and_pipeline_parallel_settings_pass_the_checks(results, variant):
+    assert results["refusals"][variant] is None, results["refusals"][variant]

@@ -11,14 +11,18 @@ from .forward import (
     splitq_gemm,
     splitq_linear,
     splitq_linear_fake,
+    splitq_linear_shard,
 )
 from .layer import ChannelSplit, SplitQFloatLinear, SplitQLinear, concat_outputs, quantize_linear, split_outputs
 from .quantizer import QuantizedTensor, fake_quantize, qrange, quantize, round_ste
 from .scheme import SplitQScheme
+from .shard import KShard, ShardError, main_k_shards, shard_layer
 from .transforms import fold_dense_weight, fold_main_weight, kron_apply, main_transform
 
 __all__ = [
     "ChannelSplit",
+    "KShard",
+    "ShardError",
     "FakeQuantWeights",
     "fake_quantize_weights",
     "QuantizedInput",
@@ -34,14 +38,17 @@ __all__ = [
     "int_matmul",
     "kron_apply",
     "mac_row_mask",
+    "main_k_shards",
     "main_transform",
     "qrange",
     "quantize",
     "quantize_input",
     "quantize_linear",
     "round_ste",
+    "shard_layer",
     "split_outputs",
     "splitq_gemm",
     "splitq_linear",
     "splitq_linear_fake",
+    "splitq_linear_shard",
 ]

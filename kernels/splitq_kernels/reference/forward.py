@@ -22,6 +22,7 @@ import torch
 from .layer import ChannelSplit, SplitQFloatLinear, SplitQLinear
 from .quantizer import QuantizedTensor, fake_quantize, quantize
 from .scheme import SplitQScheme
+from .shard import KShard, slice_columns
 from .transforms import main_transform
 
 
@@ -103,10 +104,22 @@ def int_linear(a: QuantizedTensor, w: QuantizedTensor, dtype: torch.dtype) -> to
 
 
 def splitq_gemm(
-    qin: QuantizedInput, text_mask: torch.Tensor, layer: SplitQLinear, scheme: SplitQScheme, dtype: torch.dtype
+    qin: QuantizedInput,
+    text_mask: torch.Tensor,
+    layer: SplitQLinear,
+    scheme: SplitQScheme,
+    dtype: torch.dtype,
+    shard: KShard | None = None,
 ) -> torch.Tensor:
-    """Kernel (b): Y = Y_m (+ CWS) + Y_t + Y_v (+ MAC on masked rows) + bias."""
-    y = int_linear(qin.main, layer.main_w, dtype)
+    """Kernel (b): Y = Y_m (+ CWS) + Y_t + Y_v (+ MAC on masked rows) + bias.
+
+    With `shard` (tensor parallelism, shard.py): one rank's partial output: `layer` is the rank's
+    layer (main_w holds the block's columns), the main product runs over the block's columns of
+    the main codes, and only the rank that owns the rest adds the other terms."""
+    main = qin.main if shard is None else slice_columns(qin.main, shard.start, shard.stop)
+    y = int_linear(main, layer.main_w, dtype)
+    if shard is not None and not shard.owns_rest:
+        return y
     if qin.text is not None:
         y = y + int_linear(qin.text, layer.text_w, dtype)
     if qin.vision is not None:
@@ -130,6 +143,20 @@ def splitq_linear(
     x2, mask = _flatten(x, text_mask)
     dt = compute_dtype(x)
     y = splitq_gemm(quantize_input(x2, layer, scheme), mask, layer, scheme, dt)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def splitq_linear_shard(
+    x: torch.Tensor, text_mask: torch.Tensor | None, layer: SplitQLinear, scheme: SplitQScheme, shard: KShard
+) -> torch.Tensor:
+    """One tensor-parallel rank's partial output of `splitq_linear` (shard.py): x is the whole
+    input (..., D_in); `layer` the rank's layer (shard.shard_layer). The partial outputs of all
+    ranks sum to splitq_linear's output, up to float summation order."""
+    if layer.main_w.codes.shape[1] != shard.width:
+        raise ValueError(f"the rank's main weight has {layer.main_w.codes.shape[1]} columns, its block {shard.width}")
+    x2, mask = _flatten(x, text_mask)
+    dt = compute_dtype(x)
+    y = splitq_gemm(quantize_input(x2, layer, scheme), mask, layer, scheme, dt, shard)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 

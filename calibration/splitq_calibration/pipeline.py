@@ -302,6 +302,7 @@ class Calibrator:
                 layer = source.load_layer(i, self.device)
                 load_s = time.perf_counter() - tl
                 previous = inputs.hidden
+                inputs.at_layer(i)  # the layer type's kwargs, the deepstack features added after layer i - 1
                 if i in done:
                     log.info("done earlier, recomputing its FP output")
                     inputs.hidden = fp_layer_forward(

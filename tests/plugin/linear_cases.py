@@ -156,7 +156,7 @@ def main() -> None:
     def refusals() -> dict:
         """What the text-mask design cannot serve is refused when the model is built."""
         from vllm.engine.arg_utils import EngineArgs
-        from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+        from vllm.model_executor.models.gemma3n_mm import Gemma3nForConditionalGeneration
 
         from splitq_vllm.plugin.text_mask import check_model_class, install_embed_hook
 
@@ -178,10 +178,10 @@ def main() -> None:
                     out[name] = str(e)
         install_embed_hook()
         try:
-            check_model_class(Qwen3VLForConditionalGeneration)  # has its own embed_input_ids
-            out["model_overriding_embed_input_ids"] = None
+            check_model_class(Gemma3nForConditionalGeneration)  # no family in splitq_vllm.families
+            out["unsupported_architecture"] = None
         except NotImplementedError as e:
-            out["model_overriding_embed_input_ids"] = str(e)
+            out["unsupported_architecture"] = str(e)
         check_model_class(VL)  # must not raise
         return out
 

@@ -124,6 +124,17 @@ FAMILIES: tuple[Family, ...] = (
         layer_kinds={"full_attention": STANDARD_LAYER},
     ),
     Family(
+        name="Qwen3-VL",
+        sizes="2B, 4B, 8B, 32B (dense)",
+        hf_architectures=("Qwen3VLForConditionalGeneration",),
+        vllm_architectures=("Qwen3VLForConditionalGeneration",),
+        # q_norm / k_norm are RMSNorms after q_proj / k_proj (not linears): they stay 16-bit
+        layer_kinds={"full_attention": STANDARD_LAYER},
+        deepstack=True,
+        own_embed_input_ids=True,  # computes the deepstack inputs; is_multimodal has the usual meaning
+        notes="deepstack: the tower's per-block features are added to the outputs of the first decoder layers",
+    ),
+    Family(
         name="LLaVA-1.5",
         sizes="7B, 13B",
         hf_architectures=("LlavaForConditionalGeneration",),

@@ -186,16 +186,50 @@ def qwen25vl_config(size: TinySize, ids: dict[str, int], tokenizer_vocab: int):
     )
 
 
-def qwen25vl_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224, chat_template: str = QWEN_CHAT_TEMPLATE):
-    """The Qwen2.5-VL processor (Qwen2VL image/video processors, 14 px patches, 2x2 merge)."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+def qwen25vl_processor(
+    tokenizer,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+    chat_template: str = QWEN_CHAT_TEMPLATE,
+    processor_class: str = "Qwen2_5_VLProcessor",
+):
+    """The Qwen2.5-VL processor (Qwen2VL image/video processors, 14 px patches, 2x2 merge);
+    `processor_class` "Qwen2VLProcessor" gives Qwen2-VL's, which has the same parts."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     pixels = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    return Qwen2_5_VLProcessor(
+    return getattr(transformers, processor_class)(
         image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2),
         video_processor=Qwen2VLVideoProcessor(size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2),
         tokenizer=tokenizer,
         chat_template=chat_template,
+    )
+
+
+def qwen2vl_config(size: TinySize, ids: dict[str, int], tokenizer_vocab: int):
+    """A `Qwen2VLConfig` of the given sizes: Qwen2.5-VL's language model (M-RoPE), Qwen2-VL's
+    vision tower (LayerNorm, fc1/fc2 MLP, no window attention)."""
+    from transformers import Qwen2VLConfig
+
+    ref = qwen25vl_config(size, ids, tokenizer_vocab)
+    return Qwen2VLConfig(
+        text_config=ref.text_config.to_dict(),
+        vision_config=dict(
+            depth=size.vision_depth,
+            embed_dim=size.vision_hidden,
+            hidden_size=size.hidden,
+            mlp_ratio=size.vision_intermediate // size.vision_hidden,
+            num_heads=size.vision_heads,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
     )
 
 
@@ -284,6 +318,115 @@ def build_tiny_qwen25vl(
     return save_qwen25vl_dir(out, model, processor, tokenizer, ids)
 
 
+def build_tiny_qwen2vl(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+) -> Path:
+    """Write a random-weight Qwen2-VL (the real transformers/vLLM architecture) to `output_dir`."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
+    config = qwen2vl_config(size, ids, tokenizer_vocab)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
+    processor = qwen25vl_processor(tokenizer, min_pixels, max_pixels, processor_class="Qwen2VLProcessor")
+    return save_qwen25vl_dir(out, model, processor, tokenizer, ids)
+
+
+def qwen3vl_config(size: TinySize, ids: dict[str, int], tokenizer_vocab: int):
+    """A `Qwen3VLConfig` (dense) of the given sizes: q/k norms, interleaved M-RoPE (sections in
+    the real 24:20:20 proportions, summing to head_dim / 2), a SigLIP-style tower with learned
+    position embeddings and deepstack features from every vision block, added after the first
+    decoder layers."""
+    from transformers import Qwen3VLConfig
+
+    head_dim = size.hidden // size.heads
+    if head_dim < 32:
+        raise ValueError(f"head_dim {head_dim}: vLLM's CPU attention needs >= 32")
+    half = head_dim // 2
+    t = round(half * 24 / 64)
+    mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=_round_up(tokenizer_vocab, 64),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope, "mrope_interleaved": True},
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=size.vision_depth,
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_intermediate,
+            num_heads=size.vision_heads,
+            out_hidden_size=size.hidden,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=144,  # a 12 x 12 grid, interpolated to the image's
+            deepstack_visual_indexes=list(range(size.vision_depth)),
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def qwen3vl_processor(tokenizer, min_pixels: int = 64 * 64, max_pixels: int = 256 * 256):
+    """The Qwen3-VL processor: Qwen2-VL's image processor with 16 px patches, 2x2 merge."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    pixels = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=16, merge_size=2, temporal_patch_size=2, **norm),
+        video_processor=Qwen3VLVideoProcessor(size=pixels, patch_size=16, merge_size=2, temporal_patch_size=2, **norm),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_qwen3vl(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Write a random-weight dense Qwen3-VL (the real transformers/vLLM architecture) to `output_dir`."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
+    config = qwen3vl_config(size, ids, tokenizer_vocab)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).to(dtype).eval()
+    return save_qwen25vl_dir(out, model, qwen3vl_processor(tokenizer), tokenizer, ids)
+
+
 def build_tiny_llava(
     output_dir: str | os.PathLike,
     seed: int = 0,
@@ -345,3 +488,12 @@ def build_tiny_llava(
         data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data, indent=2))
     return save_llava_side_files(out, llava_processor(tokenizer, image_size), tokenizer, ids)
+
+
+# Family name (splitq_vllm.families) -> the factory of its tiny model.
+TINY_BUILDERS = {
+    "Qwen2.5-VL": build_tiny_qwen25vl,
+    "Qwen2-VL": build_tiny_qwen2vl,
+    "Qwen3-VL": build_tiny_qwen3vl,
+    "LLaVA-1.5": build_tiny_llava,
+}

@@ -1,0 +1,67 @@
+"""The serving test of one model family, shared by tests/plugin/test_<family>.py: the tiny model
+calibrated with `splitq-calibrate`, served by vLLM's OpenAI server (one start per module, eager),
+chats with images through the openai client, and greedy answers equal to the transformers
+loader's on the same checkpoint (token ids; log-probabilities within LOGPROB_ATOL).
+
+A test module sets FAMILY and imports the fixtures and tests below by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from splitq_calibration.cli import calibrate_main
+from splitq_vllm.checkpoint import read_checkpoint
+from splitq_vllm.testing.conversations import CONVERSATIONS
+from splitq_vllm.testing.images import write_sharegpt
+from tests.helpers.engine import OpenAIServer, server_env
+from tests.plugin.generation import Reference, assert_same_generation, served_chat, server_args
+
+PROMPTS = ["one_image", "two_images", "text_only"]
+
+
+def calibrated_checkpoint(src: Path, tmp: Path) -> Path:
+    """W4A4, 2 samples, 1 epoch: what `splitq-calibrate` writes for this family."""
+    data = write_sharegpt(tmp / "data", n=2)
+    out = tmp / "w4a4"
+    flags = ["--num-samples", "2", "--batch-size", "2", "--epochs", "1", "--scheme", "w4a4", "-q"]
+    assert calibrate_main(["--model", str(src), "--data", str(data), "--output", str(out), *flags]) == 0
+    assert read_checkpoint(out).quant_config.layers
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(family, tiny_model, tmp_path_factory):
+    return calibrated_checkpoint(tiny_model(family), tmp_path_factory.mktemp("splitq"))
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    with OpenAIServer(ckpt, server_args(), env=server_env(tmp_path_factory.mktemp("vllm-cache"))) as s:
+        print(f"\neager server start-up: {s.startup_seconds:.1f} s")
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return Reference(ckpt)
+
+
+def test_server_loaded_every_quantized_linear(server):
+    logs = server.logs()
+    assert "SplitQ:" in logs and "files checked" in logs
+    assert "neither quantized nor in the ignore list" not in logs
+
+
+def test_chat_with_an_image(server):
+    r = server.client().chat.completions.create(
+        model=server.model, messages=CONVERSATIONS["one_image"][0], max_tokens=6, temperature=0.0
+    )
+    assert isinstance(r.choices[0].message.content, str) and r.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("name", PROMPTS)
+def test_vllm_greedy_answers_equal_the_transformers_loader(server, reference, name):
+    msgs, pngs = CONVERSATIONS[name]
+    assert_same_generation(served_chat(server, msgs), reference.generate(msgs, pngs), name)

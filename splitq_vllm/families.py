@@ -74,8 +74,10 @@ class Family:
     deepstack: the language model's forward adds visual features to the hidden states after its
         first layers (`deepstack_visual_embeds` at `visual_pos_masks`): calibration records them
         and adds them to those layers' outputs, as the model does, before the next layer.
-    own_embed_input_ids: vLLM's class overrides `embed_input_ids` without calling the
-        interface's, so the plugin wraps the class's own method to fill the text mask.
+    own_embed_input_ids: vLLM's class overrides `embed_input_ids` (with the interface's
+        signature and meaning of `is_multimodal`), so the plugin wraps the class's own method to
+        fill the text mask (where it also calls the interface's, as Gemma 3's does, the mask is
+        written twice with the same values).
     """
 
     name: str
@@ -133,6 +135,17 @@ FAMILIES: tuple[Family, ...] = (
         deepstack=True,
         own_embed_input_ids=True,  # computes the deepstack inputs; is_multimodal has the usual meaning
         notes="deepstack: the tower's per-block features are added to the outputs of the first decoder layers",
+    ),
+    Family(
+        name="Gemma 3",
+        sizes="4B, 12B, 27B",
+        hf_architectures=("Gemma3ForConditionalGeneration",),
+        vllm_architectures=("Gemma3ForConditionalGeneration",),
+        # the sliding-window and the full-attention layers have the same linears; their
+        # attention masks and rotary tables differ (captured per layer type)
+        layer_kinds={"sliding_attention": STANDARD_LAYER, "full_attention": STANDARD_LAYER},
+        own_embed_input_ids=True,
+        notes="SigLIP tower; image tokens attend bidirectionally within their image",
     ),
     Family(
         name="LLaVA-1.5",

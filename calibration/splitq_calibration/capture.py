@@ -84,9 +84,9 @@ class LayerInputs:
 
     def at_layer(self, i: int) -> None:
         """Make these the inputs of decoder layer i (its type's kwargs; the deepstack features
-        added after layer i - 1)."""
+        added after layer i - 1); i = the number of layers: the final norm's input."""
         self.layer = i
-        if self.kwargs_by_type is not None:
+        if self.kwargs_by_type is not None and i < len(self.layer_types):
             self.kwargs = self.kwargs_by_type[self.layer_types[i]]
 
     def input(self, s: int, device: torch.device) -> torch.Tensor:

@@ -26,6 +26,17 @@ QWEN_SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+GEMMA3_SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
 
 # The tokenizer's training text: plain words of the kind test prompts use, so prompts are a few
 # dozen tokens instead of one token per byte.
@@ -75,6 +86,21 @@ LLAVA_CHAT_TEMPLATE = (
     "{{- ' ' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+GEMMA3_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}{{- '<start_of_image>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<end_of_turn>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
 )
 
 
@@ -427,6 +453,97 @@ def build_tiny_qwen3vl(
     return save_qwen25vl_dir(out, model, qwen3vl_processor(tokenizer), tokenizer, ids)
 
 
+def build_tiny_gemma3(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    image_size: int = 56,
+    tokens_per_image: int = 16,
+) -> Path:
+    """Write a random-weight Gemma 3 (SigLIP tower, average-pooled projector, Gemma 3 language
+    model with a sliding-window and a full-attention layer) to `output_dir`. Image tokens attend
+    bidirectionally within their image (the processor's token_type_ids)."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = train_bpe_tokenizer(GEMMA3_SPECIAL_TOKENS, corpus, vocab_size)
+    ids = {t: raw.token_to_id(t) for t in GEMMA3_SPECIAL_TOKENS}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    head_dim = size.hidden // size.heads
+    if head_dim < 32:
+        raise ValueError(f"head_dim {head_dim}: vLLM's CPU attention needs >= 32")
+    layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(size.layers)]
+    config = Gemma3Config(
+        text_config=dict(
+            vocab_size=_round_up(raw.get_vocab_size(), 64),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=16,  # shorter than the test prompts: the sliding layers differ from the full ones
+            layer_types=layer_types,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            bos_token_id=ids["<bos>"],
+            eos_token_id=ids["<eos>"],
+            pad_token_id=ids["<pad>"],
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_intermediate,
+            num_hidden_layers=size.vision_depth,
+            num_attention_heads=size.vision_heads,
+            image_size=image_size,
+            patch_size=14,
+            vision_use_head=False,
+        ),
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).to(dtype).eval()
+    model.save_pretrained(out)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(
+            size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ),
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=tokens_per_image,
+    )
+    processor.save_pretrained(out)
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    _save_generation_config(out, ids["<end_of_turn>"], ids["<bos>"], ids["<pad>"])
+    return out
+
+
 def build_tiny_llava(
     output_dir: str | os.PathLike,
     seed: int = 0,
@@ -495,5 +612,6 @@ TINY_BUILDERS = {
     "Qwen2.5-VL": build_tiny_qwen25vl,
     "Qwen2-VL": build_tiny_qwen2vl,
     "Qwen3-VL": build_tiny_qwen3vl,
+    "Gemma 3": build_tiny_gemma3,
     "LLaVA-1.5": build_tiny_llava,
 }

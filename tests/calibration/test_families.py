@@ -57,7 +57,9 @@ def test_each_layer_gets_the_input_the_model_gives_it(family, tiny_model, data, 
     src = TINY_BUILDERS[family](tmp_path / "fp32", dtype=torch.float32)  # float32 files: exact comparison
     samples = load_samples(src, data, CalibrationConfig(num_samples=2).resolved())
     real = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).eval()
-    _, real_layers = language_model_layers(real)
+    prefix, real_layers = language_model_layers(real)
+    # the final norm's input: the last layer's output (its type's kwargs checked too)
+    watched = [*real_layers, real.get_submodule(prefix.rsplit(".", 1)[0] + ".norm")]
     seen: list[dict[int, torch.Tensor]] = []
     for s in samples:
         got: dict[int, torch.Tensor] = {}
@@ -67,7 +69,7 @@ def test_each_layer_gets_the_input_the_model_gives_it(family, tiny_model, data, 
 
         hooks = [
             layer.register_forward_pre_hook(lambda m, a, kw, i=i: record(i, a, kw), with_kwargs=True)
-            for i, layer in enumerate(real_layers)
+            for i, layer in enumerate(watched)
         ]
         with torch.no_grad():
             real(**s.inputs, use_cache=False)
@@ -88,3 +90,6 @@ def test_each_layer_gets_the_input_the_model_gives_it(family, tiny_model, data, 
         layer = source.load_layer(i, dtype=torch.float32)
         inputs.hidden = fp_layer_forward(layer, inputs, torch.device("cpu"), torch.float32, consume=True)
         source.release_layer(i)
+    inputs.at_layer(len(source.layers))
+    for s in range(len(samples)):
+        torch.testing.assert_close(inputs.input(s, torch.device("cpu")), seen[s][len(source.layers)], rtol=1e-4, atol=1e-4)

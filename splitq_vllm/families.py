@@ -30,10 +30,12 @@ class GroupSpec:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A linear left in 16 bits, and why."""
+    """A linear left in 16 bits, and why. `ignore`: vLLM builds it as a linear layer, so the
+    checkpoint's ignore list names it (the name is a module-name suffix)."""
 
     name: str
     reason: str
+    ignore: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,25 @@ STANDARD_GROUPS = (
     GroupSpec("mlp", "down", ("down_proj",)),
 )
 STANDARD_LAYER = LayerKind(STANDARD_GROUPS)
+
+# Qwen3.5's Gated DeltaNet layer: the four input projections read the same (normed) input;
+# vLLM fuses them as in_proj_qkvz and in_proj_ba, both inside this one group.
+GATED_DELTANET_LAYER = LayerKind(
+    (
+        GroupSpec("linear_attn", "linear_in", ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")),
+        GroupSpec("linear_attn", "linear_out", ("out_proj",)),
+        STANDARD_GROUPS[2],
+        STANDARD_GROUPS[3],
+    ),
+    skipped=(
+        Skipped(
+            "linear_attn.conv1d",
+            "a depthwise causal convolution (kernel 4) over the projected q/k/v, not a matmul on a group "
+            "input; vLLM builds it as a linear layer, so it is in the checkpoint's ignore list",
+            ignore=True,
+        ),
+    ),
+)
 
 # Outside the decoder layers nothing is quantized by default (the checkpoint's ignore list).
 OUTSIDE = (
@@ -106,6 +127,14 @@ class Family:
             raise ValueError(f"{self.name}: decoder layer {i} has type {t!r}; known: {sorted(self.layer_kinds)}")
         return self.layer_kinds[t]
 
+    def ignore_patterns(self) -> list[str]:
+        """Ignore-list entries the checkpoint needs for this family (linears vLLM builds that are
+        not quantized, inside the decoder layers)."""
+        out = []
+        for kind in self.layer_kinds.values():
+            out += [s.name for s in kind.skipped if s.ignore and s.name not in out]
+        return out
+
     def group(self, kind: str) -> GroupSpec:
         return self.kinds_by_name[kind]
 
@@ -146,6 +175,16 @@ FAMILIES: tuple[Family, ...] = (
         layer_kinds={"sliding_attention": STANDARD_LAYER, "full_attention": STANDARD_LAYER},
         own_embed_input_ids=True,
         notes="SigLIP tower; image tokens attend bidirectionally within their image",
+    ),
+    Family(
+        name="Qwen3.5",
+        sizes="dense, up to 27B",
+        hf_architectures=("Qwen3_5ForConditionalGeneration",),
+        vllm_architectures=("Qwen3_5ForConditionalGeneration",),
+        # full attention: q_proj is gated (its output is query and gate), still one q/k/v group
+        layer_kinds={"linear_attention": GATED_DELTANET_LAYER, "full_attention": STANDARD_LAYER},
+        own_embed_input_ids=True,
+        notes="hybrid: Gated DeltaNet linear-attention layers and gated full-attention layers",
     ),
     Family(
         name="LLaVA-1.5",

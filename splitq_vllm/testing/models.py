@@ -311,6 +311,22 @@ def llava_hf_name(key: str) -> str:
     return "vision_tower.vision_model." + key[len("vision_tower.") :] if key.startswith("vision_tower.") else key
 
 
+def save_with_hf_tower_names(model, out: Path) -> None:
+    """`model.save_pretrained(out)`, the CLIP/SigLIP tower's tensors renamed as in the released
+    checkpoints (llava_hf_name)."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(out)
+    rename = llava_hf_name
+    for f in out.glob("*.safetensors"):
+        save_file({rename(k): v for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
 def save_llava_side_files(out: Path, processor, tokenizer, ids: dict[str, int]) -> Path:
     """Write processor, tokenizer (with chat template) and generation config to `out` (no weights)."""
     processor.save_pretrained(out)
@@ -477,7 +493,12 @@ def build_tiny_gemma3(
     size = size or TinySize()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from tokenizers import AddedToken
+
     raw = train_bpe_tokenizer(GEMMA3_SPECIAL_TOKENS, corpus, vocab_size)
+    # Gemma's vocabulary has runs of newlines as single tokens, which vLLM's Gemma 3 processor
+    # looks up by their text (it merges the newlines around the image sequence the same way)
+    raw.add_tokens([AddedToken("\n" * n, normalized=False, special=False) for n in (4, 3, 2, 1)])
     ids = {t: raw.token_to_id(t) for t in GEMMA3_SPECIAL_TOKENS}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,
@@ -528,7 +549,7 @@ def build_tiny_gemma3(
     )
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).to(dtype).eval()
-    model.save_pretrained(out)
+    save_with_hf_tower_names(model, out)  # Gemma 3 releases: vision_tower.vision_model...
     processor = Gemma3Processor(
         image_processor=Gemma3ImageProcessor(
             size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
@@ -544,6 +565,69 @@ def build_tiny_gemma3(
     return out
 
 
+def build_tiny_qwen35(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 64,
+) -> Path:
+    """Write a random-weight dense Qwen3.5 to `output_dir`: a Gated DeltaNet (linear-attention)
+    layer, then a full-attention layer with a gated q_proj (partial rotary, interleaved M-RoPE),
+    the Qwen3-VL tower without deepstack."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
+    ref = qwen3vl_config(size, ids, tokenizer_vocab)
+    half = int(head_dim * 0.25) // 2  # rotary dims / 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    vision = {k: v for k, v in ref.vision_config.to_dict().items() if k in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size", "spatial_merge_size", "temporal_patch_size", "num_position_embeddings")}
+    config = Qwen3_5Config(
+        text_config=dict(
+            vocab_size=_round_up(tokenizer_vocab, 64),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            head_dim=head_dim,
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=32,
+            linear_value_head_dim=32,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            layer_types=["full_attention" if (i + 1) % 2 == 0 else "linear_attention" for i in range(size.layers)],
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": mrope,
+                "mrope_interleaved": True,
+            },
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(config).to(dtype).eval()
+    return save_qwen25vl_dir(out, model, qwen3vl_processor(tokenizer), tokenizer, ids)
+
+
 def build_tiny_llava(
     output_dir: str | os.PathLike,
     seed: int = 0,
@@ -554,7 +638,6 @@ def build_tiny_llava(
     image_size: int = 56,
 ) -> Path:
     """Write a random-weight LLaVA-1.5 (CLIP tower, Llama LM) with llava-hf's tensor names."""
-    from safetensors.torch import load_file, save_file
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     size = size or TinySize(kv_heads=4)
@@ -595,15 +678,7 @@ def build_tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    model.save_pretrained(out)
-    rename = llava_hf_name
-    for f in out.glob("*.safetensors"):
-        save_file({rename(k): v for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
-    index = out / "model.safetensors.index.json"
-    if index.exists():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
-        index.write_text(json.dumps(data, indent=2))
+    save_with_hf_tower_names(model, out)
     return save_llava_side_files(out, llava_processor(tokenizer, image_size), tokenizer, ids)
 
 
@@ -613,5 +688,6 @@ TINY_BUILDERS = {
     "Qwen2-VL": build_tiny_qwen2vl,
     "Qwen3-VL": build_tiny_qwen3vl,
     "Gemma 3": build_tiny_gemma3,
+    "Qwen3.5": build_tiny_qwen35,
     "LLaVA-1.5": build_tiny_llava,
 }

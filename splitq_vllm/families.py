@@ -236,6 +236,11 @@ def group_spec(kind: str) -> GroupSpec:
     raise KeyError(kind)
 
 
+def all_group_kinds() -> list[str]:
+    """Every group kind of every family, in first-seen order."""
+    return list(dict.fromkeys(k for f in FAMILIES for k in f.kinds_by_name))
+
+
 def _check_kinds_unique() -> None:
     seen: dict[str, GroupSpec] = {}
     for f in FAMILIES:

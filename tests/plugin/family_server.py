@@ -64,4 +64,7 @@ def test_chat_with_an_image(server):
 @pytest.mark.parametrize("name", PROMPTS)
 def test_vllm_greedy_answers_equal_the_transformers_loader(server, reference, name):
     msgs, pngs = CONVERSATIONS[name]
-    assert_same_generation(served_chat(server, msgs), reference.generate(msgs, pngs), name)
+    served, expected = served_chat(server, msgs), reference.generate(msgs, pngs)
+    print(f"\n{name}: served {served.token_ids} {[round(x, 4) for x in served.logprobs]}")
+    print(f"{name}: reference {expected.token_ids} {[round(x, 4) for x in expected.logprobs]}")
+    assert_same_generation(served, expected, name)

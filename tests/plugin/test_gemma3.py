@@ -1,4 +1,4 @@
-"""The vLLM plugin on the tiny Gemma 3 (splitq_vllm.families; SigLIP tower, sliding and full attention layers, image tokens attending bidirectionally): tests/plugin/family_server.py."""
+"""The vLLM plugin on the tiny Gemma 3 (splitq_vllm.families; SigLIP tower, sliding and full attention layers, image tokens attending bidirectionally in transformers): tests/plugin/family_server.py."""
 
 import pytest
 
@@ -12,6 +12,17 @@ from tests.plugin.family_server import (  # noqa: F401  (pytest collects them he
 )
 
 pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def causal_images():
+    """vLLM's CPU attention backend has no multimodal-prefix mode: CpuPlatform.get_attn_backend_cls
+    returns CPU_ATTN whatever use_mm_prefix asks, so on the CPU vLLM's Gemma 3 attends causally
+    over image tokens, where transformers (given the processor's token_type_ids) attends
+    bidirectionally within an image. The CPU comparison runs transformers causally too; the
+    bidirectional one needs a GPU backend (owed on a GPU: pytest tests/plugin/test_gemma3.py with
+    this fixture returning False)."""
+    return True
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import pytest
 
 from tests.plugin.family_server import (  # noqa: F401  (pytest collects them here)
+    causal_images,
     ckpt,
     reference,
     server,

@@ -21,8 +21,17 @@ from splitq_vllm.checkpoint import read_checkpoint
 from splitq_vllm.model_layout import linear_groups, vision_token_ids
 
 
-# the forward arguments that carry images / videos (every supported family's names)
+# the forward arguments that carry images / videos (every supported family's names); generate()
+# encodes them first and passes `mm_encoder_outputs` (modality -> output) instead
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+
+
+def carries_pixels(kwargs: dict) -> bool:
+    """Whether a forward call brings vision-tower input (so placeholder rows get its embeddings)."""
+    encoded = kwargs.get("mm_encoder_outputs")
+    if isinstance(encoded, dict) and any(v is not None for v in encoded.values()):
+        return True
+    return any(kwargs.get(k) is not None for k in PIXEL_KEYS)
 
 
 class TextMask:
@@ -96,7 +105,7 @@ def install_text_mask(model: nn.Module) -> TextMask:
 
     def hook(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        text_mask.has_pixels = any(kwargs.get(k) is not None for k in PIXEL_KEYS)
+        text_mask.has_pixels = carries_pixels(kwargs)
         text_mask.update(input_ids)
 
     model.register_forward_pre_hook(hook, with_kwargs=True)

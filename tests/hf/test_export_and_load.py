@@ -110,3 +110,5 @@ def test_a_placeholder_token_without_pixels_is_a_text_row(model_and_ckpt):
     with torch.no_grad():
         model(**_inputs(src))
     assert int((~mask.mask).sum()) == 16
+    model.generate(**_inputs(src), max_new_tokens=1, do_sample=False)  # one forward: the prefill,
+    assert int((~mask.mask).sum()) == 16  # whose images generate() passes as mm_encoder_outputs

@@ -5,6 +5,7 @@ import pytest
 from tests.plugin.family_server import (  # noqa: F401  (pytest collects them here)
     ckpt,
     reference,
+    serve_dtype,
     server,
     test_chat_with_an_image,
     test_server_loaded_every_quantized_linear,

@@ -6,6 +6,7 @@ from tests.plugin.family_server import (  # noqa: F401  (pytest collects them he
     causal_images,
     ckpt,
     reference,
+    serve_dtype,
     server,
     test_chat_with_an_image,
     test_server_loaded_every_quantized_linear,
@@ -13,6 +14,14 @@ from tests.plugin.family_server import (  # noqa: F401  (pytest collects them he
 )
 
 pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def serve_dtype():
+    """vLLM's CPU Gated DeltaNet kernel refuses float32 ("CPU GDN attention requires BF16"), so the
+    server and the transformers loader run in bfloat16 and the comparison is the first token and
+    its log-probability; the float32 comparison is owed on a GPU (this fixture returning "float32")."""
+    return "bfloat16"
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from tests.plugin.family_server import (  # noqa: F401  (pytest collects them he
     causal_images,
     ckpt,
     reference,
+    serve_dtype,
     server,
     test_chat_with_an_image,
     test_server_loaded_every_quantized_linear,

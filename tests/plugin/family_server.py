@@ -20,7 +20,10 @@ from tests.helpers.engine import OpenAIServer, server_env
 from tests.plugin.generation import Reference, assert_same_generation, served_chat, server_args
 
 PROMPTS = ["one_image", "two_images", "text_only"]
-BF16_LOGPROB_ATOL = 5e-2  # bf16 keeps 8 bits of mantissa: ~4e-3 relative per op
+# bf16 on both sides with different kernels (8 bits of mantissa): measured on the tiny Qwen3.5, the
+# first 4 greedy tokens agree on each prompt and the first log-probabilities differ by 0.03-0.05
+BF16_TOKENS = 3
+BF16_LOGPROB_ATOL = 0.1
 
 
 def calibrated_checkpoint(src: Path, tmp: Path) -> Path:
@@ -96,7 +99,7 @@ def test_vllm_greedy_answers_equal_the_transformers_loader(server, reference, se
     print(f"{name}: reference {expected.token_ids} {[round(x, 4) for x in expected.logprobs]}")
     if serve_dtype == "float32":
         assert_same_generation(served, expected, name)
-    else:  # bf16 rounding on both sides (different kernels): the first token and its log-probability
+    else:  # a weaker check (bf16 noise is of the size of a mask error): the first tokens
         assert served.prompt_ids == expected.prompt_ids
-        assert served.token_ids[0] == expected.token_ids[0], (served.token_ids, expected.token_ids)
+        assert served.token_ids[:BF16_TOKENS] == expected.token_ids[:BF16_TOKENS], (served.token_ids, expected.token_ids)
         assert abs(served.logprobs[0] - expected.logprobs[0]) <= BF16_LOGPROB_ATOL

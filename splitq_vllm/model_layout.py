@@ -1,7 +1,8 @@
 """Where the quantizable linears of a Hugging Face VLM are, and what they are called on disk.
 
-SplitQ quantizes the language model's decoder linears in four input groups per layer: q/k/v share
-the attention input, gate/up share the MLP input, o_proj and down_proj read their own. The
+SplitQ quantizes the language model's decoder linears in input groups (linears that read the same
+input; per family and layer type in `splitq_vllm.families`: q/k/v, o, gate/up, down for the
+standard decoder layer). The
 transformers module names (`model.language_model.layers.0.self_attn.q_proj`) can differ from the
 tensor names in the model's files (Qwen2.5-VL: `model.layers.0...`, llava-hf:
 `language_model.model.layers.0...`); a checkpoint
@@ -11,21 +12,16 @@ keeps the names of the files, so vLLM's and transformers' own name mappings keep
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from splitq_vllm.checkpoint.reader import tensor_files
+from splitq_vllm.families import STANDARD_GROUPS, Family, family_of, family_of_config
 
-# (sub-module, group kind, members): members of one group read the same input.
-GROUP_SPECS = (
-    ("self_attn", "qkv", ("q_proj", "k_proj", "v_proj")),
-    ("self_attn", "o", ("o_proj",)),
-    ("mlp", "gate_up", ("gate_proj", "up_proj")),
-    ("mlp", "down", ("down_proj",)),
-)
+# (sub-module, group kind, members) of the standard decoder layer (memory estimates use it).
+GROUP_SPECS = tuple((g.parent, g.kind, g.members) for g in STANDARD_GROUPS)
 
 
 @dataclass(frozen=True)
@@ -54,14 +50,20 @@ def source_tensor_files(model_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def language_model_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder layers of the language model and their module-name prefix."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and re.search(r"(^|\.)language_model(\.model)?\.layers$", name):
-            return name, module
-    raise ValueError(
-        f"{type(model).__name__}: no language-model decoder layers found (expected a module list named "
-        "'...language_model.layers'; supported: Qwen2.5-VL, LLaVA-1.5 and models with the same layout)"
-    )
+    """The decoder layers of the language model and their module-name prefix (per its family)."""
+    family = family_of(model)
+    try:
+        layers = model.get_submodule(family.layers)
+    except AttributeError:
+        layers = None
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder layers at {family.layers!r} (family {family.name})")
+    return family.layers, layers
+
+
+def text_config(config):
+    """The language model's config (the top-level config of a text-only model)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _file_name(layer_names: set[str], layer: int, parent: str, member: str) -> str:
@@ -81,11 +83,14 @@ def linear_groups(model: nn.Module, tensor_names: list[str]) -> list[LinearGroup
     tensor_names: the tensor names in the model's files (source_tensor_files(dir) of a source model
     or a SplitQ checkpoint), used to find each linear's file name.
     """
+    family = family_of(model)
     prefix, layers = language_model_layers(model)
+    text_cfg = text_config(model.config)
     layer_names = {n.rsplit(".", 1)[0] for n in tensor_names}
     groups = []
     for i, layer in enumerate(layers):
-        for parent, kind, members in GROUP_SPECS:
+        for spec in family.layer_kind(text_cfg, i).groups:
+            parent, kind, members = spec.parent, spec.kind, spec.members
             mods = [getattr(getattr(layer, parent), m) for m in members]
             if not all(isinstance(m, nn.Linear) for m in mods):
                 raise ValueError(f"layer {i}: {parent}.{members} are not all nn.Linear")
@@ -116,8 +121,9 @@ def group_weight(model: nn.Module, group: LinearGroup) -> tuple[torch.Tensor, to
 
 def vision_token_ids(config) -> list[int]:
     """Token ids whose rows come from the vision tower (image and video placeholders)."""
+    keys = family_of_config(config).vision_token_keys if getattr(config, "architectures", None) else Family.vision_token_keys
     ids = []
-    for key in ("image_token_id", "image_token_index", "video_token_id"):
+    for key in keys:
         v = getattr(config, key, None)
         if isinstance(v, int) and v not in ids:
             ids.append(v)

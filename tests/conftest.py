@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitq_vllm.testing.models import build_tiny_llava, build_tiny_qwen25vl
+from splitq_vllm.testing.models import TINY_BUILDERS, build_tiny_llava, build_tiny_qwen25vl
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +18,20 @@ def tiny_qwen_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """family name -> its tiny model directory (each built once per session, on first use)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            slug = family.lower().replace(".", "").replace("-", "")
+            built[family] = TINY_BUILDERS[family](tmp_path_factory.mktemp("models") / f"tiny-{slug}")
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,19 @@
 """Step 1 of the pipeline: what decoder layer 0 receives, for every calibration sample.
 
-A full forward per sample with a stand-in for decoder layer 0 that records its input and keyword
-arguments (attention mask, position ids, Qwen2.5-VL's M-RoPE position embeddings) and stops the
-forward: whatever the model passes its decoder layers, so no model-specific position code is
+A full forward per sample with stand-ins for the decoder layers that record their input and
+keyword arguments (attention mask, position ids, Qwen2.5-VL's M-RoPE position embeddings) and stop
+the forward: whatever the model passes its decoder layers, so no model-specific position code is
 needed. Only the embeddings, the vision tower and the projector run (the caller has loaded them
 on the device; the decoder layers can stay on the meta device); the activations go to an
-activation store on the CPU. The same keyword arguments serve every decoder layer (they depend on
-the positions, not on the hidden states), which is why models whose layers differ in attention
-type are refused.
+activation store on the CPU. The keyword arguments depend on the positions and the layer's type,
+not on the hidden states: they are kept once per layer type (`text_config.layer_types`: Gemma 3's
+sliding and full attention, Qwen3.5's linear and full attention), from the first layer of each
+type; the stand-ins before it pass the hidden states through, and the forward stops there.
+
+Families with deepstack (Qwen3-VL, `splitq_vllm.families`) add visual features to the outputs of
+their first layers; the language model's forward receives them (`deepstack_visual_embeds`,
+`visual_pos_masks`) and they are recorded here, so that `LayerInputs.input` hands layer i + 1 its
+input with them added, as the model does.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitq_vllm.model_layout import language_model_layers
+from splitq_vllm.families import family_of
+from splitq_vllm.model_layout import language_model_layers, text_config
 
 from .activations import ActivationStore
 from .data import CalibSample
@@ -50,12 +57,48 @@ def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = 
 
 
 @dataclass
+class Deepstack:
+    """One sample's deepstack features: `embeds[j]` (n_visual, H) is added at the rows of
+    `positions` (T,) to the output of decoder layer j."""
+
+    positions: torch.Tensor
+    embeds: list[torch.Tensor]
+
+
+@dataclass
 class LayerInputs:
-    """Per sample: the decoder-layer input (1, T, H) on the CPU, its kwargs, its text mask."""
+    """Per sample: the decoder-layer input (1, T, H) on the CPU, its kwargs, its text mask.
+
+    `kwargs` are those of the current layer (`at_layer`); `kwargs_by_type` holds them per layer
+    type where the layers differ. `hidden` holds the previous layer's outputs; `input` adds what
+    the model adds between layers (deepstack) when it reads them.
+    """
 
     hidden: ActivationStore | list[torch.Tensor]
     kwargs: list[dict[str, Any]]
     text_masks: list[torch.Tensor]
+    kwargs_by_type: dict[str, list[dict[str, Any]]] | None = None
+    layer_types: list[str] | None = None
+    deepstack: list[Deepstack | None] | None = None
+    layer: int = 0
+
+    def at_layer(self, i: int) -> None:
+        """Make these the inputs of decoder layer i (its type's kwargs; the deepstack features
+        added after layer i - 1); i = the number of layers: the final norm's input."""
+        self.layer = i
+        if self.kwargs_by_type is not None and i < len(self.layer_types):
+            self.kwargs = self.kwargs_by_type[self.layer_types[i]]
+
+    def input(self, s: int, device: torch.device) -> torch.Tensor:
+        """Sample s's input to the current layer, float32 on `device`."""
+        x = self.hidden[s].to(device=device, dtype=torch.float32)
+        ds = self.deepstack[s] if self.deepstack is not None else None
+        j = self.layer - 1
+        if ds is not None and 0 <= j < len(ds.embeds):
+            x = x.clone()
+            pos = ds.positions.to(device)
+            x[0, pos] = x[0, pos] + ds.embeds[j].to(device=device, dtype=torch.float32)
+        return x
 
 
 class _Stop(Exception):
@@ -63,28 +106,29 @@ class _Stop(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for decoder layer 0: records its input and keyword arguments, then stops."""
+    """Stands in for decoder layer `index`: records its kwargs (the first layer of its type) and
+    its input (layer 0), passes the hidden states on, and stops the forward at `last`."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int, layer_type: str, records: dict[str, dict[str, Any]], last: bool) -> None:
         super().__init__()
-        self.record: tuple[torch.Tensor, dict[str, Any]] | None = None
+        self.index, self.layer_type, self.records, self.last = index, layer_type, records, last
+        self.hidden: torch.Tensor | None = None
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise CalibrationError("decoder layer called with positional arguments besides the hidden states")
-        self.record = (hidden_states, kwargs)
-        raise _Stop
+        if self.index == 0:
+            self.hidden = hidden_states
+        self.records.setdefault(self.layer_type, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
 
 
-def check_layer_types(model: nn.Module) -> None:
-    """Refuse models whose decoder layers differ in attention type (layer-0 kwargs would not fit all)."""
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    types = getattr(text_cfg, "layer_types", None)
-    if types and len(set(types)) > 1:
-        raise CalibrationError(
-            f"{type(model).__name__}: decoder layers of different attention types {sorted(set(types))} "
-            "(sliding-window layers) are not supported: layer-0 arguments would not fit every layer"
-        )
+def _clean_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+    kw["use_cache"] = False
+    return to_device(kw, torch.device("cpu"))
 
 
 def capture_layer0_inputs(
@@ -96,32 +140,70 @@ def capture_layer0_inputs(
 ) -> LayerInputs:
     """Run each sample through the model up to decoder layer 0 (the embeddings, the vision tower
     and the projector, which the caller has put on `device`) and keep what layer 0 receives:
-    the hidden states in `store` (a list if None) in offload_dtype, the kwargs on the CPU."""
-    check_layer_types(model)
+    the hidden states in `store` (a list if None) in offload_dtype, the kwargs on the CPU (per
+    layer type), and the deepstack features of families that have them."""
+    family = family_of(model)
     prefix, layers = language_model_layers(model)
-    parent = model.get_submodule(prefix.rsplit(".", 1)[0])
-    attr = prefix.rsplit(".", 1)[1]
-    catcher = _Catcher()
-    setattr(parent, attr, nn.ModuleList([catcher]))
+    text_cfg = text_config(model.config)
+    types = [family.layer_type(text_cfg, i) for i in range(len(layers))]
+    for i in range(len(layers)):
+        family.layer_kind(text_cfg, i)  # an unknown layer type fails before any forward
+    distinct = list(dict.fromkeys(types))
+    last = max(types.index(t) for t in distinct)
+    lm_name, attr = prefix.rsplit(".", 1)
+    parent = model.get_submodule(lm_name)
+    records: dict[str, dict[str, Any]] = {}
+    catchers = [_Catcher(i, types[i], records, i == last) for i in range(last + 1)]
+    setattr(parent, attr, nn.ModuleList(catchers))
+    lm_kwargs: dict[str, Any] = {}
+    hook = None
+    if family.deepstack:
+        hook = parent.register_forward_pre_hook(lambda m, a, kw: lm_kwargs.update(kw), with_kwargs=True)
     hidden = [] if store is None else store
-    kwargs_list = []
+    by_type: dict[str, list[dict[str, Any]]] = {t: [] for t in distinct}
+    deepstack: list[Deepstack | None] = []
     try:
         with torch.no_grad():
             for s in samples:
                 inputs = to_device(s.inputs, device)
-                catcher.record = None
+                records.clear()
+                lm_kwargs.clear()
+                catchers[0].hidden = None
                 try:
                     model(**inputs, use_cache=False)
                 except _Stop:
                     pass
-                if catcher.record is None:
-                    raise CalibrationError(f"sample {s.id!r}: the model forward never reached decoder layer 0")
-                h, kw = catcher.record
-                kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-                kw["use_cache"] = False
-                hidden.append(h.detach().to("cpu", offload_dtype))
-                kwargs_list.append(to_device(kw, torch.device("cpu")))
-                catcher.record = None
+                if catchers[0].hidden is None or len(records) != len(distinct):
+                    raise CalibrationError(f"sample {s.id!r}: the model forward never reached decoder layer {last}")
+                hidden.append(catchers[0].hidden.detach().to("cpu", offload_dtype))
+                for t in distinct:
+                    by_type[t].append(_clean_kwargs(records[t]))
+                if family.deepstack:
+                    deepstack.append(_deepstack(lm_kwargs, s.id))
+                catchers[0].hidden = None
+                records.clear()
+                lm_kwargs.clear()
     finally:
         setattr(parent, attr, layers)
-    return LayerInputs(hidden, kwargs_list, [s.text_mask for s in samples])
+        if hook is not None:
+            hook.remove()
+    single = len(distinct) == 1
+    return LayerInputs(
+        hidden,
+        by_type[types[0]],
+        [s.text_mask for s in samples],
+        kwargs_by_type=None if single else by_type,
+        layer_types=None if single else types,
+        deepstack=deepstack if family.deepstack else None,
+    )
+
+
+def _deepstack(lm_kwargs: dict[str, Any], sample_id: str) -> Deepstack | None:
+    """The deepstack features the language model received for one sample (None without images)."""
+    embeds = lm_kwargs.get("deepstack_visual_embeds")
+    positions = lm_kwargs.get("visual_pos_masks")
+    if embeds is None:
+        return None
+    if positions is None or positions.shape[0] != 1:
+        raise CalibrationError(f"sample {sample_id!r}: deepstack features without a (1, T) visual position mask")
+    return Deepstack(positions[0].detach().cpu(), [e.detach().to("cpu", torch.float32) for e in embeds])

@@ -13,6 +13,8 @@ import sys
 import typing
 from pathlib import Path
 
+from splitq_vllm.families import all_group_kinds
+
 from .recipe import (
     METHODS,
     ON_BAD_SAMPLE,
@@ -167,7 +169,10 @@ def inspect_main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="calibration data (as for splitq-calibrate)")
     p.add_argument("--layer", type=int, required=True, help="decoder layer index (0-based)")
     p.add_argument(
-        "--group", default="qkv", choices=["qkv", "o", "gate_up", "down"], help="which linear input (default qkv)"
+        "--group",
+        default="qkv",
+        choices=all_group_kinds(),
+        help="which linear input (default qkv; linear_in / linear_out: Qwen3.5's Gated DeltaNet layers)",
     )
     p.add_argument("--output", required=True, help="PNG file to write")
     p.add_argument("--checkpoint", help="mark the channels stored in this SplitQ checkpoint instead of running MOCD")

@@ -43,8 +43,10 @@ def layer_input_stats(
     inputs = capture_layer0_inputs(source.model, samples, device, offload)
     source.release_before_layers()
     for i in range(layer):
+        inputs.at_layer(i)
         inputs.hidden = fp_layer_forward(source.load_layer(i, device), inputs, device, offload, consume=True)
         source.release_layer(i)
+    inputs.at_layer(layer)
     work = float32_layer(source.load_layer(layer, device), device, consume=True)
     mask = MaskHolder()
     calib = install_calib_linears(work, kinds, mask)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from splitq_kernels.reference import FakeQuantWeights, SplitQScheme, splitq_linear_fake
-from splitq_vllm.model_layout import GROUP_SPECS
+from splitq_vllm.families import group_spec
 
 from .activations import ActivationStore
 from .capture import LayerInputs, to_device
@@ -114,10 +114,8 @@ class CalibLinear(nn.Module):
 
 
 def _group_members(kind: str) -> tuple[str, tuple[str, ...]]:
-    for parent, k, members in GROUP_SPECS:
-        if k == kind:
-            return parent, members
-    raise KeyError(kind)
+    spec = group_spec(kind)  # splitq_vllm.families: kinds are unique across families
+    return spec.parent, spec.members
 
 
 def install_calib_linears(layer: nn.Module, kinds: list[str], mask: MaskHolder) -> dict[str, list[CalibLinear]]:
@@ -167,7 +165,7 @@ def layer_output(out: Any) -> torch.Tensor:
 def run_sample(work: nn.Module, mask: MaskHolder, inputs: LayerInputs, i: int, device: torch.device) -> torch.Tensor:
     """The layer's output for sample i (float32 on `device`), with the sample's text mask set."""
     mask.mask = inputs.text_masks[i].to(device)
-    x = inputs.hidden[i].to(device=device, dtype=torch.float32)
+    x = inputs.input(i, device)
     return layer_output(work(x, **to_device(inputs.kwargs[i], device, torch.float32)))
 
 

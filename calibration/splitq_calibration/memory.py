@@ -95,16 +95,20 @@ class Estimate:
 
 def model_sizes(model: torch.nn.Module, file_bytes: int = 2) -> ModelSizes:
     """ModelSizes of a VLM; a meta skeleton will do (only shapes are read)."""
-    from splitq_vllm.model_layout import GROUP_SPECS, language_model_layers
+    from splitq_vllm.families import family_of
+    from splitq_vllm.model_layout import language_model_layers, text_config
 
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
     _, layers = language_model_layers(model)
-    layer = layers[0]
+    # the largest decoder layer (hybrid families: layer types differ in size)
+    i = max(range(len(layers)), key=lambda j: count(layers[j]))
+    layer = layers[i]
     linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
     groups = [
-        sum(getattr(getattr(layer, parent), m).weight.numel() for m in members) for parent, _, members in GROUP_SPECS
+        sum(getattr(getattr(layer, g.parent), m).weight.numel() for m in g.members)
+        for g in family_of(model).layer_kind(text_config(model.config), i).groups
     ]
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embed.weight

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from splitq_vllm.checkpoint import matches_ignore
+from splitq_vllm.families import family_of_config
 from splitq_vllm.model_layout import LinearGroup, linear_groups, source_tensor_files
 
 from .activations import ActivationSpace
@@ -185,6 +186,7 @@ class Calibrator:
         n_vis = sum(s.num_vision_tokens for s in samples)
         log.info("%d calibration samples, %d tokens (%d vision, %d text)", len(samples), n_tok, n_vis, n_tok - n_vis)
         source = SourceModel(self.model_dir)
+        source_config = source.config
         sizes = model_sizes(source.model, source.file_element_size)
         budget = None if cfg.activation_memory_gb is None else cfg.activation_memory_gb * GB
         est = estimate(
@@ -261,7 +263,7 @@ class Calibrator:
             self.output,
             self.work.packed_groups(num_layers, by_layer),
             scheme,
-            ignore=list(cfg.ignore),
+            ignore=[*cfg.ignore, *(p for p in family_of_config(source_config).ignore_patterns() if p not in cfg.ignore)],
             calibration=metadata,
             overwrite=cfg.overwrite,
         )
@@ -302,6 +304,7 @@ class Calibrator:
                 layer = source.load_layer(i, self.device)
                 load_s = time.perf_counter() - tl
                 previous = inputs.hidden
+                inputs.at_layer(i)  # the layer type's kwargs, the deepstack features added after layer i - 1
                 if i in done:
                     log.info("done earlier, recomputing its FP output")
                     inputs.hidden = fp_layer_forward(

@@ -3,8 +3,9 @@
 Every quantized linear becomes a SplitQLinearModule that runs the reference integer forward
 (`splitq_kernels.reference.splitq_linear`), so this model computes exactly what the checkpoint
 defines. The text mask comes from the token ids of each forward call: a row is vision when its
-token is an image or video placeholder, text otherwise (decoded tokens included), the same rule
-the vLLM plugin applies.
+token is an image or video placeholder and the call carries pixel values (the rows the vision
+tower fills), text otherwise; so decoded tokens are text, even a generated placeholder token
+(its row holds the token's text embedding): the rule the vLLM plugin applies (`is_multimodal`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,34 @@ from splitq_vllm.checkpoint import read_checkpoint
 from splitq_vllm.model_layout import linear_groups, vision_token_ids
 
 
+# the forward arguments that carry images / videos (every supported family's names); generate()
+# encodes them first and passes `mm_encoder_outputs` (modality -> output) instead
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+
+
+def carries_pixels(kwargs: dict) -> bool:
+    """Whether a forward call brings vision-tower input (so placeholder rows get its embeddings)."""
+    encoded = kwargs.get("mm_encoder_outputs")
+    if isinstance(encoded, dict) and any(v is not None for v in encoded.values()):
+        return True
+    return any(kwargs.get(k) is not None for k in PIXEL_KEYS)
+
+
 class TextMask:
     """Which rows of the current forward are text; shared by all SplitQ modules of one model."""
 
     def __init__(self, vision_ids: list[int]) -> None:
         self.vision_ids = torch.tensor(vision_ids)
         self.mask: torch.Tensor | None = None
+        self.has_pixels = True  # whether the current forward call carries images or videos
 
     def update(self, input_ids: torch.Tensor | None) -> None:
-        self.mask = None if input_ids is None else ~torch.isin(input_ids, self.vision_ids.to(input_ids.device))
+        if input_ids is None:
+            self.mask = None
+        elif not self.has_pixels:
+            self.mask = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            self.mask = ~torch.isin(input_ids, self.vision_ids.to(input_ids.device))
 
 
 def target_device(fn, like: torch.Tensor) -> torch.device:
@@ -85,6 +105,7 @@ def install_text_mask(model: nn.Module) -> TextMask:
 
     def hook(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        text_mask.has_pixels = carries_pixels(kwargs)
         text_mask.update(input_ids)
 
     model.register_forward_pre_hook(hook, with_kwargs=True)

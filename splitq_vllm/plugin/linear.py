@@ -96,10 +96,13 @@ class SplitQLinearMethod(LinearMethodBase):
                     f"{len(self.members)} checkpoint layers (the format stores q/k/v and gate/up separately)"
                 )
             return 0
+        owner = getattr(self, "_shard_member", None)  # vLLM shard -> member (set in create_weights)
         if isinstance(shard_id, str):
             idx = _QKV_SHARDS[shard_id]
         elif isinstance(shard_id, int):
-            idx = shard_id
+            idx = owner[shard_id] if owner is not None and 0 <= shard_id < len(owner) else shard_id
+        elif isinstance(shard_id, tuple) and owner is not None and len({owner[i] for i in shard_id if 0 <= i < len(owner)}) == 1:
+            idx = owner[shard_id[0]]  # several vLLM shards of one checkpoint layer (Qwen3.5's in_proj_qkv)
         else:
             raise CheckpointError(f"SplitQ layer '{self.prefix}': unsupported shard id {shard_id!r}")
         if not 0 <= idx < len(self.members):
@@ -176,6 +179,26 @@ class SplitQLinearMethod(LinearMethodBase):
 
         return loader
 
+    def _member_sizes(self, sizes: list[int], tp: int) -> list[int]:
+        """vLLM's output shards grouped per checkpoint layer: one shard each, or (Qwen3.5's
+        in_proj_qkvz: q, k, v, z shards for the checkpoint's in_proj_qkv and in_proj_z)
+        consecutive shards that add up to a layer's rows. Records which member owns each shard."""
+        self._shard_member = list(range(len(sizes)))
+        if len(sizes) == len(self.members) or tp != 1:
+            return sizes
+        grouped, owner, i = [], [], 0
+        for j, m in enumerate(self.members):
+            rows = 0
+            while i < len(sizes) and rows < m.dims.out_features:
+                rows += sizes[i]
+                owner.append(j)
+                i += 1
+            grouped.append(rows)
+        if i != len(sizes) or any(r != m.dims.out_features for r, m in zip(grouped, self.members)):
+            return sizes  # no grouping fits: the shape check below names the mismatch
+        self._shard_member = owner
+        return grouped
+
     # ------------------------------------------------------------------------------------------
     def create_weights(
         self,
@@ -188,6 +211,7 @@ class SplitQLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         weight_loader = extra_weight_attrs.pop("weight_loader")
+        output_partition_sizes = self._member_sizes(list(output_partition_sizes), getattr(layer, "tp_size", 1))
         if len(output_partition_sizes) != len(self.members):
             raise CheckpointError(
                 f"SplitQ: vLLM layer '{self.prefix}' has {len(output_partition_sizes)} output shards, the checkpoint "

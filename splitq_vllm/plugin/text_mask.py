@@ -83,13 +83,8 @@ def model_mask_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     return cached
 
 
-def install_embed_hook() -> None:
-    """Wrap SupportsMultiModal.embed_input_ids to fill the mask (idempotent)."""
-    from vllm.model_executor.models.interfaces import SupportsMultiModal
-
-    original = SupportsMultiModal.embed_input_ids
-    if getattr(original, _HOOK_FLAG, False):
-        return
+def _mask_writing(original):
+    """`embed_input_ids` that also writes the step's text mask into the model's SplitQ buffers."""
 
     @functools.wraps(original)
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
@@ -102,16 +97,34 @@ def install_embed_hook() -> None:
         return out
 
     setattr(embed_input_ids, _HOOK_FLAG, True)
-    SupportsMultiModal.embed_input_ids = embed_input_ids
+    return embed_input_ids
+
+
+def install_embed_hook() -> None:
+    """Wrap SupportsMultiModal.embed_input_ids to fill the mask (idempotent)."""
+    from vllm.model_executor.models.interfaces import SupportsMultiModal
+
+    if not getattr(SupportsMultiModal.embed_input_ids, _HOOK_FLAG, False):
+        SupportsMultiModal.embed_input_ids = _mask_writing(SupportsMultiModal.embed_input_ids)
 
 
 def check_model_class(model_cls: type) -> None:
-    """Refuse a multimodal model whose embed_input_ids bypasses the hook (its mask would be wrong)."""
+    """Refuse a model class of no supported family (splitq_vllm.families), and one whose
+    embed_input_ids bypasses the hook (its mask would be wrong). A family whose vLLM class has its
+    own embed_input_ids (`own_embed_input_ids`) gets that method wrapped here (idempotent)."""
     from vllm.model_executor.models.interfaces import supports_multimodal
 
+    from splitq_vllm.families import family_of_vllm
+
+    try:
+        family = family_of_vllm(model_cls)
+    except ValueError as e:
+        raise NotImplementedError(f"SplitQ: {e}") from None
+    if family.own_embed_input_ids and not getattr(model_cls.embed_input_ids, _HOOK_FLAG, False):
+        model_cls.embed_input_ids = _mask_writing(model_cls.embed_input_ids)
     if supports_multimodal(model_cls) and not getattr(model_cls.embed_input_ids, _HOOK_FLAG, False):
         raise NotImplementedError(
-            f"SplitQ: {model_cls.__name__} overrides embed_input_ids, so the SplitQ text/vision token mask "
-            "would not be updated for its forward passes. Supported: models using "
-            "SupportsMultiModal.embed_input_ids (Qwen2.5-VL, LLaVA-1.5 and others)."
+            f"SplitQ: {model_cls.__name__} ({family.name}) overrides embed_input_ids, so the SplitQ text/vision "
+            "token mask would not be updated for its forward passes (mark the family own_embed_input_ids in "
+            "splitq_vllm/families.py once its method's is_multimodal is checked)"
         )

@@ -26,6 +26,17 @@ QWEN_SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+GEMMA3_SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
 
 # The tokenizer's training text: plain words of the kind test prompts use, so prompts are a few
 # dozen tokens instead of one token per byte.
@@ -75,6 +86,21 @@ LLAVA_CHAT_TEMPLATE = (
     "{{- ' ' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+GEMMA3_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}{{- '<start_of_image>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<end_of_turn>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
 )
 
 
@@ -186,16 +212,50 @@ def qwen25vl_config(size: TinySize, ids: dict[str, int], tokenizer_vocab: int):
     )
 
 
-def qwen25vl_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224, chat_template: str = QWEN_CHAT_TEMPLATE):
-    """The Qwen2.5-VL processor (Qwen2VL image/video processors, 14 px patches, 2x2 merge)."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+def qwen25vl_processor(
+    tokenizer,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+    chat_template: str = QWEN_CHAT_TEMPLATE,
+    processor_class: str = "Qwen2_5_VLProcessor",
+):
+    """The Qwen2.5-VL processor (Qwen2VL image/video processors, 14 px patches, 2x2 merge);
+    `processor_class` "Qwen2VLProcessor" gives Qwen2-VL's, which has the same parts."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     pixels = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    return Qwen2_5_VLProcessor(
+    return getattr(transformers, processor_class)(
         image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2),
         video_processor=Qwen2VLVideoProcessor(size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2),
         tokenizer=tokenizer,
         chat_template=chat_template,
+    )
+
+
+def qwen2vl_config(size: TinySize, ids: dict[str, int], tokenizer_vocab: int):
+    """A `Qwen2VLConfig` of the given sizes: Qwen2.5-VL's language model (M-RoPE), Qwen2-VL's
+    vision tower (LayerNorm, fc1/fc2 MLP, no window attention)."""
+    from transformers import Qwen2VLConfig
+
+    ref = qwen25vl_config(size, ids, tokenizer_vocab)
+    return Qwen2VLConfig(
+        text_config=ref.text_config.to_dict(),
+        vision_config=dict(
+            depth=size.vision_depth,
+            embed_dim=size.vision_hidden,
+            hidden_size=size.hidden,
+            mlp_ratio=size.vision_intermediate // size.vision_hidden,
+            num_heads=size.vision_heads,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
     )
 
 
@@ -251,6 +311,22 @@ def llava_hf_name(key: str) -> str:
     return "vision_tower.vision_model." + key[len("vision_tower.") :] if key.startswith("vision_tower.") else key
 
 
+def save_with_hf_tower_names(model, out: Path) -> None:
+    """`model.save_pretrained(out)`, the CLIP/SigLIP tower's tensors renamed as in the released
+    checkpoints (llava_hf_name)."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(out)
+    rename = llava_hf_name
+    for f in out.glob("*.safetensors"):
+        save_file({rename(k): v for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
 def save_llava_side_files(out: Path, processor, tokenizer, ids: dict[str, int]) -> Path:
     """Write processor, tokenizer (with chat template) and generation config to `out` (no weights)."""
     processor.save_pretrained(out)
@@ -284,6 +360,275 @@ def build_tiny_qwen25vl(
     return save_qwen25vl_dir(out, model, processor, tokenizer, ids)
 
 
+def build_tiny_qwen2vl(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+) -> Path:
+    """Write a random-weight Qwen2-VL (the real transformers/vLLM architecture) to `output_dir`."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
+    config = qwen2vl_config(size, ids, tokenizer_vocab)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
+    processor = qwen25vl_processor(tokenizer, min_pixels, max_pixels, processor_class="Qwen2VLProcessor")
+    return save_qwen25vl_dir(out, model, processor, tokenizer, ids)
+
+
+def qwen3vl_config(size: TinySize, ids: dict[str, int], tokenizer_vocab: int):
+    """A `Qwen3VLConfig` (dense) of the given sizes: q/k norms, interleaved M-RoPE (sections in
+    the real 24:20:20 proportions, summing to head_dim / 2), a SigLIP-style tower with learned
+    position embeddings and deepstack features from every vision block, added after the first
+    decoder layers."""
+    from transformers import Qwen3VLConfig
+
+    head_dim = size.hidden // size.heads
+    if head_dim < 32:
+        raise ValueError(f"head_dim {head_dim}: vLLM's CPU attention needs >= 32")
+    half = head_dim // 2
+    t = round(half * 24 / 64)
+    mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=_round_up(tokenizer_vocab, 64),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope, "mrope_interleaved": True},
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=size.vision_depth,
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_intermediate,
+            num_heads=size.vision_heads,
+            out_hidden_size=size.hidden,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=144,  # a 12 x 12 grid, interpolated to the image's
+            deepstack_visual_indexes=list(range(size.vision_depth)),
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def qwen3vl_processor(tokenizer, min_pixels: int = 64 * 64, max_pixels: int = 256 * 256):
+    """The Qwen3-VL processor: Qwen2-VL's image processor with 16 px patches, 2x2 merge."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    pixels = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=16, merge_size=2, temporal_patch_size=2, **norm),
+        video_processor=Qwen3VLVideoProcessor(size=pixels, patch_size=16, merge_size=2, temporal_patch_size=2, **norm),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_qwen3vl(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Write a random-weight dense Qwen3-VL (the real transformers/vLLM architecture) to `output_dir`."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
+    config = qwen3vl_config(size, ids, tokenizer_vocab)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).to(dtype).eval()
+    return save_qwen25vl_dir(out, model, qwen3vl_processor(tokenizer), tokenizer, ids)
+
+
+def build_tiny_gemma3(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    image_size: int = 56,
+    tokens_per_image: int = 16,
+) -> Path:
+    """Write a random-weight Gemma 3 (SigLIP tower, average-pooled projector, Gemma 3 language
+    model with a sliding-window and a full-attention layer) to `output_dir`. Image tokens attend
+    bidirectionally within their image (the processor's token_type_ids)."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from tokenizers import AddedToken
+
+    raw = train_bpe_tokenizer(GEMMA3_SPECIAL_TOKENS, corpus, vocab_size)
+    # Gemma's vocabulary has runs of newlines as single tokens, which vLLM's Gemma 3 processor
+    # looks up by their text (it merges the newlines around the image sequence the same way)
+    raw.add_tokens([AddedToken("\n" * n, normalized=False, special=False) for n in (4, 3, 2, 1)])
+    ids = {t: raw.token_to_id(t) for t in GEMMA3_SPECIAL_TOKENS}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    head_dim = size.hidden // size.heads
+    if head_dim < 32:
+        raise ValueError(f"head_dim {head_dim}: vLLM's CPU attention needs >= 32")
+    layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(size.layers)]
+    config = Gemma3Config(
+        text_config=dict(
+            vocab_size=_round_up(raw.get_vocab_size(), 64),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=16,  # shorter than the test prompts: the sliding layers differ from the full ones
+            layer_types=layer_types,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            bos_token_id=ids["<bos>"],
+            eos_token_id=ids["<eos>"],
+            pad_token_id=ids["<pad>"],
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_intermediate,
+            num_hidden_layers=size.vision_depth,
+            num_attention_heads=size.vision_heads,
+            image_size=image_size,
+            patch_size=14,
+            vision_use_head=False,
+        ),
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).to(dtype).eval()
+    save_with_hf_tower_names(model, out)  # Gemma 3 releases: vision_tower.vision_model...
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(
+            size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ),
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=tokens_per_image,
+    )
+    processor.save_pretrained(out)
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    _save_generation_config(out, ids["<end_of_turn>"], ids["<bos>"], ids["<pad>"])
+    return out
+
+
+def build_tiny_qwen35(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 64,
+) -> Path:
+    """Write a random-weight dense Qwen3.5 to `output_dir`: a Gated DeltaNet (linear-attention)
+    layer, then a full-attention layer with a gated q_proj (partial rotary, interleaved M-RoPE),
+    the Qwen3-VL tower without deepstack."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
+    ref = qwen3vl_config(size, ids, tokenizer_vocab)
+    half = int(head_dim * 0.25) // 2  # rotary dims / 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    vision = {k: v for k, v in ref.vision_config.to_dict().items() if k in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size", "spatial_merge_size", "temporal_patch_size", "num_position_embeddings")}
+    config = Qwen3_5Config(
+        text_config=dict(
+            vocab_size=_round_up(tokenizer_vocab, 64),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            head_dim=head_dim,
+            linear_conv_kernel_dim=4,
+            # vLLM's CPU chunked delta-rule kernel takes the released head size only (32 fails)
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_num_key_heads=1,
+            linear_num_value_heads=2,
+            layer_types=["full_attention" if (i + 1) % 2 == 0 else "linear_attention" for i in range(size.layers)],
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": mrope,
+                "mrope_interleaved": True,
+            },
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(config).to(dtype).eval()
+    return save_qwen25vl_dir(out, model, qwen3vl_processor(tokenizer), tokenizer, ids)
+
+
 def build_tiny_llava(
     output_dir: str | os.PathLike,
     seed: int = 0,
@@ -294,7 +639,6 @@ def build_tiny_llava(
     image_size: int = 56,
 ) -> Path:
     """Write a random-weight LLaVA-1.5 (CLIP tower, Llama LM) with llava-hf's tensor names."""
-    from safetensors.torch import load_file, save_file
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     size = size or TinySize(kv_heads=4)
@@ -335,13 +679,16 @@ def build_tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    model.save_pretrained(out)
-    rename = llava_hf_name
-    for f in out.glob("*.safetensors"):
-        save_file({rename(k): v for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
-    index = out / "model.safetensors.index.json"
-    if index.exists():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
-        index.write_text(json.dumps(data, indent=2))
+    save_with_hf_tower_names(model, out)
     return save_llava_side_files(out, llava_processor(tokenizer, image_size), tokenizer, ids)
+
+
+# Family name (splitq_vllm.families) -> the factory of its tiny model.
+TINY_BUILDERS = {
+    "Qwen2.5-VL": build_tiny_qwen25vl,
+    "Qwen2-VL": build_tiny_qwen2vl,
+    "Qwen3-VL": build_tiny_qwen3vl,
+    "Gemma 3": build_tiny_gemma3,
+    "Qwen3.5": build_tiny_qwen35,
+    "LLaVA-1.5": build_tiny_llava,
+}

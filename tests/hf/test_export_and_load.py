@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from splitq_kernels.reference import SplitQScheme
 from splitq_vllm.checkpoint import read_checkpoint
 from splitq_vllm.hf.model import SplitQLinearModule, load_quantized_model
-from splitq_vllm.model_layout import linear_groups, source_tensor_files
+from splitq_vllm.model_layout import linear_groups, source_tensor_files, vision_token_ids
 from splitq_vllm.testing.images import draw_image
 from splitq_vllm.testing.synthetic import synthesize_checkpoint
 
@@ -95,3 +95,20 @@ def test_linear_groups_match_the_files(tiny_qwen_dir):
     qkv = groups[0]
     assert qkv.modules[0] == "model.language_model.layers.0.self_attn.q_proj"
     assert qkv.out_features == (128, 64, 64) and qkv.in_features == 128
+
+
+def test_a_placeholder_token_without_pixels_is_a_text_row(model_and_ckpt):
+    """A generated image-placeholder token holds its text embedding (no pixels in that forward):
+    its row is text, as in vLLM, whose is_multimodal marks only rows the vision tower filled."""
+    _, src, ckpts = model_and_ckpt
+    model = load_quantized_model(ckpts["w4a4"])
+    image_id = vision_token_ids(model.config)[0]
+    mask = next(m for m in model.modules() if isinstance(m, SplitQLinearModule)).text_mask
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, image_id, 7]]))
+    assert mask.mask.tolist() == [[True, True, True]]
+    with torch.no_grad():
+        model(**_inputs(src))
+    assert int((~mask.mask).sum()) == 16
+    model.generate(**_inputs(src), max_new_tokens=1, do_sample=False)  # one forward: the prefill,
+    assert int((~mask.mask).sum()) == 16  # whose images generate() passes as mm_encoder_outputs

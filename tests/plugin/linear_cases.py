@@ -157,7 +157,7 @@ def main() -> None:
         """What the text-mask design cannot serve is refused: in the front end (building the engine
         config: parallel settings, parallel.py) or when the model is built (_check_runtime)."""
         from vllm.engine.arg_utils import EngineArgs
-        from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+        from vllm.model_executor.models.gemma3n_mm import Gemma3nForConditionalGeneration
 
         from splitq_vllm.plugin.text_mask import check_model_class, install_embed_hook
 
@@ -183,10 +183,10 @@ def main() -> None:
                 out[name] = f"{type(e).__name__}: {e}"
         install_embed_hook()
         try:
-            check_model_class(Qwen3VLForConditionalGeneration)  # has its own embed_input_ids
-            out["model_overriding_embed_input_ids"] = None
+            check_model_class(Gemma3nForConditionalGeneration)  # no family in splitq_vllm.families
+            out["unsupported_architecture"] = None
         except NotImplementedError as e:
-            out["model_overriding_embed_input_ids"] = str(e)
+            out["unsupported_architecture"] = str(e)
         check_model_class(VL)  # must not raise
         return out
 

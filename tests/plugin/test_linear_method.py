@@ -79,7 +79,7 @@ def test_corrupt_tensors_fail_while_loading_with_the_tensor_name(results, case, 
         ("micro_batching", "micro-batching (--enable-dbo / --ubatch-size) is not supported"),
         ("speculative_decoding", "speculative decoding (--speculative-config) is not supported"),
         ("inductor_freezing", "inductor freezing"),
-        ("model_overriding_embed_input_ids", "Qwen3VLForConditionalGeneration overrides embed_input_ids"),
+        ("unsupported_architecture", "'Gemma3nForConditionalGeneration' is not supported by SplitQ; supported: Qwen2.5-VL"),
     ],
 )
 def test_what_the_mask_cannot_serve_is_refused_at_start_up(results, variant, expected):

@@ -49,3 +49,24 @@ def test_vllm_answers_a_prompt_with_an_image(which, tiny_qwen_dir, tiny_llava_di
     image_token = json.loads((path / "config.json").read_text())
     image_token = image_token.get("image_token_id", image_token.get("image_token_index"))
     assert result["prompt_token_ids"].count(image_token) == 16
+
+
+@pytest.mark.parametrize("family", ["Qwen2-VL", "Qwen3-VL", "Gemma 3", "Qwen3.5"])
+def test_new_family_factories_are_deterministic_and_see_the_image(family, tiny_model, tmp_path):
+    from splitq_vllm.families import family_of
+    from splitq_vllm.model_layout import vision_token_ids
+    from splitq_vllm.testing.models import TINY_BUILDERS
+
+    path = tiny_model(family)
+    again = TINY_BUILDERS[family](tmp_path / "again")
+    names = sorted(p.name for p in path.iterdir())
+    match, mismatch, errors = filecmp.cmpfiles(path, again, names, shallow=False)
+    assert not mismatch and not errors
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    assert family_of(model).name == family
+    processor = AutoProcessor.from_pretrained(path)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, *QUESTION]}], add_generation_prompt=True)
+    inputs = processor(text=[text], images=[draw_image()], return_tensors="pt")
+    assert int(torch.isin(inputs["input_ids"], torch.tensor(vision_token_ids(model.config))).sum()) == 16
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()

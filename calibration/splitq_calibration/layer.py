@@ -205,6 +205,24 @@ def float32_layer(layer: nn.Module, device: torch.device, consume: bool) -> nn.M
     return work.to(device=device, dtype=torch.float32).eval()
 
 
+def prepare_work_layer(
+    layer: nn.Module, kinds: list[str], device: torch.device, consume: bool
+) -> tuple[nn.Module, MaskHolder, dict[str, list[CalibLinear]], dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+    """The layer as a calibration method runs it (SplitQ's and the baselines'): a copy, or with
+    `consume` (the pipeline) the module itself, on `device` with its parameters frozen; the `kinds`
+    groups' linears replaced by CalibLinear stand-ins reading one MaskHolder; each group's fused
+    weight and bias taken in the layer's own dtype (bf16: the frozen weights), then the layer
+    converted to float32. Returns (work, mask, calib, frozen)."""
+    work = layer if consume else copy.deepcopy(layer)
+    work.to(device)
+    for p in work.parameters():
+        p.requires_grad_(False)
+    mask = MaskHolder()
+    calib = install_calib_linears(work, kinds, mask)
+    frozen = {kind: fused_weight(mods) for kind, mods in calib.items()}
+    return float32_layer(work, device, consume=True), mask, calib, frozen
+
+
 def fp_layer_forward(
     layer: nn.Module,
     inputs: LayerInputs,

@@ -20,7 +20,6 @@ ran before it.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -40,12 +39,9 @@ from .errors import CalibrationError
 from .group_params import GroupParams
 from .layer import (
     GroupRunner,
-    MaskHolder,
     collect_stats,
     drop_fp_weights,
-    float32_layer,
-    fused_weight,
-    install_calib_linears,
+    prepare_work_layer,
     run_sample,
 )
 from .memory import peak_memory_mb
@@ -228,14 +224,7 @@ def calibrate_layer(
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    work = layer if consume else copy.deepcopy(layer)
-    work.to(device)
-    for p in work.parameters():
-        p.requires_grad_(False)
-    mask = MaskHolder()
-    calib = install_calib_linears(work, kinds, mask)
-    frozen = {kind: fused_weight(mods) for kind, mods in calib.items()}  # in the layer's dtype (bf16)
-    work = float32_layer(work, device, consume=True)
+    work, mask, calib, frozen = prepare_work_layer(layer, kinds, device, consume)
     if text_rows is None:
         text_rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
     timings: dict[str, Any] = {}

@@ -10,19 +10,15 @@ so the pipeline's export, the reference scorer and the vLLM plugin take it uncha
 
 from __future__ import annotations
 
-import copy
 import time
 import torch
 from torch import nn
 
 from ..capture import LayerInputs
 from ..layer import (
-    MaskHolder,
     collect_stats,
     drop_fp_weights,
-    float32_layer,
-    fused_weight,
-    install_calib_linears,
+    prepare_work_layer,
     run_sample,
 )
 from ..memory import peak_memory_mb
@@ -62,14 +58,7 @@ def calibrate_baseline_layer(
 
     cfg = config
     t0 = time.perf_counter()
-    work = layer if consume else copy.deepcopy(layer)
-    work.to(device)
-    for p in work.parameters():
-        p.requires_grad_(False)
-    mask = MaskHolder()
-    calib = install_calib_linears(work, kinds, mask)
-    frozen = {kind: fused_weight(mods) for kind, mods in calib.items()}
-    work = float32_layer(work, device, consume=True)
+    work, mask, calib, frozen = prepare_work_layer(layer, kinds, device, consume)
     if text_rows is None:
         text_rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
 

@@ -165,3 +165,27 @@ def test_plugin_refuses_to_serve_a_tower_checkpoint(tower_ckpt, tiny_qwen_dir, d
     assert calibrate_main(argv) == 0
     cfg = SplitQVllmConfig.from_config(read_checkpoint(plain).quant_config.to_dict())  # the default: accepted
     assert not any(is_vision_tower_layer(n) for n in cfg.splitq.layers)
+
+
+def test_resumed_tower_run_writes_the_same_checkpoint(tiny_qwen_dir, data, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ckpt"
+    settings = dict(num_samples=2, batch_size=2, epochs=1, quantize_vision_tower=True, keep_work_dir=True)
+    calibrate(tiny_qwen_dir, data, out, **settings)
+    first = {f.name: load_file(f) for f in sorted(out.glob("*.safetensors"))}
+    work = out.with_name(out.name + ".partial")
+    # as if killed in the tower's second block: block 0 kept (its FP output recomputed), the rest redone
+    (work / "vision_block_00001.safetensors").unlink()
+    for f in work.glob("layer_*.safetensors"):
+        f.unlink()
+    kept = (work / "vision_block_00000.safetensors").stat().st_mtime_ns
+    calibrate(tiny_qwen_dir, data, out, overwrite=True, **settings)
+    assert (work / "vision_block_00000.safetensors").stat().st_mtime_ns == kept  # not recalibrated
+    assert (work / "vision_block_00001.safetensors").is_file()
+    again = {f.name: load_file(f) for f in sorted(out.glob("*.safetensors"))}
+    assert first.keys() == again.keys()
+    for name in first:
+        assert first[name].keys() == again[name].keys()
+        for k in first[name]:
+            assert torch.equal(first[name][k], again[name][k]), k

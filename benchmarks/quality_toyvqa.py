@@ -13,6 +13,10 @@ then scores the first `--n` questions of the test split (greedy, exact match):
 - the checkpoints of the `--serve` methods (default: full SplitQ) also through vLLM's OpenAI
   server with the plugin (`--quantization splitq`), the path users take.
 Checkpoints are kept in --work: a second run only scores (calibration resumes and skips).
+`--quantize-vision-tower` adds, beside each (method, scheme) checkpoint with the 16-bit tower, one
+calibrated with the vision tower quantized too (the paper's A.4, Table 13; at the same bits: the
+format has one bit setting per checkpoint), scored through the reference only (vLLM refuses
+such checkpoints: not served yet).
 `--plot-dir` draws the Fig. 2-style text vs vision channel magnitudes of one layer's qkv and down
 inputs (splitq-inspect).
 """
@@ -35,6 +39,8 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "smoothquant": "SmoothQuant", "flatquant
           "mocd_cws": "+CWS", "splitq": "+MAC (SplitQ)", "mbq": "MBQ", "masquant": "MASQuant (text base)",
           "vlmq": "VLMQ"}  # fmt: skip
 LABELS.update({f"{m}_vllm": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, served by vLLM" for m in METHODS})
+TOWER = "+tower"  # method-name suffix of the rows with the vision tower quantized too
+LABELS.update({f"{m}{TOWER}": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, tower quantized too" for m in METHODS})
 
 
 def calib_data(work: Path, n: int) -> Path:
@@ -68,9 +74,11 @@ def run_task(task: dict) -> dict:
     from splitq_calibration.pipeline import calibrate
 
     ckpt = Path(task["ckpt"])
+    method = task["method"].removesuffix(TOWER)
+    tower = {"quantize_vision_tower": True} if task["method"].endswith(TOWER) else {}
     if not (ckpt / "config.json").exists():
-        calibrate(task["model"], task["data"], ckpt, method=task["method"], scheme=task["scheme"], num_samples=task["samples"],
-                  epochs=task["epochs"], image_dir=str(Path(task["data"]).parent / "images"), device="cpu")  # fmt: skip
+        calibrate(task["model"], task["data"], ckpt, method=method, scheme=task["scheme"], num_samples=task["samples"],
+                  epochs=task["epochs"], image_dir=str(Path(task["data"]).parent / "images"), device="cpu", **tower)  # fmt: skip
     t_cal = time.time() - t0
     out = {**task, **_score_reference(ckpt, task["n"])}
     out.update(calibration_seconds=t_cal, seconds=time.time() - t0)
@@ -118,7 +126,7 @@ def _table_rows(results: list[dict], schemes: list[str], methods: list[str]) -> 
     by = {(r["scheme"], r["method"]): r for r in results}
     rows = [("W16A16", "FP16", by[("fp16", "fp16")])]
     for s in schemes:
-        for m in [*methods, *(f"{x}_vllm" for x in methods)]:
+        for m in [*methods, *(f"{x}{TOWER}" for x in methods), *(f"{x}_vllm" for x in methods)]:
             if (s, m) in by:
                 rows.append((s.upper(), LABELS[m], by[(s, m)]))
     return rows
@@ -169,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=5, help="calibration epochs (trained methods)")
     ap.add_argument("--jobs", type=int, default=2, help="calibrations in parallel (one thread each)")
     ap.add_argument("--no-vllm", action="store_true", help="skip the served-model rows")
+    ap.add_argument("--quantize-vision-tower", action="store_true",
+                    help="also a checkpoint per row with the vision tower quantized (A.4; reference only)")
     ap.add_argument("--serve", nargs="+", default=["splitq"], help="methods whose checkpoints are also served by vLLM")
     ap.add_argument("--plot-dir", type=Path, help="write Fig. 2-style channel plots (qkv and down inputs) here")
     ap.add_argument("--plot-layer", type=int, default=1)
@@ -183,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.methods:
             tasks.append({"method": m, "scheme": s, "model": str(args.model), "n": args.n, "threads": 1, "samples": args.samples, "epochs": args.epochs,
                           "data": str(data), "ckpt": str(args.work / f"{m}-{s}-{args.samples}x{args.epochs}")})  # fmt: skip
+            if args.quantize_vision_tower:
+                tasks.append({**tasks[-1], "method": f"{m}{TOWER}", "ckpt": tasks[-1]["ckpt"] + "-tower"})
     results: list[dict] = []
     t0 = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:

@@ -94,9 +94,11 @@ def test_reference_tower_is_close_to_fp_and_quantized(tower_ckpt, tiny_qwen_dir,
     assert torch.isfinite(logits).all()
 
 
-def test_tower_inputs_are_what_the_real_tower_gives_its_blocks(tiny_qwen_dir, data, tmp_path):
+def test_tower_inputs_are_what_the_real_tower_gives_its_blocks(tmp_path):
     src = build_tiny_qwen25vl(tmp_path / "fp32", dtype=torch.float32)  # float32 files: exact comparison
-    samples = load_samples(src, data, CalibrationConfig(num_samples=2).resolved())
+    # 224-px pictures: 16 x 16 patches, four 112-px windows, so window and full attention differ
+    big = write_sharegpt(tmp_path / "data", n=2, size=224)
+    samples = load_samples(src, big, CalibrationConfig(num_samples=2).resolved())
     real = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).eval()
     blocks = real.model.visual.blocks
     seen = []
@@ -130,9 +132,9 @@ def test_tower_inputs_are_what_the_real_tower_gives_its_blocks(tiny_qwen_dir, da
         block = source.load(f"model.visual.blocks.{b}", dtype=torch.float32)
         inputs.hidden = fp_layer_forward(block, inputs, torch.device("cpu"), torch.float32, consume=True)
         source.release(f"model.visual.blocks.{b}")
-    # the tiny tower has a window block and a full-attention block: kwargs kept per type (the
-    # tiny images fit one 112-pixel window, so their cu_seqlens happen to coincide here)
+    # the tiny tower has window blocks and a last full-attention block: kwargs kept per type
     assert inputs.layer_types == ["window"] * (len(blocks) - 1) + ["full"]
+    assert not torch.equal(seen[0][0][1]["cu_seqlens"], seen[0][len(blocks) - 1][1]["cu_seqlens"])
 
 
 def test_default_settings_are_unchanged():

@@ -82,7 +82,8 @@ class VisionTower:
     vision row.
 
     blocks: module path of the blocks in the transformers model; file_prefix: their names in the
-    files (`visual.blocks.`, possibly after a `model.` in files written by newer transformers); block: what one block quantizes;
+    files (`visual.blocks.`, possibly after a `model.` in files written by newer transformers);
+    block: what one block quantizes;
     full_attention_key: the vision-config field listing the blocks with full attention (the others
     attend within windows: their kwargs differ); replaces_ignore: default ignore-list entries that
     cover the whole tower (dropped when it is quantized); ignore: what stays 16-bit then.

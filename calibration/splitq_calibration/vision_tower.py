@@ -114,7 +114,9 @@ def capture_tower_inputs(
     finally:
         setattr(parent, attr, blocks)
     if not masks:
-        raise CalibrationError("quantize_vision_tower: no calibration sample has an image; the tower has nothing to see")
+        raise CalibrationError(
+            "quantize_vision_tower: no calibration sample has an image; the tower has nothing to see"
+        )
     single = len(distinct) == 1
     return LayerInputs(
         hidden,

@@ -87,7 +87,8 @@ class SplitQLinearModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if self.all_vision:
-            return splitq_linear(x, torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device), self.layer, self.scheme)
+            vision_rows = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+            return splitq_linear(x, vision_rows, self.layer, self.scheme)
         mask = self.text_mask.mask
         if mask is None or mask.numel() != rows:
             raise RuntimeError(

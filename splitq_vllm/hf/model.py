@@ -187,3 +187,30 @@ def load_quantized_model(
     vision = {by_file_name[n][0] for n in ckpt.quant_config.layers if by_file_name[n][1]}
     replace_linears(model, layers, ckpt.scheme, vision)
     return model
+
+
+def with_vision_tower_from(model: nn.Module, tower_checkpoint: str | os.PathLike) -> nn.Module:
+    """`model` (a reference model: `load_quantized_model` of a checkpoint with a 16-bit tower)
+    with its vision tower's linears replaced by those of `tower_checkpoint` (calibrated with
+    `quantize_vision_tower`, from the same source model), each at its own checkpoint's bits.
+
+    This is how the reference scores a tower and a language model at different bit settings
+    (Table 13: tower W4A4, LM W3A3): the format has one bit setting per checkpoint. Calibration
+    gives the language model the FP tower's outputs, so a checkpoint's LM groups do not depend on
+    whether (or at which bits) its tower was quantized, and the tower's groups do not depend on
+    the LM's: the composition is the model a run with both bit settings would give."""
+    ckpt = read_checkpoint(tower_checkpoint)
+    if model.config.architectures != ckpt.model_config.get("architectures"):
+        archs = ckpt.model_config.get("architectures")
+        raise ValueError(f"{tower_checkpoint}: architectures {archs} are not the model's")
+    names = list(ckpt.quant_config.layers)
+    tower = {n: m for g in vision_tower_groups(model, list(ckpt.weight_map)) for n, m in zip(g.names, g.modules)}
+    chosen = [n for n in names if n in tower]
+    if not chosen:
+        raise ValueError(f"{tower_checkpoint}: no vision-tower layers (calibrate it with quantize_vision_tower)")
+    device = model.get_input_embeddings().weight.device
+    for name in chosen:
+        parent_name, child = tower[name].rsplit(".", 1)
+        module = SplitQLinearModule(ckpt.layer(name).to(device), ckpt.scheme, None, all_vision=True)
+        setattr(model.get_submodule(parent_name), child, module)
+    return model

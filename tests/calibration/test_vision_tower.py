@@ -192,3 +192,46 @@ def test_resumed_tower_run_writes_the_same_checkpoint(tiny_qwen_dir, data, tmp_p
         assert first[name].keys() == again[name].keys()
         for k in first[name]:
             assert torch.equal(first[name][k], again[name][k]), k
+
+
+def test_lm_groups_do_not_depend_on_the_tower_so_checkpoints_compose(tower_ckpt, tiny_qwen_dir, data, tmp_path):
+    from safetensors import safe_open
+
+    from splitq_vllm.hf.model import with_vision_tower_from
+
+    def run(name, *extra):
+        out = tmp_path / name
+        argv = ["--model", str(tiny_qwen_dir), "--data", str(data), "--output", str(out), *FLAGS, *extra]
+        assert calibrate_main(argv) == 0
+        return out
+
+    def tensors(path):
+        ckpt = read_checkpoint(path)
+        out = {}
+        for name, file in ckpt.weight_map.items():
+            if not is_vision_tower_layer(name):
+                with safe_open(str(path / file), "pt") as fh:
+                    out[name] = fh.get_tensor(name)
+        return out
+
+    # the LM is calibrated on the FP tower's outputs: its groups are the same with or without the tower
+    plain = tensors(run("plain-w4a4"))
+    with_tower = tensors(tower_ckpt)
+    assert plain.keys() == with_tower.keys()
+    assert all(torch.equal(plain[k], with_tower[k]) for k in plain)
+    # so Table 13's "tower W4A4, LM W3A3" is the W3A3 checkpoint with the W4A4 checkpoint's tower
+    lm = run("plain-w3a3", "--scheme", "w3a3")
+    composed = with_vision_tower_from(load_quantized_model(lm), tower_ckpt)
+    mods = {n: m for n, m in composed.named_modules() if isinstance(m, SplitQLinearModule)}
+    assert {m.scheme.name for n, m in mods.items() if "visual" in n} == {"w4a4"}
+    assert {m.scheme.name for n, m in mods.items() if "visual" not in n} == {"w3a3"}
+    x = load_samples(tiny_qwen_dir, data, CalibrationConfig(num_samples=1).resolved())[0].inputs
+    tower_model = load_quantized_model(tower_ckpt)
+    with torch.no_grad():
+        a = composed.model.visual(x["pixel_values"].float(), grid_thw=x["image_grid_thw"]).pooler_output
+        b = tower_model.model.visual(x["pixel_values"].float(), grid_thw=x["image_grid_thw"]).pooler_output
+        assert torch.equal(a, b)
+        c = load_quantized_model(lm)(**x, use_cache=False).logits
+        assert not torch.equal(composed(**x, use_cache=False).logits, c)  # the quantized tower is in use
+    with pytest.raises(ValueError, match="no vision-tower layers"):
+        with_vision_tower_from(load_quantized_model(lm), lm)

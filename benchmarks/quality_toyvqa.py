@@ -14,9 +14,12 @@ then scores the first `--n` questions of the test split (greedy, exact match):
   server with the plugin (`--quantization splitq`), the path users take.
 Checkpoints are kept in --work: a second run only scores (calibration resumes and skips).
 `--quantize-vision-tower` adds, beside each (method, scheme) checkpoint with the 16-bit tower, one
-calibrated with the vision tower quantized too (the paper's A.4, Table 13; at the same bits: the
-format has one bit setting per checkpoint), scored through the reference only (vLLM refuses
-such checkpoints: not served yet).
+calibrated with the vision tower quantized too at the same bits (the paper's A.4), and for the
+schemes other than W4A4 Table 13's rows, tower W4A4 and LM at the scheme: the format has one bit
+setting per checkpoint, so the reference composes the scheme's checkpoint with the W4A4 tower
+checkpoint's tower (`splitq_vllm.hf.model.with_vision_tower_from`; exact, since the LM is
+calibrated on the FP tower's outputs). Reference only (vLLM refuses tower checkpoints: not
+served yet).
 `--plot-dir` draws the Fig. 2-style text vs vision channel magnitudes of one layer's qkv and down
 inputs (splitq-inspect).
 """
@@ -39,8 +42,10 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "smoothquant": "SmoothQuant", "flatquant
           "mocd_cws": "+CWS", "splitq": "+MAC (SplitQ)", "mbq": "MBQ", "masquant": "MASQuant (text base)",
           "vlmq": "VLMQ"}  # fmt: skip
 LABELS.update({f"{m}_vllm": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, served by vLLM" for m in METHODS})
-TOWER = "+tower"  # method-name suffix of the rows with the vision tower quantized too
-LABELS.update({f"{m}{TOWER}": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, tower quantized too" for m in METHODS})
+TOWER = "+tower"  # method-name suffix of the rows with the vision tower quantized too, at the same bits
+TOWER4 = "+tower_w4a4"  # ... with the W4A4 checkpoint's tower (Table 13)
+LABELS.update({f"{m}{TOWER}": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, tower at the same bits" for m in METHODS})
+LABELS.update({f"{m}{TOWER4}": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, tower W4A4" for m in METHODS})
 
 
 def calib_data(work: Path, n: int) -> Path:
@@ -71,6 +76,15 @@ def run_task(task: dict) -> dict:
     t0 = time.time()
     if task["method"] == "fp16":
         return {**task, **_score_reference(Path(task["model"]), task["n"]), "seconds": time.time() - t0}
+    if "tower_ckpt" in task:  # two calibrated checkpoints composed: nothing to calibrate
+        from splitq_calibration.evaluate import load_any_model
+        from splitq_toyvqa.evaluate import evaluate_transformers
+        from splitq_vllm.hf.model import with_vision_tower_from
+
+        model, processor = load_any_model(task["ckpt"])
+        with_vision_tower_from(model, task["tower_ckpt"])
+        r = evaluate_transformers(task["ckpt"], "test", task["n"], model_and_processor=(model, processor)).to_json()
+        return {**task, **r, "seconds": time.time() - t0}
     from splitq_calibration.pipeline import calibrate
 
     ckpt = Path(task["ckpt"])
@@ -126,7 +140,8 @@ def _table_rows(results: list[dict], schemes: list[str], methods: list[str]) -> 
     by = {(r["scheme"], r["method"]): r for r in results}
     rows = [("W16A16", "FP16", by[("fp16", "fp16")])]
     for s in schemes:
-        for m in [*methods, *(f"{x}{TOWER}" for x in methods), *(f"{x}_vllm" for x in methods)]:
+        for m in [*methods, *(f"{x}{TOWER}" for x in methods), *(f"{x}{TOWER4}" for x in methods),
+                  *(f"{x}_vllm" for x in methods)]:  # fmt: skip
             if (s, m) in by:
                 rows.append((s.upper(), LABELS[m], by[(s, m)]))
     return rows
@@ -195,13 +210,21 @@ def main(argv: list[str] | None = None) -> int:
                           "data": str(data), "ckpt": str(args.work / f"{m}-{s}-{args.samples}x{args.epochs}")})  # fmt: skip
             if args.quantize_vision_tower:
                 tasks.append({**tasks[-1], "method": f"{m}{TOWER}", "ckpt": tasks[-1]["ckpt"] + "-tower"})
+    composed = []  # Table 13: tower W4A4 with the LM at another scheme, once both checkpoints exist
+    if args.quantize_vision_tower and "w4a4" in args.schemes:
+        for s in args.schemes:
+            for m in args.methods if s != "w4a4" else []:
+                lm = next(t for t in tasks if t["method"] == m and t["scheme"] == s)
+                tower4 = next(t for t in tasks if t["method"] == f"{m}{TOWER}" and t["scheme"] == "w4a4")
+                composed.append({**lm, "method": f"{m}{TOWER4}", "tower_ckpt": tower4["ckpt"]})
     results: list[dict] = []
     t0 = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
-        for r in pool.map(run_task, tasks):
-            results.append(r)
-            print(f"{r['scheme']:5s} {LABELS[r['method']]:14s} accuracy {r['accuracy']:.3f} (image {r['image_accuracy']:.3f}, "
-                  f"text {r['text_accuracy']:.3f}) {r['seconds']:.0f} s  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
+        for batch in (tasks, composed):  # the composed rows need the first batch's checkpoints
+            for r in pool.map(run_task, batch):
+                results.append(r)
+                print(f"{r['scheme']:5s} {LABELS[r['method']]:14s} accuracy {r['accuracy']:.3f} (image {r['image_accuracy']:.3f}, "
+                      f"text {r['text_accuracy']:.3f}) {r['seconds']:.0f} s  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
     for m in [] if args.no_vllm else [m for m in args.serve if m in args.methods]:
         for s in args.schemes:
             ckpt = Path(next(t["ckpt"] for t in tasks if t["method"] == m and t["scheme"] == s))

@@ -383,9 +383,10 @@ class Calibrator:
         done = self.work.done_vision_blocks()
         text_rows = [torch.zeros(0, dtype=torch.long) for _ in inputs.text_masks]  # no text rows
         last = max(self.vision_remaining)
+        depth = len(source.model.get_submodule(tower.blocks))
         report["vision_blocks"] = {}
         for b in range(last + 1):
-            with at(f"vision block {b + 1}/{last + 1}"):
+            with at(f"vision block {b + 1}/{depth}"):
                 prefix = f"{tower.blocks}.{b}"
                 block = source.load(prefix, device=self.device)
                 previous = inputs.hidden

@@ -13,6 +13,13 @@ then scores the first `--n` questions of the test split (greedy, exact match):
 - the checkpoints of the `--serve` methods (default: full SplitQ) also through vLLM's OpenAI
   server with the plugin (`--quantization splitq`), the path users take.
 Checkpoints are kept in --work: a second run only scores (calibration resumes and skips).
+`--quantize-vision-tower` adds, beside each (method, scheme) checkpoint with the 16-bit tower, one
+calibrated with the vision tower quantized too at the same bits (the paper's A.4), and for the
+schemes other than W4A4 Table 13's rows, tower W4A4 and LM at the scheme: the format has one bit
+setting per checkpoint, so the reference composes the scheme's checkpoint with the W4A4 tower
+checkpoint's tower (`splitq_vllm.hf.model.with_vision_tower_from`; exact, since the LM is
+calibrated on the FP tower's outputs). Reference only (vLLM refuses tower checkpoints: not
+served yet).
 `--plot-dir` draws the Fig. 2-style text vs vision channel magnitudes of one layer's qkv and down
 inputs (splitq-inspect).
 """
@@ -35,6 +42,10 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "smoothquant": "SmoothQuant", "flatquant
           "mocd_cws": "+CWS", "splitq": "+MAC (SplitQ)", "mbq": "MBQ", "masquant": "MASQuant (text base)",
           "vlmq": "VLMQ"}  # fmt: skip
 LABELS.update({f"{m}_vllm": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, served by vLLM" for m in METHODS})
+TOWER = "+tower"  # method-name suffix of the rows with the vision tower quantized too, at the same bits
+TOWER4 = "+tower_w4a4"  # ... with the W4A4 checkpoint's tower (Table 13)
+LABELS.update({f"{m}{TOWER}": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, tower at the same bits" for m in METHODS})
+LABELS.update({f"{m}{TOWER4}": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, tower W4A4" for m in METHODS})
 
 
 def calib_data(work: Path, n: int) -> Path:
@@ -65,12 +76,23 @@ def run_task(task: dict) -> dict:
     t0 = time.time()
     if task["method"] == "fp16":
         return {**task, **_score_reference(Path(task["model"]), task["n"]), "seconds": time.time() - t0}
+    if "tower_ckpt" in task:  # two calibrated checkpoints composed: nothing to calibrate
+        from splitq_calibration.evaluate import load_any_model
+        from splitq_toyvqa.evaluate import evaluate_transformers
+        from splitq_vllm.hf.model import with_vision_tower_from
+
+        model, processor = load_any_model(task["ckpt"])
+        with_vision_tower_from(model, task["tower_ckpt"])
+        r = evaluate_transformers(task["ckpt"], "test", task["n"], model_and_processor=(model, processor)).to_json()
+        return {**task, **r, "seconds": time.time() - t0}
     from splitq_calibration.pipeline import calibrate
 
     ckpt = Path(task["ckpt"])
+    method = task["method"].removesuffix(TOWER)
+    tower = {"quantize_vision_tower": True} if task["method"].endswith(TOWER) else {}
     if not (ckpt / "config.json").exists():
-        calibrate(task["model"], task["data"], ckpt, method=task["method"], scheme=task["scheme"], num_samples=task["samples"],
-                  epochs=task["epochs"], image_dir=str(Path(task["data"]).parent / "images"), device="cpu")  # fmt: skip
+        calibrate(task["model"], task["data"], ckpt, method=method, scheme=task["scheme"], num_samples=task["samples"],
+                  epochs=task["epochs"], image_dir=str(Path(task["data"]).parent / "images"), device="cpu", **tower)  # fmt: skip
     t_cal = time.time() - t0
     out = {**task, **_score_reference(ckpt, task["n"])}
     out.update(calibration_seconds=t_cal, seconds=time.time() - t0)
@@ -118,7 +140,8 @@ def _table_rows(results: list[dict], schemes: list[str], methods: list[str]) -> 
     by = {(r["scheme"], r["method"]): r for r in results}
     rows = [("W16A16", "FP16", by[("fp16", "fp16")])]
     for s in schemes:
-        for m in [*methods, *(f"{x}_vllm" for x in methods)]:
+        for m in [*methods, *(f"{x}{TOWER}" for x in methods), *(f"{x}{TOWER4}" for x in methods),
+                  *(f"{x}_vllm" for x in methods)]:  # fmt: skip
             if (s, m) in by:
                 rows.append((s.upper(), LABELS[m], by[(s, m)]))
     return rows
@@ -169,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=5, help="calibration epochs (trained methods)")
     ap.add_argument("--jobs", type=int, default=2, help="calibrations in parallel (one thread each)")
     ap.add_argument("--no-vllm", action="store_true", help="skip the served-model rows")
+    ap.add_argument("--quantize-vision-tower", action="store_true",
+                    help="also a checkpoint per row with the vision tower quantized (A.4; reference only)")
     ap.add_argument("--serve", nargs="+", default=["splitq"], help="methods whose checkpoints are also served by vLLM")
     ap.add_argument("--plot-dir", type=Path, help="write Fig. 2-style channel plots (qkv and down inputs) here")
     ap.add_argument("--plot-layer", type=int, default=1)
@@ -183,13 +208,23 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.methods:
             tasks.append({"method": m, "scheme": s, "model": str(args.model), "n": args.n, "threads": 1, "samples": args.samples, "epochs": args.epochs,
                           "data": str(data), "ckpt": str(args.work / f"{m}-{s}-{args.samples}x{args.epochs}")})  # fmt: skip
+            if args.quantize_vision_tower:
+                tasks.append({**tasks[-1], "method": f"{m}{TOWER}", "ckpt": tasks[-1]["ckpt"] + "-tower"})
+    composed = []  # Table 13: tower W4A4 with the LM at another scheme, once both checkpoints exist
+    if args.quantize_vision_tower and "w4a4" in args.schemes:
+        for s in args.schemes:
+            for m in args.methods if s != "w4a4" else []:
+                lm = next(t for t in tasks if t["method"] == m and t["scheme"] == s)
+                tower4 = next(t for t in tasks if t["method"] == f"{m}{TOWER}" and t["scheme"] == "w4a4")
+                composed.append({**lm, "method": f"{m}{TOWER4}", "tower_ckpt": tower4["ckpt"]})
     results: list[dict] = []
     t0 = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
-        for r in pool.map(run_task, tasks):
-            results.append(r)
-            print(f"{r['scheme']:5s} {LABELS[r['method']]:14s} accuracy {r['accuracy']:.3f} (image {r['image_accuracy']:.3f}, "
-                  f"text {r['text_accuracy']:.3f}) {r['seconds']:.0f} s  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
+        for batch in (tasks, composed):  # the composed rows need the first batch's checkpoints
+            for r in pool.map(run_task, batch):
+                results.append(r)
+                print(f"{r['scheme']:5s} {LABELS[r['method']]:14s} accuracy {r['accuracy']:.3f} (image {r['image_accuracy']:.3f}, "
+                      f"text {r['text_accuracy']:.3f}) {r['seconds']:.0f} s  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
     for m in [] if args.no_vllm else [m for m in args.serve if m in args.methods]:
         for s in args.schemes:
             ckpt = Path(next(t["ckpt"] for t in tasks if t["method"] == m and t["scheme"] == s))

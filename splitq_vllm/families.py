@@ -75,9 +75,61 @@ GATED_DELTANET_LAYER = LayerKind(
     ),
 )
 
+@dataclass(frozen=True)
+class VisionTower:
+    """The vision tower's blocks, for the optional tower quantization (the paper's A.4,
+    `quantize_vision_tower`): calibrated block by block like the decoder layers, every row a
+    vision row.
+
+    blocks: module path of the blocks in the transformers model; file_prefix: their names in the
+    files (`visual.blocks.`, possibly after a `model.` in files written by newer transformers);
+    block: what one block quantizes;
+    full_attention_key: the vision-config field listing the blocks with full attention (the others
+    attend within windows: their kwargs differ); replaces_ignore: default ignore-list entries that
+    cover the whole tower (dropped when it is quantized); ignore: what stays 16-bit then.
+    """
+
+    blocks: str
+    file_prefix: str
+    block: LayerKind
+    full_attention_key: str | None = None
+    replaces_ignore: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def block_type(self, vision_config, i: int) -> str:
+        full = getattr(vision_config, self.full_attention_key, None) if self.full_attention_key else None
+        return "window" if full is not None and i not in full else "full"
+
+    def ignore_list(self, ignore: list[str]) -> list[str]:
+        """`ignore` with the entries covering the whole tower replaced by the tower's own."""
+        return [p for p in ignore if p not in self.replaces_ignore] + [p for p in self.ignore if p not in ignore]
+
+
+# Qwen2.5-VL's vision block: q/k/v fused in one linear (attn.qkv), attn.proj, a gated MLP.
+# The patch embedding (a Conv3d) and the merger (the projector into the LM) stay 16-bit.
+QWEN25VL_TOWER = VisionTower(
+    blocks="model.visual.blocks",
+    file_prefix="visual.blocks.",
+    block=LayerKind(
+        (
+            GroupSpec("attn", "vision_qkv", ("qkv",)),
+            GroupSpec("attn", "vision_proj", ("proj",)),
+            GroupSpec("mlp", "vision_gate_up", ("gate_proj", "up_proj")),
+            GroupSpec("mlp", "vision_down", ("down_proj",)),
+        ),
+        skipped=(Skipped("norm1, norm2", "RMSNorms, not linears"),),
+    ),
+    full_attention_key="fullatt_block_indexes",
+    replaces_ignore=("re:.*visual.*",),
+    ignore=(r"re:.*visual\.patch_embed.*", r"re:.*visual\.merger.*"),
+)
+
 # Outside the decoder layers nothing is quantized by default (the checkpoint's ignore list).
 OUTSIDE = (
-    Skipped("vision tower", "16 bits by default (the paper quantizes the language model; A.4 is an option)"),
+    Skipped(
+        "vision tower",
+        "16 bits by default (the paper quantizes the language model; A.4 is an option: quantize_vision_tower)",
+    ),
     Skipped("projector / merger", "small, runs once per image"),
     Skipped("lm_head, embeddings", "not in the decoder layers; the paper keeps them in 16 bits"),
 )
@@ -99,6 +151,7 @@ class Family:
         signature and meaning of `is_multimodal`), so the plugin wraps the class's own method to
         fill the text mask (where it also calls the interface's, as Gemma 3's does, the mask is
         written twice with the same values).
+    vision_tower: the tower's blocks, where tower quantization (A.4) is supported.
     """
 
     name: str
@@ -111,6 +164,7 @@ class Family:
     deepstack: bool = False
     own_embed_input_ids: bool = False
     skipped_outside: tuple[Skipped, ...] = OUTSIDE
+    vision_tower: VisionTower | None = None
     notes: str = ""
     kinds_by_name: dict[str, GroupSpec] = field(init=False, repr=False, compare=False)
 
@@ -146,6 +200,7 @@ FAMILIES: tuple[Family, ...] = (
         hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
         vllm_architectures=("Qwen2_5_VLForConditionalGeneration",),
         layer_kinds={"full_attention": STANDARD_LAYER},
+        vision_tower=QWEN25VL_TOWER,
     ),
     Family(
         name="Qwen2-VL",
@@ -229,11 +284,20 @@ def family_of_config(config) -> Family:
 
 
 def group_spec(kind: str) -> GroupSpec:
-    """The members of a group kind (kinds are unique across families)."""
+    """The members of a group kind (kinds are unique across families and vision towers)."""
     for f in FAMILIES:
         if kind in f.kinds_by_name:
             return f.kinds_by_name[kind]
+    for f in FAMILIES:
+        for g in f.vision_tower.block.groups if f.vision_tower else ():
+            if g.kind == kind:
+                return g
     raise KeyError(kind)
+
+
+def is_vision_tower_layer(name: str) -> bool:
+    """Whether a checkpoint layer name (a file name) is a vision-tower linear of some family."""
+    return any(f.vision_tower and ("." + name).find("." + f.vision_tower.file_prefix) >= 0 for f in FAMILIES)
 
 
 def all_group_kinds() -> list[str]:
@@ -244,7 +308,8 @@ def all_group_kinds() -> list[str]:
 def _check_kinds_unique() -> None:
     seen: dict[str, GroupSpec] = {}
     for f in FAMILIES:
-        for g in f.kinds_by_name.values():
+        tower = f.vision_tower.block.groups if f.vision_tower else ()
+        for g in (*f.kinds_by_name.values(), *tower):
             if seen.setdefault(g.kind, g) != g:
                 raise AssertionError(f"group kind {g.kind!r} means {seen[g.kind]} and {g}")
 

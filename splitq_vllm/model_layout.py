@@ -107,6 +107,41 @@ def linear_groups(model: nn.Module, tensor_names: list[str]) -> list[LinearGroup
     return groups
 
 
+def vision_tower_groups(model: nn.Module, tensor_names: list[str]) -> list[LinearGroup]:
+    """Every quantizable input group of the vision tower's blocks (`Family.vision_tower`), in
+    execution order; `layer` is the block index. Empty for a family without that description."""
+    tower = family_of(model).vision_tower
+    if tower is None:
+        return []
+    blocks = model.get_submodule(tower.blocks)
+    present = {n.rsplit(".", 1)[0] for n in tensor_names}
+    groups = []
+    for i, block in enumerate(blocks):
+        for spec in tower.block.groups:
+            mods = [getattr(getattr(block, spec.parent), m) for m in spec.members]
+            if not all(isinstance(m, nn.Linear) for m in mods):
+                raise ValueError(f"vision block {i}: {spec.parent}.{spec.members} are not all nn.Linear")
+            names = []
+            for m in spec.members:
+                tail = f"{tower.file_prefix}{i}.{spec.parent}.{m}"
+                hits = [n for n in present if n == tail or n.endswith("." + tail)]
+                if len(hits) != 1:
+                    raise ValueError(f"cannot find vision-tower linear {tail} in the files: {hits}")
+                names.append(hits[0])
+            names = tuple(names)
+            groups.append(
+                LinearGroup(
+                    layer=i,
+                    kind=spec.kind,
+                    modules=tuple(f"{tower.blocks}.{i}.{spec.parent}.{m}" for m in spec.members),
+                    names=names,
+                    out_features=tuple(m.out_features for m in mods),
+                    in_features=mods[0].in_features,
+                )
+            )
+    return groups
+
+
 def group_weight(model: nn.Module, group: LinearGroup) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The group's weights concatenated along the output (out, in) and its bias (or None)."""
     mods = [model.get_submodule(m) for m in group.modules]

@@ -34,6 +34,8 @@ HELP = {
     "act_symmetric": "symmetric (default) or asymmetric per-token activations",
     "mac_rows": "rows that get MAC: text (the paper), vision, all (Table 5)",
     "ignore": "modules left in 16 bits (exact name, prefix, or re:REGEX); replaces the default list",
+    "quantize_vision_tower": "also quantize the vision tower's blocks (the paper's A.4; Qwen2.5-VL): every row "
+    "is a vision row, so no text outlier set and no MAC there; the merger stays 16-bit",
     "selection": "outlier channel rule: " + ", ".join(SELECTIONS) + " (Table 4)",
     "text_ratio": "fraction of input channels in the text outlier set (default 0.02)",
     "vision_ratio": "fraction of input channels in the vision outlier set (default 0.02)",

@@ -16,6 +16,9 @@
 5. The next layer's input is this layer's FP output (FlatQuant's choice: no error propagation, so
    layers are independent given the FP activations, and a resumed run only has to recompute FP
    activations to continue).
+   With `quantize_vision_tower` (vision_tower.py, the paper's A.4) the vision tower's blocks are
+   calibrated the same way first, block by block (their own work files), every row a vision row;
+   the language model is then calibrated on the FP tower's outputs.
 6. The checkpoint is exported from the per-layer files, streamed (export.export_packed), then
    the work directory is removed.
 
@@ -39,7 +42,7 @@ import torch
 
 from splitq_vllm.checkpoint import matches_ignore
 from splitq_vllm.families import family_of_config
-from splitq_vllm.model_layout import LinearGroup, linear_groups, source_tensor_files
+from splitq_vllm.model_layout import LinearGroup, linear_groups, source_tensor_files, vision_tower_groups
 
 from .activations import ActivationSpace
 from .capture import capture_layer0_inputs
@@ -53,6 +56,7 @@ from .mocd import text_row_plan
 from .progress import at, log
 from .recipe import CalibrationConfig, resolve_recipe
 from .source_model import SourceModel
+from .vision_tower import VISION_SEED_BLOCK0, capture_tower_inputs, tower_config, tower_of
 from .workdir import STATE_VERSION, WorkDir, samples_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -211,6 +215,13 @@ class Calibrator:
         check_memory(est, cfg, f"{len(source.layers)} decoder layers of {sizes.layer_params / 1e6:.0f} M parameters")
         groups = linear_groups(source.model, list(source_tensor_files(self.model_dir)))
         todo = groups_to_quantize(groups, cfg.ignore)
+        ignore = cfg.ignore
+        self.vision_by_block: dict[int, list[LinearGroup]] = {}
+        if cfg.quantize_vision_tower:
+            ignore = tower_of(source.model).ignore_list(cfg.ignore)
+            tower_groups = vision_tower_groups(source.model, list(source_tensor_files(self.model_dir)))
+            for g in groups_to_quantize(tower_groups, ignore):
+                self.vision_by_block.setdefault(g.layer, []).append(g)
         fingerprint = {
             "config": cfg.identity(),
             "model": str(self.model_dir.resolve()),
@@ -223,6 +234,7 @@ class Calibrator:
         for g in todo:
             by_layer.setdefault(g.layer, []).append(g)
         remaining = [i for i in range(num_layers) if i not in done]
+        self.vision_remaining = sorted(set(self.vision_by_block) - self.work.done_vision_blocks())
         if done:
             log.info("resuming %s: layers %s already calibrated", self.work.path, sorted(done))
         report: dict[str, Any] = {
@@ -234,7 +246,7 @@ class Calibrator:
         }
         space = ActivationSpace(self.work.path / "activations", budget)
         try:
-            if remaining:
+            if remaining or self.vision_remaining:
                 self._calibrate_layers(source, samples, remaining, done, by_layer, space, report)
         finally:
             space.remove()
@@ -258,12 +270,20 @@ class Calibrator:
             [info.get("init_loss"), info.get("final_loss")]
             for info in (self.work.layer_info(i) for i in range(num_layers))
         ]
+        packed = self.work.packed_groups(num_layers, by_layer)
+        if self.vision_by_block:
+            blocks = max(self.vision_by_block) + 1
+            metadata["vision_block_loss_init_final"] = [
+                [info.get("init_loss"), info.get("final_loss")]
+                for info in (self.work.layer_info(b, vision=True) for b in sorted(self.vision_by_block))
+            ]
+            packed = self.work.packed_groups(blocks, self.vision_by_block, vision=True) + packed
         path = export_packed(
             self.model_dir,
             self.output,
-            self.work.packed_groups(num_layers, by_layer),
+            packed,
             scheme,
-            ignore=[*cfg.ignore, *(p for p in family_of_config(source_config).ignore_patterns() if p not in cfg.ignore)],
+            ignore=[*ignore, *(p for p in family_of_config(source_config).ignore_patterns() if p not in ignore)],
             calibration=metadata,
             overwrite=cfg.overwrite,
         )
@@ -292,11 +312,18 @@ class Calibrator:
         num_layers = len(source.layers)
         t0 = time.perf_counter()
         source.load_before_layers(self.device)
+        tower_inputs = None
+        if self.vision_remaining:
+            tower_inputs = capture_tower_inputs(source.model, samples, self.device, self.offload_dtype, space.store())
         inputs = capture_layer0_inputs(source.model, samples, self.device, self.offload_dtype, space.store())
         source.release_before_layers()
         give_back_freed_memory()
         report["capture_s"] = time.perf_counter() - t0
         log.info("layer-0 inputs captured in %.1f s", report["capture_s"])
+        if tower_inputs is not None:
+            self._calibrate_tower(source, tower_inputs, space, report)
+        if not remaining:
+            return
         text_rows = text_row_plan(inputs.text_masks, cfg.mocd_max_tokens, cfg.seed)
         for i in range(max(remaining) + 1):
             with at(f"layer {i + 1}/{num_layers}"):
@@ -345,3 +372,61 @@ class Calibrator:
                 source.release_layer(i)
                 give_back_freed_memory()
         report["reads"] = [dataclasses.asdict(r) for r in source.reads]
+
+    def _calibrate_tower(
+        self, source: SourceModel, inputs, space: ActivationSpace, report: dict[str, Any]
+    ) -> None:
+        """The vision tower's blocks up to the last unfinished one (vision_tower.py): each read,
+        calibrated (all rows vision) or, if done earlier, run FP; its FP output the next one's input."""
+        cfg = tower_config(self.config)
+        tower = tower_of(source.model)
+        done = self.work.done_vision_blocks()
+        text_rows = [torch.zeros(0, dtype=torch.long) for _ in inputs.text_masks]  # no text rows
+        last = max(self.vision_remaining)
+        depth = len(source.model.get_submodule(tower.blocks))
+        report["vision_blocks"] = {}
+        for b in range(last + 1):
+            with at(f"vision block {b + 1}/{depth}"):
+                prefix = f"{tower.blocks}.{b}"
+                block = source.load(prefix, device=self.device)
+                previous = inputs.hidden
+                inputs.at_layer(b)
+                groups = self.vision_by_block.get(b, [])
+                want = b < last
+                if b in done or not groups:
+                    inputs.hidden = fp_layer_forward(
+                        block, inputs, self.device, self.offload_dtype, space.store(), consume=True
+                    )
+                else:
+                    store = space.store()
+                    result, outputs = calibrate_layer(
+                        block,
+                        VISION_SEED_BLOCK0 + b,
+                        inputs,
+                        [g.kind for g in groups],
+                        cfg,
+                        self.device,
+                        self.offload_dtype,
+                        text_rows,
+                        want_outputs=want,
+                        store=store,
+                        consume=True,
+                    )
+                    by_kind = {g.kind: g for g in groups}
+                    self.work.save_layer(
+                        b,
+                        {by_kind[k].name: q for k, q in result.quantized.items()},
+                        self.config.quant_scheme,
+                        {k: result.info[k] for k in ("init_loss", "final_loss")},
+                        path=self.work.vision_block_file(b),
+                    )
+                    report["vision_blocks"][b] = result.info
+                    if want:
+                        inputs.hidden = outputs
+                    else:
+                        store.release()
+                    del result, outputs
+                previous.release()
+                del block
+                source.release(prefix)
+                give_back_freed_memory()

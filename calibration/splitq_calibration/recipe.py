@@ -173,6 +173,8 @@ class CalibrationConfig:
     act_symmetric: bool = True
     mac_rows: str = "text"  # which rows get the MAC compensation (Table 5): text | vision | all
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
+    # the vision tower's blocks too (the paper's A.4; every row a vision row: no text set, no MAC)
+    quantize_vision_tower: bool = False
     # --- channel selection (MOCD, Eq. 7-12, and the rules of Table 4)
     selection: str | None = None
     text_ratio: float = 0.02
@@ -282,6 +284,12 @@ class CalibrationConfig:
                 raise RecipeError(f"{name}: expected a non-negative number, got {v!r}")
         if not isinstance(self.ignore, list) or not all(isinstance(p, str) for p in self.ignore):
             raise RecipeError(f"ignore: expected a list of strings, got {self.ignore!r}")
+        if not isinstance(self.quantize_vision_tower, bool):
+            raise RecipeError(f"quantize_vision_tower: expected true or false, got {self.quantize_vision_tower!r}")
+        if self.quantize_vision_tower and self.method in ("mbq", "masquant", "vlmq"):
+            raise RecipeError(
+                f"quantize_vision_tower: supported with the SplitQ-family methods, not with the {self.method} baseline"
+            )
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -292,8 +300,12 @@ class CalibrationConfig:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict[str, Any]:
-        """The settings that determine the checkpoint (what a resumed run must repeat)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+        """The settings that determine the checkpoint (what a resumed run must repeat).
+        quantize_vision_tower appears only when on: checkpoints without it stay as they were."""
+        out = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+        if not out["quantize_vision_tower"]:
+            del out["quantize_vision_tower"]
+        return out
 
     def fingerprint(self, extra: dict[str, Any] | None = None) -> str:
         blob = json.dumps({"config": self.identity(), **(extra or {})}, sort_keys=True, default=str)

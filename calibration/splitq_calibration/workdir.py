@@ -60,6 +60,13 @@ class WorkDir:
     def layer_file(self, layer: int) -> Path:
         return self.path / f"layer_{layer:05d}.safetensors"
 
+    def vision_block_file(self, block: int) -> Path:
+        """A finished vision-tower block (`quantize_vision_tower`)."""
+        return self.path / f"vision_block_{block:05d}.safetensors"
+
+    def done_vision_blocks(self) -> set[int]:
+        return {int(p.stem.rsplit("_", 1)[1]) for p in self.path.glob("vision_block_*.safetensors")}
+
     def open(self, fingerprint: dict[str, Any], restart: bool) -> set[int]:
         """Start or resume the run with this fingerprint; returns the finished layers."""
         run_file = self.path / "run.json"
@@ -82,8 +89,11 @@ class WorkDir:
         os.replace(tmp, run_file)
         return set()
 
-    def save_layer(self, layer: int, quantized: dict[str, SplitQLinear], scheme: SplitQScheme, info: dict) -> None:
-        """The layer's quantized groups by group name (the checkpoint's), written atomically."""
+    def save_layer(
+        self, layer: int, quantized: dict[str, SplitQLinear], scheme: SplitQScheme, info: dict, path: Path | None = None
+    ) -> None:
+        """The layer's quantized groups by group name (the checkpoint's), written atomically
+        (to `path` instead of the layer's file: a vision block's)."""
         tensors, dims = {}, {}
         for gname, q in quantized.items():
             for suffix, t in layer_to_tensors(q, scheme).items():
@@ -92,7 +102,7 @@ class WorkDir:
         if not tensors:
             tensors["_empty"] = torch.zeros(1)
         meta = {"dims": json.dumps(dims, sort_keys=True), "info": json.dumps(info, sort_keys=True)}
-        path = self.layer_file(layer)
+        path = path or self.layer_file(layer)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
@@ -110,18 +120,21 @@ class WorkDir:
                 out[gname] = tensors_to_layer(t, LayerDims.from_dict(d, f"{path}: {gname}"), scheme)
         return out, info
 
-    def layer_info(self, layer: int) -> dict:
-        with safe_open(str(self.layer_file(layer)), "pt") as fh:
+    def layer_info(self, layer: int, vision: bool = False) -> dict:
+        with safe_open(str(self.vision_block_file(layer) if vision else self.layer_file(layer)), "pt") as fh:
             return json.loads(fh.metadata()["info"])
 
-    def packed_groups(self, num_layers: int, by_layer: dict[int, list[LinearGroup]]) -> list[PackedGroup]:
-        """Every quantized group of the run as it lies in the layer files (nothing loaded)."""
+    def packed_groups(
+        self, num_layers: int, by_layer: dict[int, list[LinearGroup]], vision: bool = False
+    ) -> list[PackedGroup]:
+        """Every quantized group of the run as it lies in the layer files (nothing loaded);
+        `vision`: the vision-tower blocks' (by_layer keyed by block)."""
         out = []
         for i in range(num_layers):
             groups = by_layer.get(i, [])
             if not groups:
                 continue
-            path = self.layer_file(i)
+            path = self.vision_block_file(i) if vision else self.layer_file(i)
             with safe_open(str(path), "pt") as fh:
                 dims = json.loads(fh.metadata()["dims"])
             for g in groups:

@@ -6,6 +6,8 @@ defines. The text mask comes from the token ids of each forward call: a row is v
 token is an image or video placeholder and the call carries pixel values (the rows the vision
 tower fills), text otherwise; so decoded tokens are text, even a generated placeholder token
 (its row holds the token's text embedding): the rule the vLLM plugin applies (`is_multimodal`).
+Vision-tower linears (a checkpoint calibrated with `quantize_vision_tower`) see patch rows only:
+they run with an all-vision mask of their own input's row count, not the language model's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import nn
 
 from splitq_kernels.reference import SplitQLinear, SplitQScheme, splitq_linear
 from splitq_vllm.checkpoint import read_checkpoint
-from splitq_vllm.model_layout import linear_groups, vision_token_ids
+from splitq_vllm.families import is_vision_tower_layer
+from splitq_vllm.model_layout import linear_groups, vision_token_ids, vision_tower_groups
 
 
 # the forward arguments that carry images / videos (every supported family's names); generate()
@@ -65,11 +68,14 @@ class SplitQLinearModule(nn.Module):
     `layer` is None only in a subclass that builds it later (quantizer.SplitQCheckpointLinear).
     """
 
-    def __init__(self, layer: SplitQLinear | None, scheme: SplitQScheme, text_mask: TextMask | None) -> None:
+    def __init__(
+        self, layer: SplitQLinear | None, scheme: SplitQScheme, text_mask: TextMask | None, all_vision: bool = False
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.scheme = scheme
         self.text_mask = text_mask
+        self.all_vision = all_vision  # a vision-tower linear: every row is a vision row
         if layer is not None:
             self.in_features = layer.in_features
             self.out_features = layer.out_features
@@ -79,8 +85,11 @@ class SplitQLinearModule(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.text_mask.mask
         rows = x.numel() // x.shape[-1]
+        if self.all_vision:
+            vision_rows = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+            return splitq_linear(x, vision_rows, self.layer, self.scheme)
+        mask = self.text_mask.mask
         if mask is None or mask.numel() != rows:
             raise RuntimeError(
                 "SplitQ layers need the token ids of each forward call to know which rows are text "
@@ -94,7 +103,8 @@ class SplitQLinearModule(nn.Module):
         if l is None:
             return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, not built"
         return (
-            f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, main={l.idx_main.numel()}, "
+            f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, "
+            f"{'all vision, ' if self.all_vision else ''}main={l.idx_main.numel()}, "
             f"text={l.idx_text.numel()}, vision={l.idx_vision.numel()}, cws={l.cws_rank}, mac={l.mac_rank}"
         )
 
@@ -112,8 +122,23 @@ def install_text_mask(model: nn.Module) -> TextMask:
     return text_mask
 
 
-def replace_linears(model: nn.Module, layers: dict[str, SplitQLinear], scheme: SplitQScheme) -> TextMask:
-    """Swap the named nn.Linear modules (transformers names) for SplitQ modules sharing one mask."""
+def quantizable_modules(
+    model: nn.Module, tensor_names: list[str], quantized: list[str] = ()
+) -> dict[str, tuple[str, bool]]:
+    """Checkpoint layer name (the files') -> (module name in `model`, whether it is a vision-tower
+    linear): the language model's decoder linears and, when `quantized` (the checkpoint's
+    layers) has tower linears, the tower blocks' linears (families.VisionTower)."""
+    out = {n: (m, False) for g in linear_groups(model, tensor_names) for n, m in zip(g.names, g.modules)}
+    if any(is_vision_tower_layer(n) for n in quantized):
+        out.update({n: (m, True) for g in vision_tower_groups(model, tensor_names) for n, m in zip(g.names, g.modules)})
+    return out
+
+
+def replace_linears(
+    model: nn.Module, layers: dict[str, SplitQLinear], scheme: SplitQScheme, vision: set[str] = frozenset()
+) -> TextMask:
+    """Swap the named nn.Linear modules (transformers names) for SplitQ modules sharing one mask
+    (those in `vision`, tower linears, with an all-vision mask)."""
     text_mask = install_text_mask(model)
     for module_name, layer in layers.items():
         parent_name, child = module_name.rsplit(".", 1)
@@ -124,7 +149,8 @@ def replace_linears(model: nn.Module, layers: dict[str, SplitQLinear], scheme: S
                 f"model layer is {old.in_features}->{old.out_features}"
             )
         device = old.weight.device
-        setattr(model.get_submodule(parent_name), child, SplitQLinearModule(layer.to(device), scheme, text_mask))
+        module = SplitQLinearModule(layer.to(device), scheme, text_mask, all_vision=module_name in vision)
+        setattr(model.get_submodule(parent_name), child, module)
     return text_mask
 
 
@@ -150,10 +176,41 @@ def load_quantized_model(
     finally:
         hf_logging.set_verbosity(level)
     model = model.to(device).eval()
-    groups = linear_groups(model, list(ckpt.weight_map))
-    by_file_name = {n: m for g in groups for n, m in zip(g.names, g.modules)}
+    by_file_name = quantizable_modules(model, list(ckpt.weight_map), list(ckpt.quant_config.layers))
     missing = [n for n in ckpt.quant_config.layers if n not in by_file_name]
     if missing:
-        raise ValueError(f"{path}: quantized layers {missing[:4]} are not language-model decoder linears of this model")
-    replace_linears(model, {by_file_name[n]: ckpt.layer(n) for n in ckpt.quant_config.layers}, ckpt.scheme)
+        raise ValueError(
+            f"{path}: quantized layers {missing[:4]} are not language-model decoder linears (or vision-tower "
+            "linears) of this model"
+        )
+    layers = {by_file_name[n][0]: ckpt.layer(n) for n in ckpt.quant_config.layers}
+    vision = {by_file_name[n][0] for n in ckpt.quant_config.layers if by_file_name[n][1]}
+    replace_linears(model, layers, ckpt.scheme, vision)
+    return model
+
+
+def with_vision_tower_from(model: nn.Module, tower_checkpoint: str | os.PathLike) -> nn.Module:
+    """`model` (a reference model: `load_quantized_model` of a checkpoint with a 16-bit tower)
+    with its vision tower's linears replaced by those of `tower_checkpoint` (calibrated with
+    `quantize_vision_tower`, from the same source model), each at its own checkpoint's bits.
+
+    This is how the reference scores a tower and a language model at different bit settings
+    (Table 13: tower W4A4, LM W3A3): the format has one bit setting per checkpoint. Calibration
+    gives the language model the FP tower's outputs, so a checkpoint's LM groups do not depend on
+    whether (or at which bits) its tower was quantized, and the tower's groups do not depend on
+    the LM's: the composition is the model a run with both bit settings would give."""
+    ckpt = read_checkpoint(tower_checkpoint)
+    if model.config.architectures != ckpt.model_config.get("architectures"):
+        archs = ckpt.model_config.get("architectures")
+        raise ValueError(f"{tower_checkpoint}: architectures {archs} are not the model's")
+    names = list(ckpt.quant_config.layers)
+    tower = {n: m for g in vision_tower_groups(model, list(ckpt.weight_map)) for n, m in zip(g.names, g.modules)}
+    chosen = [n for n in names if n in tower]
+    if not chosen:
+        raise ValueError(f"{tower_checkpoint}: no vision-tower layers (calibrate it with quantize_vision_tower)")
+    device = model.get_input_embeddings().weight.device
+    for name in chosen:
+        parent_name, child = tower[name].rsplit(".", 1)
+        module = SplitQLinearModule(ckpt.layer(name).to(device), ckpt.scheme, None, all_vision=True)
+        setattr(model.get_submodule(parent_name), child, module)
     return model

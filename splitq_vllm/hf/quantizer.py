@@ -46,9 +46,7 @@ from splitq_vllm.checkpoint import (
     read_checkpoint,
     tensors_to_layer,
 )
-from splitq_vllm.model_layout import linear_groups
-
-from .model import SplitQLinearModule, install_text_mask, target_device
+from .model import SplitQLinearModule, install_text_mask, quantizable_modules, target_device
 
 
 class SplitQHfConfig(QuantizationConfigMixin):
@@ -116,18 +114,19 @@ class SplitQHfQuantizer(HfQuantizer):
         ckpt = SplitQCheckpoint(Path(checkpoint_files[0]).parent)
         ckpt.validate(check_values=False)  # headers only: every tensor, shape and dtype, before loading
         qc = self.quantization_config.splitq
-        by_file_name = {n: m for g in linear_groups(model, list(ckpt.weight_map)) for n, m in zip(g.names, g.modules)}
+        by_file_name = quantizable_modules(model, list(ckpt.weight_map), list(qc.layers))
         for name, dims in qc.layers.items():
             if name not in by_file_name:
                 raise CheckpointError(
-                    f"{ckpt.path}: quantized layer '{name}' is not a language-model decoder linear of "
-                    f"{type(model).__name__}"
+                    f"{ckpt.path}: quantized layer '{name}' is not a language-model decoder linear (or a "
+                    f"vision-tower linear) of {type(model).__name__}"
                 )
-            module_name = by_file_name[name]
+            module_name, all_vision = by_file_name[name]
             parent, _, child = module_name.rpartition(".")
             bias_dtype = ckpt.tensor_info(f"{name}.bias")[1] if dims.bias else torch.float32
             with torch.device("meta"):
                 module = SplitQCheckpointLinear(name, dims, qc.scheme, bias_dtype)
+            module.all_vision = all_vision
             setattr(model.get_submodule(parent), child, module)
             self.modules[module_name] = module
 

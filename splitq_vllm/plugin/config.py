@@ -25,6 +25,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from splitq_vllm.checkpoint import CheckpointError, SplitQCheckpoint, SplitQConfig, matches_ignore
+from splitq_vllm.families import is_vision_tower_layer
 
 from .backends import requested_backend, triton_available
 from .parallel import check_vllm_config
@@ -45,6 +46,16 @@ class SplitQVllmConfig(QuantizationConfig):
             raise CheckpointError(
                 "--quantization splitq needs a SplitQ checkpoint: config.json has no quantization_config "
                 "with quant_method 'splitq' (write one with splitq_calibration)"
+            )
+        tower = [name for name in splitq.layers if is_vision_tower_layer(name)]
+        if tower:
+            # vLLM's tower linears would read the language model's per-step mask buffer, whose
+            # rows are the scheduled tokens, not the patches: refused until they get their own
+            raise NotImplementedError(
+                f"SplitQ: this checkpoint quantizes the vision tower ({len(tower)} layers, e.g. '{tower[0]}'; "
+                "calibrated with quantize_vision_tower): vision-tower quantization is calibrated and scored by "
+                "the reference but not served yet (the reference: splitq_vllm.hf); serve a checkpoint calibrated "
+                "without it"
             )
         self.splitq = splitq
         self.checkpoint_dir: str | None = None

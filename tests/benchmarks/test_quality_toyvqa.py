@@ -76,3 +76,26 @@ def test_served_rows_of_several_methods_follow_their_reference_rows():
         "FP16", "MBQ", "VLMQ", "MBQ, served by vLLM", "VLMQ, served by vLLM"
     ]  # fmt: skip
     assert "| W4A4 | VLMQ, served by vLLM | 72.0 ± 1.4 |" in lines[-1]
+
+
+def test_tower_rows_follow_their_16_bit_tower_rows():
+    mod = _module()
+    row = lambda s, m, a: {"scheme": s, "method": m, "accuracy": a, "n": 1000, "image_accuracy": a, "text_accuracy": a}  # noqa: E731
+    results = [row("fp16", "fp16", 0.9), row("w4a4", "splitq", 0.8), row("w4a4", "splitq+tower", 0.79),
+               row("w3a3", "splitq", 0.7), row("w3a3", "splitq+tower", 0.6), row("w3a3", "splitq+tower_w4a4", 0.69)]  # fmt: skip
+    lines = mod.markdown(results, ["w4a4", "w3a3"], ["splitq"]).splitlines()
+    assert [ln.split(" | ")[:2] for ln in lines[2:]] == [
+        ["| W16A16", "FP16"], ["| W4A4", "+MAC (SplitQ)"], ["| W4A4", "SplitQ, tower at the same bits"],
+        ["| W3A3", "+MAC (SplitQ)"], ["| W3A3", "SplitQ, tower at the same bits"], ["| W3A3", "SplitQ, tower W4A4"],
+    ]  # fmt: skip
+
+
+def test_tower_rows_end_to_end(tmp_path):
+    result = _run(tmp_path, "--methods", "splitq", "--schemes", "w4a4", "w3a3", "--quantize-vision-tower")
+    rows = {(r["scheme"], r["method"]): r for r in result["results"]}
+    assert set(rows) == {("fp16", "fp16"), ("w4a4", "splitq"), ("w4a4", "splitq+tower"), ("w3a3", "splitq"),
+                         ("w3a3", "splitq+tower"), ("w3a3", "splitq+tower_w4a4")}  # fmt: skip
+    assert rows[("w3a3", "splitq+tower_w4a4")]["tower_ckpt"].endswith("splitq-w4a4-4x1-tower")
+    layers = json.loads((tmp_path / "work" / "splitq-w4a4-4x1-tower" / "config.json").read_text())
+    assert any(n.startswith("visual.blocks.") for n in layers["quantization_config"]["layers"])
+    assert "| W3A3 | SplitQ, tower W4A4 |" in (tmp_path / "quality.md").read_text()

@@ -338,40 +338,49 @@ class Calibrator:
                         layer, inputs, self.device, self.offload_dtype, space.store(), consume=True
                     )
                 else:
-                    kinds = [g.kind for g in by_layer.get(i, [])]
-                    want = i < num_layers - 1
-                    store = space.store()
-                    result, outputs = calibrate_layer(
-                        layer,
-                        i,
-                        inputs,
-                        kinds,
-                        cfg,
-                        self.device,
-                        self.offload_dtype,
-                        text_rows,
-                        want_outputs=want,
-                        store=store,
-                        consume=True,
-                    )
-                    by_kind = {g.kind: g for g in by_layer.get(i, [])}
-                    self.work.save_layer(
-                        i,
-                        {by_kind[k].name: q for k, q in result.quantized.items()},
-                        cfg.quant_scheme,
-                        {k: result.info[k] for k in ("init_loss", "final_loss")},
-                    )
-                    report["layers"][i] = {"load_s": load_s, **result.info}
-                    if want:
-                        inputs.hidden = outputs
-                    else:
-                        store.release()
-                    del result, outputs
+                    info = self._calibrate_block(layer, i, i, by_layer.get(i, []), inputs, cfg, text_rows,
+                                                 i < num_layers - 1, space)  # fmt: skip
+                    report["layers"][i] = {"load_s": load_s, **info}
                 previous.release()
                 del layer
                 source.release_layer(i)
                 give_back_freed_memory()
         report["reads"] = [dataclasses.asdict(r) for r in source.reads]
+
+    def _calibrate_block(
+        self,
+        module: torch.nn.Module,
+        index: int,
+        seed: int,
+        groups: list[LinearGroup],
+        inputs,
+        cfg: CalibrationConfig,
+        text_rows: list[torch.Tensor],
+        want: bool,
+        space: ActivationSpace,
+        path=None,
+    ) -> dict[str, Any]:
+        """One decoder layer or tower block (consumed): its groups calibrated and written to its work
+        file (`path`, else layer `index`'s); its FP output the next one's input when `want`, else
+        released. Returns the calibration info."""
+        store = space.store()
+        result, outputs = calibrate_layer(
+            module, seed, inputs, [g.kind for g in groups], cfg, self.device, self.offload_dtype, text_rows,
+            want_outputs=want, store=store, consume=True,
+        )  # fmt: skip
+        by_kind = {g.kind: g for g in groups}
+        self.work.save_layer(
+            index,
+            {by_kind[k].name: q for k, q in result.quantized.items()},
+            self.config.quant_scheme,
+            {k: result.info[k] for k in ("init_loss", "final_loss")},
+            path=path,
+        )
+        if want:
+            inputs.hidden = outputs
+        else:
+            store.release()
+        return result.info
 
     def _calibrate_tower(
         self, source: SourceModel, inputs, space: ActivationSpace, report: dict[str, Any]
@@ -398,34 +407,10 @@ class Calibrator:
                         block, inputs, self.device, self.offload_dtype, space.store(), consume=True
                     )
                 else:
-                    store = space.store()
-                    result, outputs = calibrate_layer(
-                        block,
-                        VISION_SEED_BLOCK0 + b,
-                        inputs,
-                        [g.kind for g in groups],
-                        cfg,
-                        self.device,
-                        self.offload_dtype,
-                        text_rows,
-                        want_outputs=want,
-                        store=store,
-                        consume=True,
-                    )
-                    by_kind = {g.kind: g for g in groups}
-                    self.work.save_layer(
-                        b,
-                        {by_kind[k].name: q for k, q in result.quantized.items()},
-                        self.config.quant_scheme,
-                        {k: result.info[k] for k in ("init_loss", "final_loss")},
+                    report["vision_blocks"][b] = self._calibrate_block(
+                        block, b, VISION_SEED_BLOCK0 + b, groups, inputs, cfg, text_rows, want, space,
                         path=self.work.vision_block_file(b),
                     )
-                    report["vision_blocks"][b] = result.info
-                    if want:
-                        inputs.hidden = outputs
-                    else:
-                        store.release()
-                    del result, outputs
                 previous.release()
                 del block
                 source.release(prefix)

@@ -336,6 +336,22 @@ def save_llava_side_files(out: Path, processor, tokenizer, ids: dict[str, int]) 
     return out
 
 
+def _build_qwen_style(
+    output_dir: str | os.PathLike, seed: int, size: TinySize | None, corpus: list[str] | None, vocab_size: int,
+    dtype: torch.dtype, make_config, model_cls, make_processor,
+) -> Path:
+    """The Qwen builders' shared steps: the tiny tokenizer, the family's config, random weights
+    drawn after torch.manual_seed(seed), then the processor and the files."""
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
+    config = make_config(size, ids, tokenizer_vocab)
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype).eval()
+    return save_qwen25vl_dir(out, model, make_processor(tokenizer), tokenizer, ids)
+
+
 def build_tiny_qwen25vl(
     output_dir: str | os.PathLike,
     seed: int = 0,
@@ -349,15 +365,9 @@ def build_tiny_qwen25vl(
     """Write a random-weight Qwen2.5-VL (the real transformers/vLLM architecture) to `output_dir`."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    size = size or TinySize()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
-    config = qwen25vl_config(size, ids, tokenizer_vocab)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
-    processor = qwen25vl_processor(tokenizer, min_pixels, max_pixels)
-    return save_qwen25vl_dir(out, model, processor, tokenizer, ids)
+    return _build_qwen_style(output_dir, seed, size, corpus, vocab_size, dtype, qwen25vl_config,
+                             Qwen2_5_VLForConditionalGeneration,
+                             lambda tok: qwen25vl_processor(tok, min_pixels, max_pixels))  # fmt: skip
 
 
 def build_tiny_qwen2vl(
@@ -373,15 +383,9 @@ def build_tiny_qwen2vl(
     """Write a random-weight Qwen2-VL (the real transformers/vLLM architecture) to `output_dir`."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    size = size or TinySize()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
-    config = qwen2vl_config(size, ids, tokenizer_vocab)
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
-    processor = qwen25vl_processor(tokenizer, min_pixels, max_pixels, processor_class="Qwen2VLProcessor")
-    return save_qwen25vl_dir(out, model, processor, tokenizer, ids)
+    return _build_qwen_style(output_dir, seed, size, corpus, vocab_size, dtype, qwen2vl_config,
+                             Qwen2VLForConditionalGeneration,
+                             lambda tok: qwen25vl_processor(tok, min_pixels, max_pixels, processor_class="Qwen2VLProcessor"))  # fmt: skip
 
 
 def qwen3vl_config(size: TinySize, ids: dict[str, int], tokenizer_vocab: int):
@@ -459,14 +463,8 @@ def build_tiny_qwen3vl(
     """Write a random-weight dense Qwen3-VL (the real transformers/vLLM architecture) to `output_dir`."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    size = size or TinySize()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer, ids, tokenizer_vocab = qwen25vl_tokenizer(corpus, vocab_size)
-    config = qwen3vl_config(size, ids, tokenizer_vocab)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).to(dtype).eval()
-    return save_qwen25vl_dir(out, model, qwen3vl_processor(tokenizer), tokenizer, ids)
+    return _build_qwen_style(output_dir, seed, size, corpus, vocab_size, dtype, qwen3vl_config,
+                             Qwen3VLForConditionalGeneration, qwen3vl_processor)  # fmt: skip
 
 
 def build_tiny_gemma3(

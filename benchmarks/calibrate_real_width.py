@@ -9,15 +9,17 @@ random-weight model built offline from a published config (issue 12).
    and vision tower, `--layers` decoder layers, random bf16 weights) into `--model-dir` (default
    WORK/model), or reused from there when it exists with the same widths and layer count.
 2. The data: `--samples` real PNG pictures with captions in ShareGPT4V JSONL. The sample length
-   is about `--tokens`: Qwen2.5-VL gets a square image of about `--vision-frac` of it (28 px per
-   merged token), LLaVA its fixed 576 image tokens; a caption fills the rest (counted with the
-   model's own processor and chat template, as calibration counts them).
+   is about `--tokens`: the Qwen families get a square image of about `--vision-frac` of it (28 px
+   per merged token for Qwen2-VL and Qwen2.5-VL, 32 px for Qwen3-VL and Qwen3.5), LLaVA its fixed
+   576 image tokens, Gemma 3 its fixed 256; a caption fills the rest (counted with the model's own
+   processor and chat template, as calibration counts them).
 3. The run: the real CLI, `python -m splitq_calibration.cli ... --report FILE`, in a subprocess
    whose process tree's RSS is sampled every 0.5 s (psutil). Reported: per layer the init time
    (statistics, MOCD, initialisation; "approx" = layer time minus epochs when the report has no
    `init_s`), the epoch times, the other phases the report has, the peak RSS during the layer;
    export time, peak host RSS, peak CUDA memory (from the report, on CUDA), the checkpoint's size
-   against the bf16 bytes of the same tensors. A failed run (killed for memory, say) still writes
+   against the bf16 bytes of the same tensors, and the run's own memory estimate
+   (splitq_calibration.memory, from the report) beside the measured peak. A failed run (killed for memory, say) still writes
    --json with what was measured and the layers its log says finished, and exits non-zero.
 4. `--serve`: vLLM's OpenAI server on the CPU (splitq_vllm.server, --quantization splitq,
    --enforce-eager) serves the checkpoint and answers one chat with an image through the openai
@@ -149,8 +151,9 @@ def plan_samples(model_dir: Path, tokens: int, vision_frac: float) -> dict[str, 
 
     processor = AutoProcessor.from_pretrained(model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)
-    if cfg.model_type == "llava":
-        side = cfg.vision_config.image_size  # resized and cropped to this anyway: 576 tokens at 336
+    if cfg.model_type in ("llava", "gemma3"):
+        # resized (and for LLaVA cropped) to this anyway: 576 tokens at 336, Gemma 3's 256 at 896
+        side = cfg.vision_config.image_size
     else:
         ip = processor.image_processor
         max_pixels = (getattr(ip, "size", None) or {}).get("longest_edge") or getattr(ip, "max_pixels", 28 * 28 * 1024)
@@ -358,6 +361,10 @@ def table(res: dict[str, Any]) -> str:
         f"{_f(res.get('reported_cpu_peak_rss_gb'), '{:.2f}')} GB)"
         + (f", peak CUDA {res['cuda_peak_gb']:.2f} GB" if res.get("cuda_peak_gb") is not None else ""),
     ]
+    est = res.get("estimate")
+    if est:
+        lines.append(f"memory model (splitq_calibration.memory): peak {est['peak_gb']:.2f} GB (capture "
+                     f"{est['capture_gb']:.2f}, statistics {est['stats_gb']:.2f}, training {est['train_gb']:.2f})")  # fmt: skip
     if res.get("checkpoint_gb") is not None:
         lines.append(f"checkpoint {_size(res['checkpoint_gb'])} vs bf16 {_size(res['bf16_gb'])}; quantized layers "
                      f"{_size(res['quantized_layers_checkpoint_gb'])} vs {_size(res['quantized_layers_bf16_gb'])} bf16")  # fmt: skip
@@ -471,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if report:
         res["tokens_per_sample"] = report.get("tokens", res["tokens_per_sample"] * args.samples) / max(args.samples, 1)
         res["report_device"] = report.get("device")
-        for key in ("capture_s", "export_s", "seconds", "reads"):
+        for key in ("capture_s", "export_s", "seconds", "reads", "estimate"):
             if report.get(key) is not None:
                 res[key] = report[key]
         if report.get("cpu_peak_rss_mb") is not None:

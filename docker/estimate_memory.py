@@ -1,8 +1,9 @@
-"""GPU memory estimate for serving a SplitQ Qwen2.5-VL checkpoint with vLLM (docker/README.md).
+"""GPU memory estimate for serving a SplitQ checkpoint with vLLM (docker/README.md, BENCHMARKS.md).
 
     .venv/bin/python docker/estimate_memory.py                       # the README's table (W4A4)
     .venv/bin/python docker/estimate_memory.py --scheme w3a3 --max-model-len 32768 --json
     .venv/bin/python docker/estimate_memory.py --models Qwen2.5-VL-32B Qwen2.5-VL-72B --tensor-parallel-size 2
+    .venv/bin/python docker/estimate_memory.py --fits                # every model: does it fit a 4090 at W4A4, W3A3?
 
 Computed from the format, not measured (no GPU here). For each model:
 - the model is instantiated on PyTorch's meta device from the public config numbers
@@ -20,7 +21,18 @@ Computed from the format, not measured (no GPU here). For each model:
   the output width, so it is evaluated exactly on two narrow zero-filled copies of each group and
   extrapolated, instead of packing billions of codes;
 - everything else (vision tower, projector, embeddings, lm_head, norms) in 16 bits, as in the
-  checkpoint; KV cache in 16 bits: 2 x layers x kv_heads x head_dim x 2 bytes per token.
+  checkpoint; KV cache in 16 bits: 2 x kv_heads x head_dim x 2 bytes per token and layer (head_dim
+  the config's: Qwen3-VL, Gemma 3 and Qwen3.5 set it apart from hidden / heads), in the layers
+  that keep one per token. Gemma 3's sliding-window layers keep at most `sliding_window` tokens
+  (vLLM's hybrid KV cache manager frees the blocks that slide out), so past the window only its
+  full-attention layers (1 in 6) grow with the sequence; Qwen3.5's Gated DeltaNet layers keep no
+  KV cache but a fixed state per sequence (value_heads x key_head_dim x value_head_dim in float32,
+  the configs' mamba_ssm_dtype, plus the causal convolution's last kernel - 1 inputs of q/k/v in
+  bf16). `kv_one_sequence_bytes` is what one sequence of --max-model-len tokens needs, the amount
+  vLLM checks at start-up.
+- `--fits`: per model, whether the weights plus one --max-model-len sequence plus a reserve for
+  what vLLM measures at start-up (below; --reserve-gib, default 3) stay within
+  --gpu-memory-utilization x --gpu-mib, at W4A4 and W3A3, and the longest sequence that would.
 
 With --tensor-parallel-size N, the memory of each GPU (docs/vllm_plugin.md, "Serving across GPUs"):
 column-parallel groups (q/k/v, gate/up) keep 1/N of their output side and the whole input side
@@ -50,11 +62,23 @@ RTX_4090_MIB = 24564  # what nvidia-smi reports for a 24 GB RTX 4090
 MAX_MODEL_LEN = 16384
 GPU_MEMORY_UTILIZATION = 0.90
 
-# The Qwen2.5-VL Instruct releases (their config.json numbers live in splitq_vllm.testing.published)
+RESERVE_GIB = 3.0  # CUDA context, profiling activations (vision encoder included), CUDA graphs: "a few GiB"
+
+# The releases (their config.json numbers, and where they were checked, live in
+# splitq_vllm.testing.published)
 MODELS = {"Qwen2.5-VL-3B": "qwen2.5-vl-3b", "Qwen2.5-VL-7B": "qwen2.5-vl-7b", "Qwen2.5-VL-32B": "qwen2.5-vl-32b",
-          "Qwen2.5-VL-72B": "qwen2.5-vl-72b"}
+          "Qwen2.5-VL-72B": "qwen2.5-vl-72b",
+          "Qwen2-VL-2B": "qwen2-vl-2b", "Qwen2-VL-7B": "qwen2-vl-7b",
+          "Qwen3-VL-2B": "qwen3-vl-2b", "Qwen3-VL-4B": "qwen3-vl-4b", "Qwen3-VL-8B": "qwen3-vl-8b",
+          "Qwen3-VL-32B": "qwen3-vl-32b",
+          "Gemma-3-4B": "gemma-3-4b", "Gemma-3-12B": "gemma-3-12b", "Gemma-3-27B": "gemma-3-27b",
+          "Qwen3.5-0.8B": "qwen3.5-0.8b", "Qwen3.5-4B": "qwen3.5-4b", "Qwen3.5-9B": "qwen3.5-9b",
+          "Qwen3.5-27B": "qwen3.5-27b",
+          "LLaVA-1.5-7B": "llava-1.5-7b", "LLaVA-1.5-13B": "llava-1.5-13b"}  # fmt: skip
 DEFAULT_MODELS = ["Qwen2.5-VL-3B", "Qwen2.5-VL-7B"]  # one 4090 each (the README's first table)
-ROW_PARALLEL = ("o", "down")  # the group kinds vLLM splits by input (RowParallelLinear)
+# the group kinds vLLM splits by input (RowParallelLinear): o_proj, down_proj, Qwen3.5's out_proj
+ROW_PARALLEL = ("o", "down", "linear_out")
+VISION_PARTS = (".visual.", ".vision_tower.", ".multi_modal_projector.")  # Qwen's; LLaVA's and Gemma 3's
 
 
 def build_meta_model(name: str):
@@ -191,7 +215,7 @@ def estimate_model(model, config, scheme_name: str = "w4a4", max_model_len: int 
         total_params += p.numel()
         if pname in quantized_params:
             continue
-        if ".visual." in f".{pname}":
+        if any(v in f".{pname}" for v in VISION_PARTS):
             parts["vision tower + projector"] += p.numel() * dtype_bytes
         elif "embed_tokens" in pname:
             parts["embeddings"] += p.numel() * dtype_bytes
@@ -203,7 +227,8 @@ def estimate_model(model, config, scheme_name: str = "w4a4", max_model_len: int 
 
     tc = config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * dtype_bytes
+    cache = cache_bytes(tc, max_model_len, dtype_bytes)
+    kv_per_token = cache["per_token"]
     out = {
         "model": type(model).__name__,
         "scheme": scheme_name,
@@ -220,21 +245,57 @@ def estimate_model(model, config, scheme_name: str = "w4a4", max_model_len: int 
         "served_weights_bytes": kernel_bytes + unquantized,
         "kv_bytes_per_token": kv_per_token,
         "max_model_len": max_model_len,
-        "kv_one_sequence_bytes": kv_per_token * max_model_len,
+        "kv_one_sequence_bytes": cache["one_sequence"],
+        "kv_window_bytes": cache["window"],
+        "state_bytes_per_sequence": cache["state"],
+        "layer_counts": cache["layers"],
         "tensor_parallel_size": tp,
     }
     if tp > 1:
         split = parts["vision tower + projector"] + parts["embeddings"] + parts["lm_head"]
         kv_heads_per_gpu = max(1, tc.num_key_value_heads // tp)
-        kv_gpu = 2 * tc.num_hidden_layers * kv_heads_per_gpu * head_dim * dtype_bytes
+        gpu = cache_bytes(tc, max_model_len, dtype_bytes, kv_heads=kv_heads_per_gpu, tp=tp)
         out["per_gpu"] = {
             "splitq_layers_served_bytes": kernel_per_gpu,
             "unquantized_bytes": split // tp + parts["norms"],
             "served_weights_bytes": kernel_per_gpu + split // tp + parts["norms"],
-            "kv_bytes_per_token": kv_gpu,
-            "kv_one_sequence_bytes": kv_gpu * max_model_len,
+            "kv_bytes_per_token": gpu["per_token"],
+            "kv_one_sequence_bytes": gpu["one_sequence"],
+            "kv_window_bytes": gpu["window"],
+            "state_bytes_per_sequence": gpu["state"],
         }
     return out
+
+
+def cache_bytes(tc, max_model_len: int, dtype_bytes: int = 2, kv_heads: int | None = None, tp: int = 1) -> dict:
+    """KV cache and recurrent state of a text config (module doc): bytes per token of the layers
+    whose cache grows with the sequence, the sliding-window layers' cache at the full window, the
+    linear-attention layers' state per sequence, and all of it for one `max_model_len` sequence.
+    `kv_heads`/`tp`: one GPU's share under tensor parallelism (heads and state split `tp` ways)."""
+    n = tc.num_hidden_layers
+    types = list(getattr(tc, "layer_types", None) or ["full_attention"] * n)[:n]
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv = tc.num_key_value_heads if kv_heads is None else kv_heads
+    per_layer_token = 2 * kv * head_dim * dtype_bytes  # K and V
+    counts = {t: types.count(t) for t in dict.fromkeys(types)}
+    unknown = set(counts) - {"full_attention", "sliding_attention", "linear_attention"}
+    if unknown:
+        raise ValueError(f"text_config.layer_types has {sorted(unknown)}: no cache model for them")
+    full, sliding, linear = (counts.get(k, 0) for k in ("full_attention", "sliding_attention", "linear_attention"))
+    window_tokens = min(getattr(tc, "sliding_window", None) or max_model_len, max_model_len)
+    state = 0
+    if linear:
+        value_heads = tc.linear_num_value_heads // tp
+        key_dim = tc.linear_num_key_heads * tc.linear_key_head_dim // tp
+        value_dim = value_heads * tc.linear_value_head_dim
+        ssm = value_heads * tc.linear_key_head_dim * tc.linear_value_head_dim * 4  # float32 (mamba_ssm_dtype)
+        conv = (2 * key_dim + value_dim) * (tc.linear_conv_kernel_dim - 1) * dtype_bytes
+        state = linear * (ssm + conv)
+    window = sliding * per_layer_token * window_tokens
+    per_token = full * per_layer_token
+    return {"per_token": per_token, "window": window, "state": state,
+            "one_sequence": per_token * max_model_len + window + state,
+            "layers": {"full_attention": full, "sliding_attention": sliding, "linear_attention": linear}}  # fmt: skip
 
 
 def budget(e: dict, gpu_mib: int, utilization: float) -> dict:
@@ -244,13 +305,69 @@ def budget(e: dict, gpu_mib: int, utilization: float) -> dict:
     total = gpu_mib * MIB * utilization
     e = e.get("per_gpu", e)
     room = total - e["served_weights_bytes"]
+    # one sequence's windows and state come first; every further token costs kv_bytes_per_token
+    fixed = e.get("kv_window_bytes", 0) + e.get("state_bytes_per_sequence", 0)
     return {
         "gpu_mib": gpu_mib,
         "gpu_memory_utilization": utilization,
         "budget_bytes": int(total),
         "room_after_weights_bytes": int(room),
-        "kv_tokens_upper_bound": int(room // e["kv_bytes_per_token"]) if room > 0 else 0,
+        "kv_tokens_upper_bound": int((room - fixed) // e["kv_bytes_per_token"]) if room > fixed else 0,
     }
+
+
+def fits(e: dict, gpu_mib: int = RTX_4090_MIB, utilization: float = GPU_MEMORY_UTILIZATION,
+         reserve_gib: float = RESERVE_GIB) -> dict:  # fmt: skip
+    """Whether weights + one max_model_len sequence (its KV cache, windows and state) + `reserve_gib`
+    stay within the budget, and the longest sequence that would (0: the weights alone do not fit)."""
+    b = budget(e, gpu_mib, utilization)
+    g = e.get("per_gpu", e)
+    room = b["room_after_weights_bytes"] - reserve_gib * GIB
+    fixed = g["kv_window_bytes"] + g["state_bytes_per_sequence"]  # at most; shorter sequences need less
+    longest = int((room - fixed) // g["kv_bytes_per_token"]) if room > fixed else 0
+    return {"fits": room >= g["kv_one_sequence_bytes"], "room_after_reserve_bytes": int(room),
+            "longest_sequence_tokens": longest, "reserve_gib": reserve_gib}  # fmt: skip
+
+
+def fits_markdown(rows: list[dict]) -> str:
+    """One line per model: weights at each scheme and whether it fits (rows: fits_rows). "no room":
+    the weights and the reserve alone exceed the budget."""
+    schemes = list(rows[0]["schemes"])
+    ml = rows[0]["max_model_len"]
+    head = ["model", "parameters", "BF16 weights GiB"]
+    head += [f"{s.upper()} weights on the GPU GiB" for s in schemes]
+    head += ["KV per token KiB", "sliding windows + state per sequence MiB", f"cache of one {ml}-token sequence GiB"]
+    head += [f"fits a 4090 at {s.upper()} (longest sequence, tokens)" for s in schemes]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        e0 = r["schemes"][schemes[0]]
+        cells = [r["model"], f"{e0['parameters'] / 1e9:.2f} B", f"{e0['bf16_weights_bytes'] / GIB:.2f}"]
+        cells += [f"{r['schemes'][s]['served_weights_bytes'] / GIB:.2f}" for s in schemes]
+        cells += [f"{e0['kv_bytes_per_token'] / 1024:.0f}",
+                  f"{(e0['kv_window_bytes'] + e0['state_bytes_per_sequence']) / MIB:.0f}",
+                  f"{e0['kv_one_sequence_bytes'] / GIB:.2f}"]  # fmt: skip
+        for s in schemes:
+            f = r["schemes"][s]["fit"]
+            longest = f["longest_sequence_tokens"]
+            cells.append(("**yes**" if f["fits"] else "no") + (f" ({longest:,})" if longest else " (no room)"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fits_rows(names: list[str], schemes: tuple[str, ...] = ("w4a4", "w3a3"), max_model_len: int = MAX_MODEL_LEN,
+              gpu_mib: int = RTX_4090_MIB, utilization: float = GPU_MEMORY_UTILIZATION,
+              reserve_gib: float = RESERVE_GIB) -> list[dict]:  # fmt: skip
+    """estimate() and fits() of each model at each scheme (the meta model is built once per model)."""
+    rows = []
+    for name in names:
+        model, config = build_meta_model(name)
+        per = {}
+        for s in schemes:
+            e = estimate_model(model, config, s, max_model_len)
+            e["fit"] = fits(e, gpu_mib, utilization, reserve_gib)
+            per[s] = e
+        rows.append({"model": name, "max_model_len": max_model_len, "schemes": per})
+    return rows
 
 
 def markdown(rows: list[dict]) -> str:
@@ -297,7 +414,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=list(MODELS),
+                   help=f"default {' '.join(DEFAULT_MODELS)} (with --fits: all of them)")
     p.add_argument("--scheme", default="w4a4", help="w4a8, w4a4, w3a3, w3a2 (default w4a4)")
     p.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN, help=f"tokens of one sequence's KV cache (default {MAX_MODEL_LEN})")
     p.add_argument("--gpu-mib", type=int, default=RTX_4090_MIB, help=f"GPU memory in MiB (default {RTX_4090_MIB}: RTX 4090)")
@@ -305,9 +423,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="GPUs one model is split over (vLLM's --tensor-parallel-size): also print the memory per GPU")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON (bytes)")
+    p.add_argument("--fits", action="store_true",
+                   help="one line per model (default: all of MODELS): weights at W4A4 and W3A3, the cache of one "
+                        "--max-model-len sequence, and whether it fits the GPU")  # fmt: skip
+    p.add_argument("--reserve-gib", type=float, default=RESERVE_GIB,
+                   help=f"--fits: GiB kept for what vLLM measures at start-up (default {RESERVE_GIB})")
     args = p.parse_args(argv)
+    if args.fits:
+        frows = fits_rows(args.models or list(MODELS), max_model_len=args.max_model_len, gpu_mib=args.gpu_mib,
+                          utilization=args.gpu_memory_utilization, reserve_gib=args.reserve_gib)  # fmt: skip
+        if args.json:
+            json.dump(frows, sys.stdout, indent=2)
+            print()
+        else:
+            print(fits_markdown(frows))
+        return 0
     rows = []
-    for name in args.models:
+    for name in args.models or DEFAULT_MODELS:
         e = estimate(name, args.scheme, args.max_model_len, tensor_parallel_size=args.tensor_parallel_size)
         e["budget"] = budget(e, args.gpu_mib, args.gpu_memory_utilization)
         rows.append(e)

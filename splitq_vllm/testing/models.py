@@ -467,31 +467,11 @@ def build_tiny_qwen3vl(
                              Qwen3VLForConditionalGeneration, qwen3vl_processor)  # fmt: skip
 
 
-def build_tiny_gemma3(
-    output_dir: str | os.PathLike,
-    seed: int = 0,
-    size: TinySize | None = None,
-    corpus: list[str] | None = None,
-    vocab_size: int = 512,
-    dtype: torch.dtype = torch.bfloat16,
-    image_size: int = 56,
-    tokens_per_image: int = 16,
-) -> Path:
-    """Write a random-weight Gemma 3 (SigLIP tower, average-pooled projector, Gemma 3 language
-    model with a sliding-window and a full-attention layer) to `output_dir`. Image tokens attend
-    bidirectionally within their image (the processor's token_type_ids)."""
-    from transformers import (
-        Gemma3Config,
-        Gemma3ForConditionalGeneration,
-        Gemma3ImageProcessor,
-        Gemma3Processor,
-        PreTrainedTokenizerFast,
-    )
-
-    size = size or TinySize()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def gemma3_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
+    """A Gemma-style fast tokenizer (byte-level BPE trained on `corpus`, Gemma 3's special tokens
+    and newline runs) and its special-token ids."""
     from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
 
     raw = train_bpe_tokenizer(GEMMA3_SPECIAL_TOKENS, corpus, vocab_size)
     # Gemma's vocabulary has runs of newlines as single tokens, which vLLM's Gemma 3 processor
@@ -506,13 +486,58 @@ def build_tiny_gemma3(
         pad_token="<pad>",
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
     )
+    return tokenizer, ids, raw.get_vocab_size()
+
+
+def gemma3_processor(tokenizer, image_size: int, tokens_per_image: int):
+    """The Gemma 3 processor: resize to `image_size` square, `tokens_per_image` soft tokens per image."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    return Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(
+            size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ),
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=tokens_per_image,
+    )
+
+
+def save_gemma3_side_files(out: Path, processor, tokenizer, ids: dict[str, int]) -> Path:
+    """Write processor, tokenizer (with chat template) and generation config to `out` (no weights)."""
+    processor.save_pretrained(out)
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    _save_generation_config(out, ids["<end_of_turn>"], ids["<bos>"], ids["<pad>"])
+    return out
+
+
+def build_tiny_gemma3(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    size: TinySize | None = None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    image_size: int = 56,
+    tokens_per_image: int = 16,
+) -> Path:
+    """Write a random-weight Gemma 3 (SigLIP tower, average-pooled projector, Gemma 3 language
+    model with a sliding-window and a full-attention layer) to `output_dir`. Image tokens attend
+    bidirectionally within their image (the processor's token_type_ids)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    size = size or TinySize()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids, tokenizer_vocab = gemma3_tokenizer(corpus, vocab_size)
     head_dim = size.hidden // size.heads
     if head_dim < 32:
         raise ValueError(f"head_dim {head_dim}: vLLM's CPU attention needs >= 32")
     layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(size.layers)]
     config = Gemma3Config(
         text_config=dict(
-            vocab_size=_round_up(raw.get_vocab_size(), 64),
+            vocab_size=_round_up(tokenizer_vocab, 64),
             hidden_size=size.hidden,
             intermediate_size=size.intermediate,
             num_hidden_layers=size.layers,
@@ -548,19 +573,7 @@ def build_tiny_gemma3(
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).to(dtype).eval()
     save_with_hf_tower_names(model, out)  # Gemma 3 releases: vision_tower.vision_model...
-    processor = Gemma3Processor(
-        image_processor=Gemma3ImageProcessor(
-            size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-        ),
-        tokenizer=tokenizer,
-        chat_template=GEMMA3_CHAT_TEMPLATE,
-        image_seq_length=tokens_per_image,
-    )
-    processor.save_pretrained(out)
-    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    _save_generation_config(out, ids["<end_of_turn>"], ids["<bos>"], ids["<pad>"])
-    return out
+    return save_gemma3_side_files(out, gemma3_processor(tokenizer, image_size, tokens_per_image), tokenizer, ids)
 
 
 def build_tiny_qwen35(

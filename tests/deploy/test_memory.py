@@ -149,3 +149,56 @@ def test_per_gpu_memory_under_tensor_parallelism(em):
     assert g["kv_bytes_per_token"] * 2 == one["kv_bytes_per_token"]  # 2 KV heads, one per GPU
     assert g["served_weights_bytes"] < one["served_weights_bytes"]
     assert em.budget(two, 24564, 0.9)["room_after_weights_bytes"] > em.budget(one, 24564, 0.9)["room_after_weights_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The new families (issue 15): head_dim, sliding windows, linear attention; does it fit a 4090
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cache_of_each_layer_type(em):
+    """KV per token from the config's head_dim and the layers that grow with the sequence;
+    Gemma 3's sliding layers hold at most the window, Qwen3.5's Gated DeltaNet layers a fixed state."""
+    from splitq_vllm.testing.published import published_config
+
+    q3 = em.cache_bytes(published_config("qwen3-vl-32b").text_config, 16384)
+    assert q3["per_token"] == 64 * 2 * 8 * 128 * 2 and q3["window"] == q3["state"] == 0  # head_dim 128, not 5120 / 64
+    g = em.cache_bytes(published_config("gemma-3-27b").text_config, 16384)
+    assert g["layers"] == {"full_attention": 10, "sliding_attention": 52, "linear_attention": 0}
+    assert g["per_token"] == 10 * 2 * 16 * 128 * 2 and g["window"] == 52 * 2 * 16 * 128 * 2 * 1024
+    assert em.cache_bytes(published_config("gemma-3-27b").text_config, 512)["window"] == 52 * 2 * 16 * 128 * 2 * 512
+    q35 = em.cache_bytes(published_config("qwen3.5-27b").text_config, 16384)
+    ssm, conv = 48 * 128 * 128 * 4, (2 * 16 * 128 + 48 * 128) * 3 * 2
+    assert q35["layers"]["linear_attention"] == 48 and q35["state"] == 48 * (ssm + conv)
+    assert q35["per_token"] == 16 * 2 * 4 * 256 * 2
+    assert q35["one_sequence"] == q35["per_token"] * 16384 + q35["state"]
+    # one GPU's share at TP=2: KV heads and the state's heads split
+    half = em.cache_bytes(published_config("qwen3.5-27b").text_config, 16384, kv_heads=2, tp=2)
+    assert 2 * half["per_token"] == q35["per_token"] and 2 * half["state"] == q35["state"]
+
+
+def test_the_new_families_on_a_4090(em):
+    """Estimates, not measurements: the 8B-class models fit at W4A4 with a full sequence; the
+    27B-class ones only at W3A3; the 32B at neither."""
+    rows = {r["model"]: r for r in em.fits_rows(["Qwen3-VL-8B", "Gemma-3-27B", "Qwen3.5-27B", "Qwen3-VL-32B"])}
+    fit = {(m, s): r["schemes"][s]["fit"]["fits"] for m, r in rows.items() for s in ("w4a4", "w3a3")}
+    assert fit == {("Qwen3-VL-8B", "w4a4"): True, ("Qwen3-VL-8B", "w3a3"): True,
+                   ("Gemma-3-27B", "w4a4"): False, ("Gemma-3-27B", "w3a3"): True,
+                   ("Qwen3.5-27B", "w4a4"): False, ("Qwen3.5-27B", "w3a3"): True,
+                   ("Qwen3-VL-32B", "w4a4"): False, ("Qwen3-VL-32B", "w3a3"): False}  # fmt: skip
+    for r in rows.values():
+        w4, w3 = r["schemes"]["w4a4"], r["schemes"]["w3a3"]
+        assert w3["served_weights_bytes"] < w4["served_weights_bytes"] < w4["bf16_weights_bytes"] / 2
+        assert w4["quantized_linears"] > 0
+    g = rows["Gemma-3-27B"]["schemes"]["w4a4"]
+    assert g["unquantized_parts_bytes"]["vision tower + projector"] > 2 * 0.4e9  # SigLIP So400m, counted as vision
+    # Qwen3.5's Gated DeltaNet layers are quantized too: 7 linears in each of the 16 full-attention
+    # layers, 5 (in_proj_qkv, _z, _b, _a, out_proj) + 3 MLP in each of the 48 others
+    assert rows["Qwen3.5-27B"]["schemes"]["w4a4"]["quantized_linears"] == 16 * 7 + 48 * 8
+
+
+def test_benchmarks_shows_the_fits_table(em):
+    """BENCHMARKS.md's table of every model is what `estimate_memory.py --fits` prints."""
+    table = em.fits_markdown(em.fits_rows(list(em.MODELS)))
+    text = (DOCKER.parent / "BENCHMARKS.md").read_text()
+    assert table in text, f"BENCHMARKS.md is out of date; `docker/estimate_memory.py --fits` prints:\n{table}"

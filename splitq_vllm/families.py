@@ -300,6 +300,19 @@ def is_vision_tower_layer(name: str) -> bool:
     return any(f.vision_tower and ("." + name).find("." + f.vision_tower.file_prefix) >= 0 for f in FAMILIES)
 
 
+def check_tower_quantization(family: Family, names) -> None:
+    """Refuse vision-tower layers (`names`: checkpoint layer names) in a checkpoint of a family
+    whose tower quantization is not described here (and so neither calibrated nor served)."""
+    tower = [n for n in names if is_vision_tower_layer(n)]
+    if tower and family.vision_tower is None:
+        with_tower = [f.name for f in FAMILIES if f.vision_tower is not None]
+        raise NotImplementedError(
+            f"SplitQ: this checkpoint quantizes vision-tower layers ({len(tower)}, e.g. '{tower[0]}'), but "
+            f"vision-tower quantization is described (calibrated, scored, served) for {', '.join(with_tower)} "
+            f"only, not {family.name} (splitq_vllm/families.py: Family.vision_tower)"
+        )
+
+
 def all_group_kinds() -> list[str]:
     """Every group kind of every family, in first-seen order."""
     return list(dict.fromkeys(k for f in FAMILIES for k in f.kinds_by_name))

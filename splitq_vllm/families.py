@@ -79,7 +79,8 @@ GATED_DELTANET_LAYER = LayerKind(
 class VisionTower:
     """The vision tower's blocks, for the optional tower quantization (the paper's A.4,
     `quantize_vision_tower`): calibrated block by block like the decoder layers, every row a
-    vision row.
+    vision row; run with an all-vision mask by the transformers loader and by the vLLM plugin
+    (whose tower linears are found by the same file names: `is_vision_tower_layer`).
 
     blocks: module path of the blocks in the transformers model; file_prefix: their names in the
     files (`visual.blocks.`, possibly after a `model.` in files written by newer transformers);

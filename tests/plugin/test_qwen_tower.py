@@ -1,6 +1,7 @@
 """A Qwen2.5-VL checkpoint with its vision tower quantized (`--quantize-vision-tower`, the paper's
 A.4) served by the plugin: the tiny model calibrated with the tower, vLLM's real tower linears
-loaded and run bit for bit like the reference (tower_cases.py, no engine), and the real OpenAI
+loaded and run bit for bit like the reference (tower_cases.py, no engine), the Triton backend
+on the tower layers (interpreter) within the kernels' tolerance of the reference, and the real OpenAI
 server's greedy answers equal to the transformers loader's (`splitq_vllm.hf`, whose tower runs
 all vision) on image and text prompts, through the openai client.
 
@@ -32,7 +33,14 @@ from splitq_vllm.families import FAMILIES, check_tower_quantization, is_vision_t
 from splitq_vllm.testing.conversations import CONVERSATIONS
 from splitq_vllm.testing.images import write_sharegpt
 from tests.helpers.engine import OpenAIServer, server_env, vllm_env
-from tests.plugin.generation import LOGPROB_ATOL, Reference, assert_same_generation, max_logprob_gap, served_chat, server_args
+from tests.plugin.generation import (
+    LOGPROB_ATOL,
+    Reference,
+    assert_same_generation,
+    max_logprob_gap,
+    served_chat,
+    server_args,
+)
 
 SCRIPT = Path(__file__).with_name("tower_cases.py")
 PROMPTS = ["one_image", "two_images", "text_only"]
@@ -110,6 +118,33 @@ def test_tensor_parallel_needs_the_tower_replicated(cases):
     assert "crash" not in r, r.get("crash")
     assert r["plain"] is None and r["tp2_data"] is None
     assert r["tp2"] is not None and "quantized vision tower" in r["tp2"] and "--mm-encoder-tp-mode data" in r["tp2"]
+
+
+@pytest.mark.parametrize("members", [["attn.qkv"], ["attn.proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]])
+def test_triton_backend_runs_the_tower_layers_like_the_reference(ckpt, members):
+    """The kernel path on the checkpoint's tower layers (no text set, no MAC, bias in the
+    epilogue), all-vision mask, 37 rows (no multiple of the block sizes), in Triton's interpreter:
+    within the kernels' output tolerance of the reference (splitq_kernels.testing)."""
+    import torch
+    from torch import nn
+
+    import splitq_kernels.triton
+    from splitq_kernels.reference import concat_outputs, splitq_linear
+    from splitq_kernels.testing import check_outputs
+    from splitq_vllm.plugin.backends import TritonBackend
+
+    splitq_kernels.triton.use_interpreter()
+    ck = read_checkpoint(ckpt)
+    ref = concat_outputs([ck.layer(f"visual.blocks.1.{m}") for m in members])
+    ref.bias = ref.bias.float()
+    module = nn.Module()
+    module.bias = nn.Parameter(ref.bias.clone(), requires_grad=False)
+    backend = TritonBackend(interpreter=True)
+    assert backend.can_implement(ref.kron_shape, ck.scheme, torch.device("cpu"))[0]
+    backend.prepare(module, ref, ck.scheme)
+    x = torch.randn(37, ref.in_features, generator=torch.Generator().manual_seed(1))
+    vision = torch.zeros(37, dtype=torch.bool)
+    assert check_outputs(backend.apply(module, x, vision, module.bias), splitq_linear(x, vision, ref, ck.scheme)) <= 1
 
 
 def test_tower_layers_of_a_family_without_tower_quantization_are_refused():

@@ -18,8 +18,8 @@ calibrated with the vision tower quantized too at the same bits (the paper's A.4
 schemes other than W4A4 Table 13's rows, tower W4A4 and LM at the scheme: the format has one bit
 setting per checkpoint, so the reference composes the scheme's checkpoint with the W4A4 tower
 checkpoint's tower (`splitq_vllm.hf.model.with_vision_tower_from`; exact, since the LM is
-calibrated on the FP tower's outputs). Reference only (vLLM refuses tower checkpoints: not
-served yet).
+calibrated on the FP tower's outputs). The same-bits tower checkpoints of the `--serve` methods
+are served by vLLM too (the composed rows are reference only: one checkpoint, one bit setting).
 `--plot-dir` draws the Fig. 2-style text vs vision channel magnitudes of one layer's qkv and down
 inputs (splitq-inspect).
 """
@@ -46,6 +46,7 @@ TOWER = "+tower"  # method-name suffix of the rows with the vision tower quantiz
 TOWER4 = "+tower_w4a4"  # ... with the W4A4 checkpoint's tower (Table 13)
 LABELS.update({f"{m}{TOWER}": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, tower at the same bits" for m in METHODS})
 LABELS.update({f"{m}{TOWER4}": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, tower W4A4" for m in METHODS})
+LABELS.update({f"{m}{TOWER}_vllm": f"{LABELS[m + TOWER]}, served by vLLM" for m in METHODS})
 
 
 def calib_data(work: Path, n: int) -> Path:
@@ -141,7 +142,7 @@ def _table_rows(results: list[dict], schemes: list[str], methods: list[str]) -> 
     rows = [("W16A16", "FP16", by[("fp16", "fp16")])]
     for s in schemes:
         for m in [*methods, *(f"{x}{TOWER}" for x in methods), *(f"{x}{TOWER4}" for x in methods),
-                  *(f"{x}_vllm" for x in methods)]:  # fmt: skip
+                  *(f"{x}_vllm" for x in methods), *(f"{x}{TOWER}_vllm" for x in methods)]:  # fmt: skip
             if (s, m) in by:
                 rows.append((s.upper(), LABELS[m], by[(s, m)]))
     return rows
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="calibrations in parallel (one thread each)")
     ap.add_argument("--no-vllm", action="store_true", help="skip the served-model rows")
     ap.add_argument("--quantize-vision-tower", action="store_true",
-                    help="also a checkpoint per row with the vision tower quantized (A.4; reference only)")
+                    help="also a checkpoint per row with the vision tower quantized (A.4; served too for --serve)")
     ap.add_argument("--serve", nargs="+", default=["splitq"], help="methods whose checkpoints are also served by vLLM")
     ap.add_argument("--plot-dir", type=Path, help="write Fig. 2-style channel plots (qkv and down inputs) here")
     ap.add_argument("--plot-layer", type=int, default=1)
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(r)
                 print(f"{r['scheme']:5s} {LABELS[r['method']]:14s} accuracy {r['accuracy']:.3f} (image {r['image_accuracy']:.3f}, "
                       f"text {r['text_accuracy']:.3f}) {r['seconds']:.0f} s  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
-    for m in [] if args.no_vllm else [m for m in args.serve if m in args.methods]:
+    served = [] if args.no_vllm else [m for m in args.serve if m in args.methods]
+    for m in [*served, *(f"{x}{TOWER}" for x in served if args.quantize_vision_tower)]:
         for s in args.schemes:
             ckpt = Path(next(t["ckpt"] for t in tasks if t["method"] == m and t["scheme"] == s))
             t1 = time.time()

@@ -79,7 +79,8 @@ GATED_DELTANET_LAYER = LayerKind(
 class VisionTower:
     """The vision tower's blocks, for the optional tower quantization (the paper's A.4,
     `quantize_vision_tower`): calibrated block by block like the decoder layers, every row a
-    vision row.
+    vision row; run with an all-vision mask by the transformers loader and by the vLLM plugin
+    (whose tower linears are found by the same file names: `is_vision_tower_layer`).
 
     blocks: module path of the blocks in the transformers model; file_prefix: their names in the
     files (`visual.blocks.`, possibly after a `model.` in files written by newer transformers);
@@ -298,6 +299,19 @@ def group_spec(kind: str) -> GroupSpec:
 def is_vision_tower_layer(name: str) -> bool:
     """Whether a checkpoint layer name (a file name) is a vision-tower linear of some family."""
     return any(f.vision_tower and ("." + name).find("." + f.vision_tower.file_prefix) >= 0 for f in FAMILIES)
+
+
+def check_tower_quantization(family: Family, names) -> None:
+    """Refuse vision-tower layers (`names`: checkpoint layer names) in a checkpoint of a family
+    whose tower quantization is not described here (and so neither calibrated nor served)."""
+    tower = [n for n in names if is_vision_tower_layer(n)]
+    if tower and family.vision_tower is None:
+        with_tower = [f.name for f in FAMILIES if f.vision_tower is not None]
+        raise NotImplementedError(
+            f"SplitQ: this checkpoint quantizes vision-tower layers ({len(tower)}, e.g. '{tower[0]}'), but "
+            f"vision-tower quantization is described (calibrated, scored, served) for {', '.join(with_tower)} "
+            f"only, not {family.name} (splitq_vllm/families.py: Family.vision_tower)"
+        )
 
 
 def all_group_kinds() -> list[str]:

@@ -12,6 +12,14 @@ module prefixes (`language_model.model.layers.0.self_attn.qkv_proj`): the model'
 `packed_modules_mapping` unfuses `qkv_proj` -> q/k/v_proj, `gate_up_proj` -> gate/up_proj. A linear
 whose members are all quantized layers of the checkpoint gets the SplitQ method; one with none
 runs unquantized (the ignore list: vision tower, projector, lm_head by default); a mix is an error.
+
+Vision tower (a checkpoint calibrated with `quantize_vision_tower`, Qwen2.5-VL): vLLM's tower
+linears (`visual.blocks.N.attn.qkv`, the checkpoint's fused layer as one member; `attn.proj`;
+`mlp.gate_up_proj` = gate/up_proj; `mlp.down_proj`) get the SplitQ method with `all_vision`:
+their rows are patches, every one a vision row (as in calibration and the reference), so they
+pass an all-False mask of their own row count and never read the language model's per-step
+buffer. At --tensor-parallel-size > 1 the tower must be replicated (--mm-encoder-tp-mode data,
+parallel.py).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from splitq_vllm.checkpoint import CheckpointError, SplitQCheckpoint, SplitQConfig, matches_ignore
-from splitq_vllm.families import is_vision_tower_layer
+from splitq_vllm.families import check_tower_quantization, family_of_config, family_of_vllm, is_vision_tower_layer
 
 from .backends import requested_backend, triton_available
 from .parallel import check_vllm_config
@@ -47,17 +55,9 @@ class SplitQVllmConfig(QuantizationConfig):
                 "--quantization splitq needs a SplitQ checkpoint: config.json has no quantization_config "
                 "with quant_method 'splitq' (write one with splitq_calibration)"
             )
-        tower = [name for name in splitq.layers if is_vision_tower_layer(name)]
-        if tower:
-            # vLLM's tower linears would read the language model's per-step mask buffer, whose
-            # rows are the scheduled tokens, not the patches: refused until they get their own
-            raise NotImplementedError(
-                f"SplitQ: this checkpoint quantizes the vision tower ({len(tower)} layers, e.g. '{tower[0]}'; "
-                "calibrated with quantize_vision_tower): vision-tower quantization is calibrated and scored by "
-                "the reference but not served yet (the reference: splitq_vllm.hf); serve a checkpoint calibrated "
-                "without it"
-            )
         self.splitq = splitq
+        # vision-tower linears (quantize_vision_tower): served with an all-vision mask of their own
+        self.tower_layers: list[str] = [name for name in splitq.layers if is_vision_tower_layer(name)]
         self.checkpoint_dir: str | None = None
         # HF file name -> the name vLLM uses for that module (updated by apply_vllm_mapper)
         self.layer_names: dict[str, str] = {name: name for name in splitq.layers}
@@ -95,6 +95,13 @@ class SplitQVllmConfig(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
         """Front end, before any process starts: check the files' headers (every tensor, shape, dtype)."""
         mask_mode()  # a bad SPLITQ_TEXT_MASK fails here, not at the first request
+        if hf_config is not None and self.tower_layers:
+            try:
+                family = family_of_config(hf_config)
+            except ValueError:
+                family = None  # an unsupported architecture is refused by name when the model is built
+            if family is not None:
+                check_tower_quantization(family, self.tower_layers)
         if hf_config is not None:
             # vLLM keys its torch.compile cache on the model config (quantization_config included),
             # not on environment variables: record the backend choice there, so that a graph traced
@@ -108,10 +115,11 @@ class SplitQVllmConfig(QuantizationConfig):
         ckpt = SplitQCheckpoint(path)
         ckpt.validate(check_values=False)
         logger.info(
-            "SplitQ: %s, %d quantized layers (%s), files checked",
+            "SplitQ: %s, %d quantized layers (%s; %d in the vision tower), files checked",
             path,
             len(self.splitq.layers),
             self.splitq.scheme.name,
+            len(self.tower_layers),
         )
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
@@ -139,8 +147,15 @@ class SplitQVllmConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         from .linear import Member, SplitQLinearMethod
 
+        # a vision-tower linear sees patch rows, not the scheduled tokens: all vision, no mask buffer
+        # (the members of one vLLM layer share its parent module, so they are all tower or none)
+        all_vision = is_vision_tower_layer(members[0])
         return SplitQLinearMethod(
-            prefix, [Member(hf, self.splitq.layers[hf]) for hf in members], self.splitq.scheme, self.text_mask_buffer
+            prefix,
+            [Member(hf, self.splitq.layers[hf]) for hf in members],
+            self.splitq.scheme,
+            self.text_mask_buffer,
+            all_vision=all_vision,
         )
 
     # -- helpers --------------------------------------------------------------------------------
@@ -214,6 +229,8 @@ class SplitQVllmConfig(QuantizationConfig):
                 "SplitQ: inductor freezing (also turned on by max_autotune on the CPU) would constant-fold the "
                 "text/vision token mask buffer; leave freezing and max_autotune off"
             )
-        check_model_class(get_model_architecture(cfg.model_config)[0])
+        model_cls = get_model_architecture(cfg.model_config)[0]
+        check_model_class(model_cls)
+        check_tower_quantization(family_of_vllm(model_cls), self.tower_layers)
         self._runtime_checked = True
         logger.info("SplitQ: text mask mode %s", mask_mode())

@@ -18,6 +18,12 @@ fails on anything not loaded, naming the checkpoint tensor, checks the values (c
 partition the input, finite floats, positive scales), builds the reference `SplitQLinear` of the
 fused layer (`concat_outputs` of the members) and hands it to the backend (backends.py), once.
 
+Vision-tower layers (`all_vision`, config.py): the checkpoint's fused `attn.qkv` is one member of
+vLLM's QKVParallelLinear (its q/k/v output shards grouped into the member's rows, as Qwen3.5's
+in_proj_qkv; vLLM's fused-checkpoint loader splits each output-side tensor at the shard
+offsets); `apply` passes an all-False mask of the input's row count instead of the shared
+buffer's rows. Served at tensor-parallel size 1 per tower (--mm-encoder-tp-mode data at TP > 1).
+
 Tensor parallelism (parallel.py, docs/vllm_plugin.md): in a column-parallel layer (qkv, gate_up)
 vLLM's loaders split the output-side tensors by rank (k/v replicated when the TP size exceeds the
 KV heads) and copy the input-side ones whole. A row-parallel layer (o_proj, down_proj) with TP > 1
@@ -75,13 +81,20 @@ class SplitQLinearMethod(LinearMethodBase):
     """LinearMethod of one vLLM linear layer whose members are SplitQ layers of the checkpoint."""
 
     def __init__(
-        self, prefix: str, members: list[Member], scheme: SplitQScheme, text_mask: Callable[[], torch.Tensor]
+        self,
+        prefix: str,
+        members: list[Member],
+        scheme: SplitQScheme,
+        text_mask: Callable[[], torch.Tensor],
+        all_vision: bool = False,
     ) -> None:
         super().__init__()
         self.prefix = prefix
         self.members = members
         self.scheme = scheme
         self._text_mask = text_mask  # () -> the model's shared mask buffer
+        # a vision-tower linear: its rows are patches, every one a vision row (no shared buffer)
+        self.all_vision = all_vision
         dims0 = members[0].dims
         self.specs: list[TensorSpec] = [s for s in layer_tensor_specs(dims0, scheme) if s.suffix != "bias"]
         self.backend: Backend | None = None
@@ -163,6 +176,10 @@ class SplitQLinearMethod(LinearMethodBase):
 
     def _tracking_bias_loader(self, layer: nn.Module, base_loader):
         def loader(param, loaded_weight, *args, **kwargs):
+            if getattr(layer, "_splitq_in_bias_loader", False):
+                # vLLM's loader of a checkpoint-fused layer (the tower's attn.qkv) splits the tensor
+                # and calls self.weight_loader, i.e. this wrapper, per shard: checked once, whole
+                return base_loader(param, loaded_weight, *args, **kwargs)
             if param is getattr(layer, "bias", None):
                 idx = self._member_index(self._shard_arg(args, kwargs))
                 member = self.members[idx]
@@ -175,7 +192,11 @@ class SplitQLinearMethod(LinearMethodBase):
                 if not loaded_weight.is_floating_point():
                     raise CheckpointError(f"SplitQ checkpoint: tensor '{tname}' has dtype {_dtype_name(loaded_weight.dtype)}, expected a float dtype")
                 layer.splitq_loaded.add(("bias", idx))
-            return base_loader(param, loaded_weight, *args, **kwargs)
+            layer._splitq_in_bias_loader = True
+            try:
+                return base_loader(param, loaded_weight, *args, **kwargs)
+            finally:
+                layer._splitq_in_bias_loader = False
 
         return loader
 
@@ -220,6 +241,13 @@ class SplitQLinearMethod(LinearMethodBase):
         from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 
         tp = getattr(layer, "tp_size", 1)
+        if self.all_vision and tp > 1:
+            from .parallel import ParallelConfigError
+
+            raise ParallelConfigError(
+                f"SplitQ: vision-tower layer '{self.prefix}' is split across {tp} tensor-parallel ranks; the SplitQ "
+                "tower is served replicated only: add --mm-encoder-tp-mode data"
+            )
         row_parallel = isinstance(layer, RowParallelLinear) and tp > 1
         replicas = getattr(layer, "num_kv_head_replicas", 1) if isinstance(layer, QKVParallelLinear) else 1
         for i, (m, part) in enumerate(zip(self.members, output_partition_sizes)):
@@ -264,7 +292,9 @@ class SplitQLinearMethod(LinearMethodBase):
         # The bias is the layer's own parameter (created after this call, loaded by layer.weight_loader):
         # shadow that bound method with a tracking wrapper so a missing bias is caught too.
         layer.weight_loader = self._tracking_bias_loader(layer, layer.weight_loader)
-        layer.register_buffer(BUFFER_NAME, self._text_mask(), persistent=False)
+        layer.splitq_all_vision = self.all_vision
+        if not self.all_vision:
+            layer.register_buffer(BUFFER_NAME, self._text_mask(), persistent=False)
 
     # ------------------------------------------------------------------------------------------
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -322,6 +352,11 @@ class SplitQLinearMethod(LinearMethodBase):
             from vllm.distributed import tensor_model_parallel_all_gather
 
             x2 = tensor_model_parallel_all_gather(x2.contiguous(), dim=-1)
-        mask = getattr(layer, BUFFER_NAME)[: x2.shape[0]]
+        if self.all_vision:
+            # the reference's convention for the tower (splitq_vllm.hf, calibration): an explicit
+            # all-False mask (None would mean all text); no data-dependent branch, graph-safe
+            mask = torch.zeros(x2.shape[0], dtype=torch.bool, device=x2.device)
+        else:
+            mask = getattr(layer, BUFFER_NAME)[: x2.shape[0]]
         y = self.backend.apply(layer, x2, mask, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -10,9 +10,11 @@ Served (docs/vllm_plugin.md, "Serving across GPUs"):
 Refused, each with a message naming the setting: speculative decoding (drafter forwards do not
 update the mask), micro-batching (--enable-dbo / --ubatch-size: the layers would see a row slice
 of the step's mask), prefill context parallelism (the layers see a token slice), a TP size that
-does not divide the language model's heads, KV heads or intermediate size, and a TP size that
+does not divide the language model's heads, KV heads or intermediate size, a TP size that
 leaves a rank of a row-parallel layer without main channels (from the checkpoint's layer dims in
-the front end, and per layer when it is built).
+the front end, and per layer when it is built), and TP > 1 with a quantized vision tower split
+across ranks (served with --mm-encoder-tp-mode data: the tower replicated, each rank runs whole
+images, vLLM's data-parallel encoder).
 
 `check_parallel` runs in the front end (a wrapper of vLLM's ModelConfig.verify_with_parallel_config,
 installed by `register()`, so a bad setting fails in seconds, before any worker starts) and again
@@ -54,11 +56,27 @@ def row_parallel_mains(quantization_config: Any) -> dict[str, int]:
     return {name: d.main for name, d in cfg.layers.items() if d.group.rsplit(".", 1)[-1] in ROW_PARALLEL_KINDS}
 
 
+def quantized_tower_layers(quantization_config: Any) -> list[str]:
+    """The vision-tower layers of a quantization_config dict ([] when it is not a readable
+    SplitQ config: the checkpoint checks report that)."""
+    from splitq_vllm.checkpoint import SplitQConfig
+    from splitq_vllm.families import is_vision_tower_layer
+
+    if hasattr(quantization_config, "to_dict"):
+        quantization_config = quantization_config.to_dict()
+    try:
+        cfg = SplitQConfig.from_dict(quantization_config)
+    except Exception:  # noqa: BLE001
+        return []
+    return [name for name in cfg.layers if is_vision_tower_layer(name)]
+
+
 def check_parallel(parallel_config: Any, hf_text_config: Any, speculative_config: Any = None,
                    hf_vision_config: Any = None, mm_encoder_tp_mode: str | None = None,
-                   row_parallel: dict[str, int] | None = None) -> None:
+                   row_parallel: dict[str, int] | None = None, tower_layers: list[str] | None = None) -> None:
     """Raise ParallelConfigError for a parallel setting SplitQ cannot serve (module doc).
-    row_parallel: {layer: main channels} of the row-parallel layers (their blocks are checked)."""
+    row_parallel: {layer: main channels} of the row-parallel layers (their blocks are checked);
+    tower_layers: the checkpoint's quantized vision-tower layers."""
     if speculative_config is not None:
         raise ParallelConfigError(
             "SplitQ: speculative decoding (--speculative-config) is not supported: drafter forwards do not update "
@@ -98,6 +116,14 @@ def check_parallel(parallel_config: Any, hf_text_config: Any, speculative_config
         )
     for name, main in (row_parallel or {}).items():
         row_shard(name, main, tp, 0)
+    if tower_layers and mm_encoder_tp_mode != "data":
+        # the tower's fused attn.qkv is one checkpoint layer: vLLM would split its rows per rank
+        # into q/k/v blocks, which the SplitQ method does not shard (the LM's q/k/v are separate)
+        raise ParallelConfigError(
+            f"SplitQ: --tensor-parallel-size {tp} with a quantized vision tower ({len(tower_layers)} layers, e.g. "
+            f"'{tower_layers[0]}'): the SplitQ tower is served replicated on every rank only; add "
+            "--mm-encoder-tp-mode data"
+        )
     vheads = _get(hf_vision_config, "num_heads")
     if vheads and vheads % tp and mm_encoder_tp_mode != "data":
         raise ParallelConfigError(
@@ -117,6 +143,7 @@ def check_vllm_config(model_config: Any, parallel_config: Any, speculative_confi
         hf_vision_config=_get(hf, "vision_config"),
         mm_encoder_tp_mode=_get(mm, "mm_encoder_tp_mode"),
         row_parallel=row_parallel_mains(_get(hf, "quantization_config")),
+        tower_layers=quantized_tower_layers(_get(hf, "quantization_config")),
     )
 
 

@@ -82,10 +82,12 @@ def test_tower_rows_follow_their_16_bit_tower_rows():
     mod = _module()
     row = lambda s, m, a: {"scheme": s, "method": m, "accuracy": a, "n": 1000, "image_accuracy": a, "text_accuracy": a}  # noqa: E731
     results = [row("fp16", "fp16", 0.9), row("w4a4", "splitq", 0.8), row("w4a4", "splitq+tower", 0.79),
-               row("w3a3", "splitq", 0.7), row("w3a3", "splitq+tower", 0.6), row("w3a3", "splitq+tower_w4a4", 0.69)]  # fmt: skip
+               row("w3a3", "splitq", 0.7), row("w3a3", "splitq+tower", 0.6), row("w3a3", "splitq+tower_w4a4", 0.69),
+               row("w4a4", "splitq+tower_vllm", 0.78), row("w4a4", "splitq_vllm", 0.81)]  # fmt: skip
     lines = mod.markdown(results, ["w4a4", "w3a3"], ["splitq"]).splitlines()
     assert [ln.split(" | ")[:2] for ln in lines[2:]] == [
         ["| W16A16", "FP16"], ["| W4A4", "+MAC (SplitQ)"], ["| W4A4", "SplitQ, tower at the same bits"],
+        ["| W4A4", "SplitQ, served by vLLM"], ["| W4A4", "SplitQ, tower at the same bits, served by vLLM"],
         ["| W3A3", "+MAC (SplitQ)"], ["| W3A3", "SplitQ, tower at the same bits"], ["| W3A3", "SplitQ, tower W4A4"],
     ]  # fmt: skip
 

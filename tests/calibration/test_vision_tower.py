@@ -1,7 +1,8 @@
 """Vision-tower quantization (the paper's A.4, `--quantize-vision-tower`) on the tiny Qwen2.5-VL:
 the tower's blocks calibrated block by block on what the real tower feeds them, every row a
 vision row (no text outlier set, no MAC), the checkpoint holding the tower's groups, the
-reference loaders running them with an all-vision mask, the plugin refusing to serve them."""
+reference loaders running them with an all-vision mask, the plugin's config accepting them (served:
+tests/plugin/test_qwen_tower.py)."""
 
 import dataclasses
 
@@ -158,16 +159,16 @@ def test_bad_settings_are_refused(tiny_llava_dir, data, tmp_path):
         calibrate(tiny_llava_dir, data, tmp_path / "out", num_samples=2, epochs=0, quantize_vision_tower=True)
 
 
-def test_plugin_refuses_to_serve_a_tower_checkpoint(tower_ckpt, tiny_qwen_dir, data, tmp_path):
+def test_plugin_config_takes_the_tower_layers(tower_ckpt, tiny_qwen_dir, data, tmp_path):
     from splitq_vllm.plugin.config import SplitQVllmConfig
 
-    with pytest.raises(NotImplementedError, match="calibrated and scored by the reference but not served yet"):
-        SplitQVllmConfig.from_config(read_checkpoint(tower_ckpt).quant_config.to_dict())
+    cfg = SplitQVllmConfig.from_config(read_checkpoint(tower_ckpt).quant_config.to_dict())
+    assert len(cfg.tower_layers) == 5 * _config(tower_ckpt).vision_config.depth  # served all-vision
     plain = tmp_path / "plain"
     argv = ["--model", str(tiny_qwen_dir), "--data", str(data), "--output", str(plain), *FLAGS, "--epochs", "0"]
     assert calibrate_main(argv) == 0
-    cfg = SplitQVllmConfig.from_config(read_checkpoint(plain).quant_config.to_dict())  # the default: accepted
-    assert not any(is_vision_tower_layer(n) for n in cfg.splitq.layers)
+    cfg = SplitQVllmConfig.from_config(read_checkpoint(plain).quant_config.to_dict())  # the default
+    assert cfg.tower_layers == [] and not any(is_vision_tower_layer(n) for n in cfg.splitq.layers)
 
 
 def test_resumed_tower_run_writes_the_same_checkpoint(tiny_qwen_dir, data, tmp_path):

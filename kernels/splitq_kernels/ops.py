@@ -17,11 +17,13 @@ from typing import Optional
 
 import torch
 
+from .decode_mode import uses_w4a16
 from .layout import KernelLayer, prepare_kernel_layer
 from .triton import quantize_decode
 from .triton.gemm import gemm_triton
 from .triton.quantize_decode import can_implement_decode, linear_decode_triton, quantize_input_decode_triton
 from .triton.quantize_input import QuantizedActivations, alloc_activations, quantize_input_triton
+from .triton.w4a16 import linear_w4a16_triton
 
 __all__ = ["KernelLayer", "prepare_kernel_layer", "splitq_linear_triton"]
 
@@ -43,8 +45,12 @@ def linear_op(
     """Kernel (a) then kernel (b): x [T, D_in] -> y [T, D_out] in x's dtype. At 1-16 rows two
     launches (quantize_decode.plan_linear_decode: D1 + D2 in one grid, the GEMM with the MAC down
     in its grid); the halves below, called one after the other, run D3 as a launch of its own.
-    With SPLITQ_DECODE_IN_GRID_WAITS=0, four launches and no in-grid wait (same outputs)."""
+    With SPLITQ_DECODE_IN_GRID_WAITS=0, four launches and no in-grid wait (same outputs).
+    SPLITQ_DECODE_MODE=w4a16 (decode_mode.py): 1-16 rows run the W4A16 form instead
+    (triton/w4a16.py, two launches), at the same threshold as the reference backend."""
     kl = KernelLayer.from_op_args(tensors, meta, precision)
+    if uses_w4a16(x.shape[0]):
+        return linear_w4a16_triton(x, kl)
     if can_implement_decode(kl, x.shape[0])[0]:
         if quantize_decode.IN_GRID_WAITS:
             return linear_decode_triton(x, text_mask, kl)[0]

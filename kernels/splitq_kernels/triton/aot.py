@@ -72,6 +72,16 @@ def _plans(kl, T: int):
         if kl.mac_rank:  # the linear op's third launch: the GEMM with the MAC down in its grid
             out = torch.empty(T, kl.out_features, dtype=torch.bfloat16)
             plans["gemm_mac_in_grid"] = plan_linear_decode(x, mask, kl, out, act, scratch, ws, cfg)[-1]
+    if T <= 16:  # SPLITQ_DECODE_MODE=w4a16: the W4A16 GEMM (CWS down in its grid), and the down alone
+        from .w4a16 import W4A16Config, plan_linear_w4a16
+
+        out = torch.empty(T, kl.out_features, dtype=torch.bfloat16)
+        scratch = torch.empty(T, kl.in_features)
+        h = torch.empty(16, kl.cws_rank_padded or 16)
+        wcfg = W4A16Config(block_n=64, split_k=max(1, min(64, 528 // -(-kl.out_features // 64))))
+        plans["w4a16"] = plan_linear_w4a16(x, kl, out, scratch, h, wcfg, in_grid=True)[-1]
+        if kl.cws_rank:
+            plans["w4a16_down"] = plan_linear_w4a16(x, kl, out, scratch, h, wcfg, in_grid=False)[1]
     return cfg, plans
 
 

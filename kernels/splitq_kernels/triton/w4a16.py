@@ -27,9 +27,12 @@ Fixed grids from the shapes, no host synchronisation, no data-dependent allocati
 capturable. Workspaces are shared per device (layers run one after another on one stream) and
 left at zero after every call.
 
-Numerics: float32 products at the layer's precision (kl.precision: "ieee" exact, "tf32x3"
-float32-accurate on tensor cores, "tf32" fast), float32 accumulation; the reference sums in
-another order, so the tests compare within a float32 tolerance (splitq_kernels.testing.check_outputs).
+Numerics: float32 accumulation. The weight product runs at `weight_precision(kl)`: exact float32
+products ("ieee", the CPU and the tests) or one-pass tf32 on a GPU (the transformed activation
+rounded to a 10-bit mantissa, ~5e-4 relative, against the 4-bit weights' ~1e-1); the transforms,
+the CWS products and the epilogue at the layer's precision (tf32x3 on a GPU: float32-accurate).
+The reference sums in another order, so the tests compare within a float32 tolerance
+(splitq_kernels.testing.check_outputs); on a GPU the tf32 rounding is the larger term.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ def _w4a16_kernel(
     AUX_WEIGHT_BITS: tl.constexpr, CODES_PER_WORD_AUX: tl.constexpr, WORD_BYTES_AUX: tl.constexpr,
     CWS_RANK_PADDED: tl.constexpr, BLOCK_CWS_RANK: tl.constexpr, BLOCK_K_DOWN: tl.constexpr,
     HAS_TEXT: tl.constexpr, HAS_VISION: tl.constexpr, HAS_CWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOWN_IN_GRID: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOWN_IN_GRID: tl.constexpr, INPUT_PRECISION: tl.constexpr, WEIGHT_PRECISION: tl.constexpr,
 ):
     n_n = tl.cdiv(N, BLOCK_N)
     if DOWN_IN_GRID:
@@ -209,11 +212,11 @@ def _w4a16_kernel(
                           main_wscale_ptr, text_words_ptr, text_wscale_ptr, vision_words_ptr, vision_wscale_ptr, N,
                           k_main, k_text, k_vision, BLOCK_M, BLOCK_N, SPLIT_K, WORD_SUB, WEIGHT_BITS,
                           CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX,
-                          HAS_TEXT, HAS_VISION, INPUT_PRECISION)
+                          HAS_TEXT, HAS_VISION, WEIGHT_PRECISION)
         finish = pid_k >= 0
         if SPLIT_K > 1:
             tile = rows[:, None] * N + cols[None, :]
-            tile_mask = col_valid[None, :] & (rows < BLOCK_M)[:, None]
+            tile_mask = row_valid[:, None] & col_valid[None, :]  # T rows only: 1/16 of the traffic at 1 row
             tl.store(part_ptr + pid_k * (BLOCK_M * N) + tile, y, mask=tile_mask)
             tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
             arrived = tl.atomic_add(counter_ptr + pid_n, 1)
@@ -290,6 +293,14 @@ def _workspace(device: torch.device) -> _Workspace:
     return _WORKSPACES[key]
 
 
+def weight_precision(kl: KernelLayer) -> str:
+    """tl.dot input precision of the weight product X' deq(W): the layer's when it is "ieee" (exact
+    float32 products: the CPU, the tests), else one-pass "tf32" (X' rounded to tf32, 10-bit mantissa;
+    the codes are exact): tf32x3 triples the tensor-core work, and at 16 rows (one row tile for 1 row
+    too) that would make the 7B gate_up compute-bound on an H100 (benchmarks/cost_model.py, w4a16)."""
+    return "ieee" if kl.precision == "ieee" else "tf32"
+
+
 def can_implement_w4a16(kl: KernelLayer, rows: int) -> tuple[bool, str]:
     """Whether the W4A16 decode kernels take `rows` rows of this layer ((ok, reason), no exception)."""
     if not 1 <= rows <= DECODE_ROWS:
@@ -343,7 +354,7 @@ def plan_linear_w4a16(
         WORD_BYTES_AUX=word_bytes(kl.aux_weight_bits),
         CWS_RANK_PADDED=rp, BLOCK_CWS_RANK=min(32, rp), BLOCK_K_DOWN=BLOCK_K_DOWN,
         HAS_TEXT=kl.text > 0, HAS_VISION=kl.vision > 0, HAS_CWS=has_cws, HAS_BIAS=kl.bias is not None,
-        DOWN_IN_GRID=down_in_grid, INPUT_PRECISION=prec,
+        DOWN_IN_GRID=down_in_grid, INPUT_PRECISION=prec, WEIGHT_PRECISION=weight_precision(kl),
     )
     grid = (n_tiles * cfg.split_k + (n_down if down_in_grid else 0),)
     launches.append(Launch(_w4a16_kernel, grid, args, constexprs,

@@ -19,6 +19,7 @@ import torch
 
 from .decode_mode import uses_w4a16
 from .layout import KernelLayer, prepare_kernel_layer
+from .reference.shard import KShard
 from .triton import quantize_decode
 from .triton.gemm import gemm_triton
 from .triton.quantize_decode import can_implement_decode, linear_decode_triton, quantize_input_decode_triton
@@ -97,6 +98,23 @@ def gemm_op(
 @gemm_op.register_fake
 def _gemm_fake(codes, scale, zero, h_cws, h_mac, tensors, meta, precision, out_dtype):
     return codes.new_empty(codes.shape[0], meta[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("splitq::linear_w4a16_shard", mutates_args=())
+def linear_w4a16_shard_op(
+    x: torch.Tensor, tensors: list[Optional[torch.Tensor]], meta: list[int], gemm_tensors: list[Optional[torch.Tensor]],
+    gemm_meta: list[int], precision: str, shard: list[int],
+) -> torch.Tensor:
+    """One row-parallel rank's partial output in the W4A16 decode mode (splitq_kernels.shard): D1
+    on the rank's kernel layer, the W4A16 GEMM on its GEMM view; shard = [rank, size, start, stop]."""
+    kl = KernelLayer.from_op_args(tensors, meta, precision)
+    gemm = KernelLayer.from_op_args(gemm_tensors, gemm_meta, precision)
+    return linear_w4a16_triton(x, kl, shard=KShard(*shard), gemm=gemm)
+
+
+@linear_w4a16_shard_op.register_fake
+def _linear_w4a16_shard_fake(x, tensors, meta, gemm_tensors, gemm_meta, precision, shard):
+    return x.new_empty(x.shape[0], gemm_meta[1])
 
 
 def splitq_linear_triton(x: torch.Tensor, text_mask: torch.Tensor | None, kl: KernelLayer) -> torch.Tensor:

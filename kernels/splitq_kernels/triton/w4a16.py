@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ..layout import WORD_SUB, KernelLayer, codes_per_word, word_bytes
+from ..reference.shard import KShard
 from .gemm import _epilogue, _sm_count, _split_range, unpack_word_block, word_blocks
 from .launch import Launch
 from .quantize_decode import DECODE_ROWS, IN_GRID_WAITS, plan_transform_decode, wait_until
@@ -82,7 +83,7 @@ def _weight_scale(wscale_ptr, cols, col_valid):
 @triton.jit
 def _partial_tile(
     pid_k, rows64, row_valid, cols, col_valid,
-    scratch_ptr, stride_scratch,
+    scratch_ptr, stride_scratch, main_col, text_col, vision_col,
     main_words_ptr, main_wscale_ptr, text_words_ptr, text_wscale_ptr, vision_words_ptr, vision_wscale_ptr,
     N, k_main, k_text, k_vision,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, WORD_SUB: tl.constexpr,
@@ -100,18 +101,18 @@ def _partial_tile(
     hi = tl.minimum(lo + per, nb_main + nb_text + nb_vision)
     zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     l0, h0 = _split_range(lo, hi, 0, nb_main)
-    acc = _segment_f32(zero, scratch_ptr, stride_scratch, 0, rows64, row_valid, main_words_ptr, N, k_main, cols,
+    acc = _segment_f32(zero, scratch_ptr, stride_scratch, main_col, rows64, row_valid, main_words_ptr, N, k_main, cols,
                        col_valid, l0, h0, WEIGHT_BITS, CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, WORD_SUB, INPUT_PRECISION)
     y = acc * _weight_scale(main_wscale_ptr, cols, col_valid)
     if HAS_TEXT:
         l1, h1 = _split_range(lo, hi, nb_main, nb_text)
-        acc = _segment_f32(zero, scratch_ptr, stride_scratch, k_main, rows64, row_valid, text_words_ptr, N, k_text,
+        acc = _segment_f32(zero, scratch_ptr, stride_scratch, text_col, rows64, row_valid, text_words_ptr, N, k_text,
                            cols, col_valid, l1, h1, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX, WORD_SUB,
                            INPUT_PRECISION)
         y += acc * _weight_scale(text_wscale_ptr, cols, col_valid)
     if HAS_VISION:
         l2, h2 = _split_range(lo, hi, nb_main + nb_text, nb_vision)
-        acc = _segment_f32(zero, scratch_ptr, stride_scratch, k_main + k_text, rows64, row_valid, vision_words_ptr,
+        acc = _segment_f32(zero, scratch_ptr, stride_scratch, vision_col, rows64, row_valid, vision_words_ptr,
                            N, k_vision, cols, col_valid, l2, h2, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX,
                            WORD_BYTES_AUX, WORD_SUB, INPUT_PRECISION)
         y += acc * _weight_scale(vision_wscale_ptr, cols, col_valid)
@@ -164,8 +165,9 @@ def _w4a16_down_kernel(
 
 @triton.jit
 def _w4a16_kernel(
-    # D1's float32 scratch [T, main | text | vision]
-    scratch_ptr, stride_scratch,
+    # D1's float32 scratch [T, main | text | vision]; where this GEMM's main, text and vision K
+    # ranges start in it (a tensor-parallel rank's main block starts at its first column)
+    scratch_ptr, stride_scratch, main_col, text_col, vision_col,
     # weights of the three K ranges: packed words and per-output scales (text, vision: None when empty)
     main_words_ptr, main_wscale_ptr, text_words_ptr, text_wscale_ptr, vision_words_ptr, vision_wscale_ptr,
     # CWS (None when off): down codes [main, RP] and per-rank scale, up codes [RP, N] and per-output
@@ -176,8 +178,8 @@ def _w4a16_kernel(
     # split-K float32 partial tiles [SPLIT_K, 16, N] and arrival counter per column tile (None: SPLIT_K 1);
     # grid counters [ticket, down arrivals, h ready, programs done] (zero on entry and on exit)
     part_ptr, counter_ptr, sync_ptr,
-    # sizes
-    T, N, k_main, k_text, k_vision, cws_rank,
+    # sizes (k_main: this GEMM's main K range; k_down: the CWS down's, the whole main set)
+    T, N, k_main, k_text, k_vision, cws_rank, k_down,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, WORD_SUB: tl.constexpr,
     WEIGHT_BITS: tl.constexpr, CODES_PER_WORD_MAIN: tl.constexpr, WORD_BYTES_MAIN: tl.constexpr,
     AUX_WEIGHT_BITS: tl.constexpr, CODES_PER_WORD_AUX: tl.constexpr, WORD_BYTES_AUX: tl.constexpr,
@@ -189,12 +191,12 @@ def _w4a16_kernel(
     if DOWN_IN_GRID:
         # roles by ticket (module doc): the first n_down do the CWS down product, the rest the GEMM
         ticket = tl.atomic_add(sync_ptr + 0, 1)
-        n_down = tl.cdiv(k_main, BLOCK_K_DOWN)
+        n_down = tl.cdiv(k_down, BLOCK_K_DOWN)
         is_gemm = ticket >= n_down
         work = tl.maximum(ticket - n_down, 0)
         if ticket < n_down:
             if _down_block(ticket, n_down, scratch_ptr, stride_scratch, cws_down_ptr, cws_down_scale_ptr,
-                           down_part_ptr, h_ptr, sync_ptr + 1, T, k_main, BLOCK_M, BLOCK_K_DOWN, CWS_RANK_PADDED,
+                           down_part_ptr, h_ptr, sync_ptr + 1, T, k_down, BLOCK_M, BLOCK_K_DOWN, CWS_RANK_PADDED,
                            INPUT_PRECISION):
                 tl.atomic_xchg(sync_ptr + 2, 1)
     else:
@@ -208,7 +210,8 @@ def _w4a16_kernel(
         rows64 = rows.to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_valid = cols < N
-        y = _partial_tile(pid_k, rows64, row_valid, cols, col_valid, scratch_ptr, stride_scratch, main_words_ptr,
+        y = _partial_tile(pid_k, rows64, row_valid, cols, col_valid, scratch_ptr, stride_scratch, main_col, text_col,
+                          vision_col, main_words_ptr,
                           main_wscale_ptr, text_words_ptr, text_wscale_ptr, vision_words_ptr, vision_wscale_ptr, N,
                           k_main, k_text, k_vision, BLOCK_M, BLOCK_N, SPLIT_K, WORD_SUB, WEIGHT_BITS,
                           CODES_PER_WORD_MAIN, WORD_BYTES_MAIN, AUX_WEIGHT_BITS, CODES_PER_WORD_AUX, WORD_BYTES_AUX,
@@ -310,50 +313,58 @@ def can_implement_w4a16(kl: KernelLayer, rows: int) -> tuple[bool, str]:
 
 def plan_linear_w4a16(
     x: torch.Tensor, kl: KernelLayer, out: torch.Tensor, scratch: torch.Tensor, h: torch.Tensor | None,
-    config: W4A16Config | None = None, in_grid: bool | None = None,
+    config: W4A16Config | None = None, in_grid: bool | None = None, shard: KShard | None = None,
+    gemm: KernelLayer | None = None,
 ) -> list[Launch]:
-    """D1, [the CWS down product unless in the GEMM's grid,] the W4A16 GEMM (module doc)."""
+    """D1, [the CWS down product unless in the GEMM's grid,] the W4A16 GEMM (module doc).
+
+    With `shard` (a row-parallel rank, splitq_kernels.shard): D1 and the CWS down run on `kl`, the
+    rank's kernel layer (the whole input side); the GEMM on `gemm` = shard.gemm_shard_layer(kl,
+    shard): the block's main columns of the scratch, and on rank 0 only the outlier ranges, CWS
+    and bias."""
     in_grid = IN_GRID_WAITS if in_grid is None else in_grid
+    gemm = kl if gemm is None else gemm
     T, N = out.shape
-    cfg = config or default_w4a16_config(kl, x.device)
+    cfg = config or default_w4a16_config(gemm, x.device)
     ws = _workspace(x.device)
-    has_cws = kl.cws_rank > 0
-    rp = kl.cws_rank_padded or 16
+    has_cws = gemm.cws_rank > 0
+    rp = gemm.cws_rank_padded or 16
     n_tiles = triton.cdiv(N, cfg.block_n)
     n_down = triton.cdiv(kl.main, BLOCK_K_DOWN) if has_cws else 0
     ws.ensure(cfg.split_k * DECODE_ROWS * N if cfg.split_k > 1 else 0, n_tiles, n_down * DECODE_ROWS * rp)
     launches = [plan_transform_decode(x, kl, scratch, ws.stats_sink)]
     prec = kl.precision
-    down_args = dict(scratch_ptr=scratch, stride_scratch=scratch.stride(0), cws_down_ptr=kl.cws_down,
-                     cws_down_scale_ptr=kl.cws_down_scale, part_ptr=ws.down_part, h_ptr=h, count_ptr=ws.down_count,
-                     T=T, k_main=kl.main)
     down_in_grid = has_cws and in_grid
     if has_cws and not in_grid:
-        launches.append(Launch(_w4a16_down_kernel, (n_down,), down_args, dict(
-            BLOCK_M=DECODE_ROWS, BLOCK_K=BLOCK_K_DOWN, RANK_PADDED=rp, INPUT_PRECISION=prec,
-        ), dict(num_warps=4, num_stages=1)))
+        launches.append(Launch(_w4a16_down_kernel, (n_down,), dict(
+            scratch_ptr=scratch, stride_scratch=scratch.stride(0), cws_down_ptr=gemm.cws_down,
+            cws_down_scale_ptr=gemm.cws_down_scale, part_ptr=ws.down_part, h_ptr=h, count_ptr=ws.down_count,
+            T=T, k_main=kl.main,
+        ), dict(BLOCK_M=DECODE_ROWS, BLOCK_K=BLOCK_K_DOWN, RANK_PADDED=rp, INPUT_PRECISION=prec),
+            dict(num_warps=4, num_stages=1)))
     args = dict(
         scratch_ptr=scratch, stride_scratch=scratch.stride(0),
-        main_words_ptr=kl.main_words, main_wscale_ptr=kl.main_wscale,
-        text_words_ptr=kl.text_words if kl.text else None, text_wscale_ptr=kl.text_wscale if kl.text else None,
-        vision_words_ptr=kl.vision_words if kl.vision else None,
-        vision_wscale_ptr=kl.vision_wscale if kl.vision else None,
-        cws_down_ptr=kl.cws_down if has_cws else None, cws_down_scale_ptr=kl.cws_down_scale if has_cws else None,
-        cws_up_ptr=kl.cws_up if has_cws else None, cws_up_scale_ptr=kl.cws_up_scale if has_cws else None,
-        h_ptr=h if has_cws else None, down_part_ptr=ws.down_part if down_in_grid else None, bias_ptr=kl.bias,
+        main_col=0 if shard is None else shard.start, text_col=kl.main, vision_col=kl.main + kl.text,
+        main_words_ptr=gemm.main_words, main_wscale_ptr=gemm.main_wscale,
+        text_words_ptr=gemm.text_words if gemm.text else None, text_wscale_ptr=gemm.text_wscale if gemm.text else None,
+        vision_words_ptr=gemm.vision_words if gemm.vision else None,
+        vision_wscale_ptr=gemm.vision_wscale if gemm.vision else None,
+        cws_down_ptr=gemm.cws_down if has_cws else None, cws_down_scale_ptr=gemm.cws_down_scale if has_cws else None,
+        cws_up_ptr=gemm.cws_up if has_cws else None, cws_up_scale_ptr=gemm.cws_up_scale if has_cws else None,
+        h_ptr=h if has_cws else None, down_part_ptr=ws.down_part if down_in_grid else None, bias_ptr=gemm.bias,
         out_ptr=out, stride_out=out.stride(0),
         part_ptr=ws.part if cfg.split_k > 1 else None, counter_ptr=ws.counters if cfg.split_k > 1 else None,
         sync_ptr=ws.sync if down_in_grid else None,
-        T=T, N=N, k_main=kl.main, k_text=kl.text, k_vision=kl.vision, cws_rank=kl.cws_rank,
+        T=T, N=N, k_main=gemm.main, k_text=gemm.text, k_vision=gemm.vision, cws_rank=gemm.cws_rank, k_down=kl.main,
     )
     constexprs = dict(
         BLOCK_M=DECODE_ROWS, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, WORD_SUB=WORD_SUB,
-        WEIGHT_BITS=kl.weight_bits, CODES_PER_WORD_MAIN=codes_per_word(kl.weight_bits),
-        WORD_BYTES_MAIN=word_bytes(kl.weight_bits),
-        AUX_WEIGHT_BITS=kl.aux_weight_bits, CODES_PER_WORD_AUX=codes_per_word(kl.aux_weight_bits),
-        WORD_BYTES_AUX=word_bytes(kl.aux_weight_bits),
+        WEIGHT_BITS=gemm.weight_bits, CODES_PER_WORD_MAIN=codes_per_word(gemm.weight_bits),
+        WORD_BYTES_MAIN=word_bytes(gemm.weight_bits),
+        AUX_WEIGHT_BITS=gemm.aux_weight_bits, CODES_PER_WORD_AUX=codes_per_word(gemm.aux_weight_bits),
+        WORD_BYTES_AUX=word_bytes(gemm.aux_weight_bits),
         CWS_RANK_PADDED=rp, BLOCK_CWS_RANK=min(32, rp), BLOCK_K_DOWN=BLOCK_K_DOWN,
-        HAS_TEXT=kl.text > 0, HAS_VISION=kl.vision > 0, HAS_CWS=has_cws, HAS_BIAS=kl.bias is not None,
+        HAS_TEXT=gemm.text > 0, HAS_VISION=gemm.vision > 0, HAS_CWS=has_cws, HAS_BIAS=gemm.bias is not None,
         DOWN_IN_GRID=down_in_grid, INPUT_PRECISION=prec, WEIGHT_PRECISION=weight_precision(kl),
     )
     grid = (n_tiles * cfg.split_k + (n_down if down_in_grid else 0),)
@@ -363,9 +374,11 @@ def plan_linear_w4a16(
 
 
 def linear_w4a16_triton(x: torch.Tensor, kl: KernelLayer, config: W4A16Config | None = None,
-                        in_grid: bool | None = None) -> torch.Tensor:
+                        in_grid: bool | None = None, shard: KShard | None = None,
+                        gemm: KernelLayer | None = None) -> torch.Tensor:
     """y [T, out_features] in x's dtype for x [T <= 16, in_features] (bf16/fp16/fp32): the W4A16
-    form (reference.splitq_linear_w4a16) in two launches (three with in_grid=False and CWS)."""
+    form (reference.splitq_linear_w4a16) in two launches (three with in_grid=False and CWS).
+    With `shard` and `gemm` (plan_linear_w4a16): one row-parallel rank's partial output."""
     if x.dim() != 2 or x.shape[1] != kl.in_features:
         raise ValueError(f"x must be [T, {kl.in_features}], got {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -378,6 +391,6 @@ def linear_w4a16_triton(x: torch.Tensor, kl: KernelLayer, config: W4A16Config | 
     scratch = torch.empty(T, kl.in_features, dtype=torch.float32, device=x.device)
     h = torch.empty(DECODE_ROWS, kl.cws_rank_padded, dtype=torch.float32, device=x.device) if kl.cws_rank else None
     y = torch.empty(T, kl.out_features, dtype=x.dtype, device=x.device)
-    for launch in plan_linear_w4a16(x, kl, y, scratch, h, config, in_grid):
+    for launch in plan_linear_w4a16(x, kl, y, scratch, h, config, in_grid, shard, gemm):
         launch.run()
     return y

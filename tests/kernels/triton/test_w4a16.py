@@ -114,3 +114,26 @@ def test_the_setting_switches_the_op_at_16_rows(monkeypatch):
     monkeypatch.setenv("SPLITQ_DECODE_MODE", "w4a2")
     with pytest.raises(ValueError, match=r"SPLITQ_DECODE_MODE='w4a2': must be one of w4a4, w4a16"):
         splitq_linear_triton(x[:2], None, kl)
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_row_parallel_ranks_match_the_reference_shards(tp, monkeypatch):
+    """splitq_kernels.shard under SPLITQ_DECODE_MODE=w4a16: each rank's partial output is the
+    reference W4A16 form's for the rank's layer (main block from its first column of the scratch;
+    outliers, CWS and bias on rank 0 only), and the ranks sum to the full W4A16 output."""
+    from splitq_kernels.reference import main_k_shards, shard_layer
+    from splitq_kernels.shard import gemm_shard_layer, splitq_linear_triton_shard
+
+    scheme = SplitQScheme.from_name("w4a4")
+    q, kl_full = make(LONG, "w4a4", seed=30 + tp)
+    x = random_activations(3, LONG["in_features"], seed=31, outlier_channels=4)
+    monkeypatch.setenv("SPLITQ_DECODE_MODE", "w4a16")
+    full = splitq_linear_w4a16(x, None, q)
+    parts = []
+    for shard in main_k_shards(q.idx_main.numel(), tp):
+        rank = shard_layer(q, shard)
+        kl = prepare_kernel_layer(rank, scheme, "cpu")
+        part = splitq_linear_triton_shard(x, None, kl, gemm_shard_layer(kl, shard), shard)
+        check_outputs(part, splitq_linear_w4a16(x, None, rank, shard), what=f"rank {shard.rank} of {tp}")
+        parts.append(part)
+    torch.testing.assert_close(sum(parts), full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))

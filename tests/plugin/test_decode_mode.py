@@ -67,3 +67,29 @@ def test_the_mode_is_in_the_compile_cache_key(monkeypatch):
     monkeypatch.setenv("SPLITQ_DECODE_MODE", "w8a8")
     with pytest.raises(ValueError, match="SPLITQ_DECODE_MODE"):
         SplitQVllmConfig.maybe_update_config(SimpleNamespace(), "/nonexistent/splitq", hf_config=SimpleNamespace())
+
+
+@pytest.mark.vllm
+def test_served_w4a16_decode_matches_the_reference_in_that_mode(tiny_qwen_dir, tmp_path, monkeypatch):
+    """The real OpenAI server (reference backend on the CPU) with SPLITQ_DECODE_MODE=w4a16 serves the
+    tokens of the transformers reference in the same mode, one request at a time (decode steps of
+    one row: W4A16; each prompt prefilled in one step of more than 16 rows: the scheme), and the
+    mode changes the reference's numerics."""
+    from splitq_vllm.testing.conversations import CONVERSATIONS
+    from splitq_vllm.testing.synthetic import synthesize_checkpoint
+    from tests.helpers.engine import OpenAIServer, server_env
+    from tests.plugin.generation import Reference, assert_same_generation, max_logprob_gap, served_chat, server_args
+
+    ckpt = synthesize_checkpoint(tiny_qwen_dir, tmp_path / "qwen-w3a2", W3A2)
+    reference = Reference(ckpt)
+    default = {n: reference.generate(m, p) for n, (m, p) in CONVERSATIONS.items()}
+    monkeypatch.setenv("SPLITQ_DECODE_MODE", "w4a16")
+    expected = {n: reference.generate(m, p) for n, (m, p) in CONVERSATIONS.items()}
+    assert any(max_logprob_gap(expected[n], default[n]) > 1e-4 for n in CONVERSATIONS)
+    env = server_env(tmp_path, SPLITQ_DECODE_MODE="w4a16")
+    # one prefill step per prompt (no chunk of <= 16 rows, which would run W4A16 where the reference does not)
+    with OpenAIServer(ckpt, server_args(max_num_batched_tokens=2048), env=env) as server:
+        for name, (msgs, _) in CONVERSATIONS.items():
+            got = served_chat(server, msgs)
+            assert len(got.prompt_ids) > 16, name
+            assert_same_generation(got, expected[name], name)

@@ -127,28 +127,32 @@ def _down_block(
 ):
     """CWS-down program pid of n_down: X'[:, 64 main channels] @ codes(D_s)^T to partial [pid, 16, RP];
     the last to arrive sums the partials in order and stores h = sum * down scale [16, RP].
-    Returns whether this program finished h (it then announces it, if anyone waits)."""
+    Returns whether this program finished h (it then announces it, if anyone waits). The rank is
+    walked in blocks of at most 64 (a [64, 256] down tile in registers spills at the 72B shapes)."""
+    BLOCK_R: tl.constexpr = 64 if RANK_PADDED > 64 else RANK_PADDED
     rows = tl.arange(0, BLOCK_M)
     row_valid = rows < T
-    r = tl.arange(0, RANK_PADDED)
     k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = k < k_main
     a = tl.load(scratch_ptr + rows.to(tl.int64)[:, None] * stride_scratch + k[None, :],
                 mask=row_valid[:, None] & k_valid[None, :], other=0.0, cache_modifier=".cg")
-    d = tl.load(cws_down_ptr + k.to(tl.int64)[:, None] * RANK_PADDED + r[None, :], mask=k_valid[:, None], other=0)
-    part = tl.dot(a, d.to(tl.float32), input_precision=INPUT_PRECISION)
-    tile = rows[:, None] * RANK_PADDED + r[None, :]
-    tl.store(part_ptr + pid * (BLOCK_M * RANK_PADDED) + tile, part)
+    for r0 in range(0, RANK_PADDED, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        d = tl.load(cws_down_ptr + k.to(tl.int64)[:, None] * RANK_PADDED + r[None, :], mask=k_valid[:, None], other=0)
+        part = tl.dot(a, d.to(tl.float32), input_precision=INPUT_PRECISION)
+        tl.store(part_ptr + pid * (BLOCK_M * RANK_PADDED) + rows[:, None] * RANK_PADDED + r[None, :], part)
     tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
     arrived = tl.atomic_add(count_ptr, 1)
     last = arrived == n_down - 1
     if last:
         tl.atomic_xchg(count_ptr, 0)
-        h = tl.zeros([BLOCK_M, RANK_PADDED], tl.float32)
-        for p in range(0, n_down):  # in program order: the same sum whatever order they ran in
-            h += tl.load(part_ptr + p * (BLOCK_M * RANK_PADDED) + tile, cache_modifier=".cg")
-        h = h * tl.load(cws_down_scale_ptr + r)[None, :]
-        tl.store(h_ptr + tile, h)
+        for r0 in range(0, RANK_PADDED, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            tile = rows[:, None] * RANK_PADDED + r[None, :]
+            h = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+            for p in range(0, n_down):  # in program order: the same sum whatever order they ran in
+                h += tl.load(part_ptr + p * (BLOCK_M * RANK_PADDED) + tile, cache_modifier=".cg")
+            tl.store(h_ptr + tile, h * tl.load(cws_down_scale_ptr + r)[None, :])
         tl.debug_barrier()  # every thread's h is stored before it is announced
     return last
 

@@ -121,6 +121,16 @@ def check_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, pre
                     check_linear(y3, act3, x, mask, layer, scheme, kl)
                     if not torch.equal(y3, y):
                         raise AssertionError("the op's three decode launches and the two halves' four disagree")
+                if rows <= 16:  # SPLITQ_DECODE_MODE=w4a16: the W4A16 form (tf32 weight product on a GPU)
+                    from splitq_kernels.reference import splitq_linear_w4a16
+                    from splitq_kernels.triton.w4a16 import linear_w4a16_triton
+
+                    y16 = linear_w4a16_triton(x, kl).float()
+                    e16 = splitq_linear_w4a16(x.float(), None, layer).float()
+                    rel = float((y16 - e16).abs().amax() / e16.abs().amax().clamp(min=1e-30))
+                    if rel > 1e-2:  # bf16 output and tf32 products: ~4e-3 at most
+                        raise AssertionError(f"W4A16 decode: max error {rel:.2e} of the output's max > 1e-2")
+                    log(f"  check {name:8s} {variant:8s} rows={rows:5d}: W4A16 ok (max error {rel:.1e} of max |y|)")
                 log(f"  check {name:8s} {variant:8s} rows={rows:5d}: ok  (worst error/tolerance bf16 "
                     f"{max(r_own, r_full):.2f}, float32 {r32:.3f}, "
                     f"explained code flips {report.explained_flips} of {report.codes_compared}, "
@@ -256,6 +266,12 @@ def time_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, prec
                 row["splitq_a_persistent_ms"] = timer(lambda: quantize_input_triton(x, mask, k0))
             acts = quantize_input_auto(x, mask, k0)
             row["splitq_b_ms"] = timer(lambda: gemm_triton(acts, k0, torch.bfloat16))
+            if rows <= 16:  # SPLITQ_DECODE_MODE=w4a16 (triton/w4a16.py), as the op would run it
+                from splitq_kernels.triton.w4a16 import linear_w4a16_triton
+
+                row["splitq_w4a16_ms"] = timer(lambda: [linear_w4a16_triton(x, k) for k in kls["splitq"]]) / len(
+                    kls["splitq"])
+                row["splitq_w4a16_speedup"] = t_bf16 / row["splitq_w4a16_ms"]
         except Exception as e:  # noqa: BLE001
             FAILURES.append(f"{name} rows={rows} split timing: {type(e).__name__}: {e}")
             log(f"  {FAILURES[-1]}: FAILED")
@@ -281,6 +297,8 @@ def format_row(r: dict, peaks: dict) -> str:
         s += f"\n      splitq = kernel a {r['splitq_a_ms'] * 1e3:.1f} us + kernel b {r['splitq_b_ms'] * 1e3:.1f} us"
     if "splitq_ms" in r and "w4a4_gemm_ms" in r:
         s += f"; full SplitQ / plain W4A4 GEMM = {r['splitq_ms'] / r['w4a4_gemm_ms']:.2f}"
+    if "splitq_w4a16_ms" in r:
+        s += f"\n      splitq, SPLITQ_DECODE_MODE=w4a16 {r['splitq_w4a16_ms'] * 1e3:.1f} us  x{r['splitq_w4a16_speedup']:5.2f} vs bf16"
     return s
 
 

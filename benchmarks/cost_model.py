@@ -31,6 +31,8 @@ above 16 rows it is `current`), `decode3` (D1 and D2 as two launches, then the G
 MAC down: three launches) and `decode4` (the first design: the MAC down as a launch of its own,
 D3, before the GEMM; what the two halves torch.ops.splitq.quantize_input and
 torch.ops.splitq.gemm still run, with D1 + D2 fused, when called one after the other).
+`w4a16` (SPLITQ_DECODE_MODE=w4a16, kernels/splitq_kernels/triton/w4a16.py): at <= 16 rows D1 then
+a weight-only GEMM on float32 activations (the CWS down in its grid, no MAC); above, `decode`.
 `Launch.single` models work that one program of a grid does alone (none now).
 
 What it leaves out (so a measurement can fall short of it): L2 traffic (split-K atomics, the
@@ -86,7 +88,7 @@ UNPACK_OPS_PER_CODE = 3  # CUDA-core integer ops to unpack one weight code (shif
 DECODE_ROWS = 16  # kernels: <= 16 rows is decode (one 16-row tile, split-K)
 
 VARIANTS = ("bf16", "w4a4_gemm", "mocd", "mocd+cws", "splitq")
-DESIGNS = ("current", "decode", "decode3", "decode4")
+DESIGNS = ("current", "decode", "decode3", "decode4", "w4a16")
 ROWS = (1, 16, 256, 2048)
 
 
@@ -287,6 +289,41 @@ def bf16_launch(s: Shape, T: int) -> Launch:
     return L
 
 
+def w4a16_launches(s: Shape, T: int, hw: Hardware, wbits: int, aux_bits: int, outliers: bool, cws: bool
+                   ) -> list[Launch]:
+    """SPLITQ_DECODE_MODE=w4a16 at <= 16 rows (kernels/splitq_kernels/triton/w4a16.py): D1 alone (the
+    transformed rows, float32, to the scratch), then the weight-only GEMM: float32 rows times the
+    codes unpacked in registers (one-pass tf32 MMA on 16-row tiles; the per-output scales after the
+    K sum), split-K partials as float32 stores of T rows summed by each tile's last program, the
+    CWS down in the same grid (64 main channels a program), the up product in the epilogue. No D2
+    (no quantization), no MAC (off in this form), no activation codes."""
+    po = (s.text**2 + s.vision**2) * 4 if outliers else 0
+    transforms = (s.n1**2 + s.n2**2) * 4 + s.main * 4 + po
+    xform_flops = 2 * s.main * (s.n1 + s.n2) + 2 * (s.text**2 + s.vision**2) * outliers
+    po_blocks = (_cdiv(s.text, 64) + _cdiv(s.vision, 64)) * outliers
+    tpt = max(1, min(DECODE_ROWS, 4096 // (max(16, _next_pow2(s.n1)) * 16)))
+    d1 = Launch("d1_transform", _cdiv(s.n1, 16) * _cdiv(s.n2, 16) * _cdiv(T, tpt) + po_blocks)
+    d1.bytes = T * s.d_in * 2 + transforms + T * s.d_in * 4
+    d1.mma_tf32 = _tf32x3(_cdiv(T, tpt) * tpt * xform_flops)
+    k = s.main + (s.text + s.vision if outliers else 0)
+    tiles = _cdiv(s.d_out, 64)
+    split = max(1, min(64, 4 * hw.sms // tiles))
+    ranks = s.cws_rb if cws else 0
+    g = Launch("w4a16_gemm" + ("+cws_down" if cws else ""), tiles * split + (_cdiv(s.main, 64) if cws else 0))
+    w = s.main * s.d_out * wbits / 8 + (s.text + s.vision) * s.d_out * aux_bits / 8 * outliers
+    paths = 1 + 2 * outliers
+    # weights, per-output scales, up factor, the float32 rows, the output; the split-K partials
+    # (2 * split * T * d_out * 4 bytes written and read back within the launch: L2) are left out, as
+    # the int8 GEMM's split-K atomics are (module doc), so that the two designs are compared alike
+    g.bytes = w + paths * s.d_out * 4 + ranks * s.d_out + T * k * 4 + T * s.d_out * 2
+    g.mma_tf32 = 2 * 16 * k * s.d_out + _tf32x3(2 * 16 * ranks * s.d_out)  # one-pass tf32 (weights), tf32x3 (up)
+    g.cuda_ops = (UNPACK_OPS_PER_CODE + 1) * k * s.d_out  # unpack + convert to float32, one row tile
+    if cws:  # the CWS down programs: 64 main channels each, tf32x3, partials summed by the last
+        g.bytes += T * s.main * 4 + s.main * s.cws_rp + 2 * _cdiv(s.main, 64) * 16 * s.cws_rp * 4
+        g.mma_tf32 += _tf32x3(2 * 16 * s.main * s.cws_rp)
+    return [d1, g]
+
+
 def variant_launches(s: Shape, T: int, hw: Hardware, variant: str, design: str, wbits: int = 4, aux_bits: int = 4
                      ) -> list[Launch]:
     if variant == "bf16":
@@ -294,6 +331,10 @@ def variant_launches(s: Shape, T: int, hw: Hardware, variant: str, design: str, 
     if variant == "w4a4_gemm":
         return [gemm_launch(s, T, hw, wbits, aux_bits, outliers=False, cws=False, mac=False)]
     cws, mac = variant in ("mocd+cws", "splitq"), variant == "splitq"
+    if design == "w4a16":
+        if T <= DECODE_ROWS:  # the same launches for splitq and mocd+cws: MAC is off in this form
+            return w4a16_launches(s, T, hw, wbits, aux_bits, True, cws)
+        design = "decode"  # above 16 rows the mode changes nothing
     gemm = gemm_launch(s, T, hw, wbits, aux_bits, True, cws, mac)
     if design in ("decode", "decode3") and mac and T <= DECODE_ROWS:
         # the MAC-down programs take the GEMM grid's first tickets and run beside its programs, which

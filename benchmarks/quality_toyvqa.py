@@ -20,6 +20,9 @@ setting per checkpoint, so the reference composes the scheme's checkpoint with t
 checkpoint's tower (`splitq_vllm.hf.model.with_vision_tower_from`; exact, since the LM is
 calibrated on the FP tower's outputs). The same-bits tower checkpoints of the `--serve` methods
 are served by vLLM too (the composed rows are reference only: one checkpoint, one bit setting).
+`--decode-mode w4a16` scores the reference with SPLITQ_DECODE_MODE=w4a16: batches of 16
+questions, so each decode step (<= 16 rows) runs the W4A16 form and each prefill the scheme
+(`--decode-mode w4a4`: the same batches at the scheme throughout, the row to compare against).
 `--plot-dir` draws the Fig. 2-style text vs vision channel magnitudes of one layer's qkv and down
 inputs (splitq-inspect).
 """
@@ -63,7 +66,10 @@ def _score_reference(model_dir: Path, n: int) -> dict:
     from splitq_calibration.evaluate import load_any_model
     from splitq_toyvqa.evaluate import evaluate_transformers
 
-    return evaluate_transformers(model_dir, "test", n, model_and_processor=load_any_model(model_dir)).to_json()
+    # --decode-mode: 16 questions a batch, so every decode step has <= 16 rows (W4A16 under w4a16)
+    # and every prefill more (each prompt has more than one token)
+    batch = {} if not os.environ.get("SPLITQ_DECODE_MODE") else {"batch_size": 16}
+    return evaluate_transformers(model_dir, "test", n, model_and_processor=load_any_model(model_dir), **batch).to_json()
 
 
 def run_task(task: dict) -> dict:
@@ -198,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve", nargs="+", default=["splitq"], help="methods whose checkpoints are also served by vLLM")
     ap.add_argument("--plot-dir", type=Path, help="write Fig. 2-style channel plots (qkv and down inputs) here")
     ap.add_argument("--plot-layer", type=int, default=1)
+    ap.add_argument("--decode-mode", choices=("w4a4", "w4a16"),
+                    help="score the reference with SPLITQ_DECODE_MODE set (16 questions a batch: steps of <= 16 rows, "
+                         "i.e. the decode steps, run the W4A16 form under w4a16; prefill stays at the scheme)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args(argv)
+    if args.decode_mode:
+        os.environ["SPLITQ_DECODE_MODE"] = args.decode_mode  # read by the worker processes' SplitQ layers
     args.work.mkdir(parents=True, exist_ok=True)
     data = calib_data(args.work, args.samples)
 

@@ -17,11 +17,14 @@ from typing import Optional
 
 import torch
 
+from .decode_mode import uses_w4a16
 from .layout import KernelLayer, prepare_kernel_layer
+from .reference.shard import KShard
 from .triton import quantize_decode
 from .triton.gemm import gemm_triton
 from .triton.quantize_decode import can_implement_decode, linear_decode_triton, quantize_input_decode_triton
 from .triton.quantize_input import QuantizedActivations, alloc_activations, quantize_input_triton
+from .triton.w4a16 import linear_w4a16_triton
 
 __all__ = ["KernelLayer", "prepare_kernel_layer", "splitq_linear_triton"]
 
@@ -43,8 +46,12 @@ def linear_op(
     """Kernel (a) then kernel (b): x [T, D_in] -> y [T, D_out] in x's dtype. At 1-16 rows two
     launches (quantize_decode.plan_linear_decode: D1 + D2 in one grid, the GEMM with the MAC down
     in its grid); the halves below, called one after the other, run D3 as a launch of its own.
-    With SPLITQ_DECODE_IN_GRID_WAITS=0, four launches and no in-grid wait (same outputs)."""
+    With SPLITQ_DECODE_IN_GRID_WAITS=0, four launches and no in-grid wait (same outputs).
+    SPLITQ_DECODE_MODE=w4a16 (decode_mode.py): 1-16 rows run the W4A16 form instead
+    (triton/w4a16.py, two launches), at the same threshold as the reference backend."""
     kl = KernelLayer.from_op_args(tensors, meta, precision)
+    if uses_w4a16(x.shape[0]):
+        return linear_w4a16_triton(x, kl)
     if can_implement_decode(kl, x.shape[0])[0]:
         if quantize_decode.IN_GRID_WAITS:
             return linear_decode_triton(x, text_mask, kl)[0]
@@ -91,6 +98,23 @@ def gemm_op(
 @gemm_op.register_fake
 def _gemm_fake(codes, scale, zero, h_cws, h_mac, tensors, meta, precision, out_dtype):
     return codes.new_empty(codes.shape[0], meta[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("splitq::linear_w4a16_shard", mutates_args=())
+def linear_w4a16_shard_op(
+    x: torch.Tensor, tensors: list[Optional[torch.Tensor]], meta: list[int], gemm_tensors: list[Optional[torch.Tensor]],
+    gemm_meta: list[int], precision: str, shard: list[int],
+) -> torch.Tensor:
+    """One row-parallel rank's partial output in the W4A16 decode mode (splitq_kernels.shard): D1
+    on the rank's kernel layer, the W4A16 GEMM on its GEMM view; shard = [rank, size, start, stop]."""
+    kl = KernelLayer.from_op_args(tensors, meta, precision)
+    gemm = KernelLayer.from_op_args(gemm_tensors, gemm_meta, precision)
+    return linear_w4a16_triton(x, kl, shard=KShard(*shard), gemm=gemm)
+
+
+@linear_w4a16_shard_op.register_fake
+def _linear_w4a16_shard_fake(x, tensors, meta, gemm_tensors, gemm_meta, precision, shard):
+    return x.new_empty(x.shape[0], gemm_meta[1])
 
 
 def splitq_linear_triton(x: torch.Tensor, text_mask: torch.Tensor | None, kl: KernelLayer) -> torch.Tensor:

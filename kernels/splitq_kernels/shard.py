@@ -16,7 +16,8 @@ from dataclasses import replace
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.splitq.quantize_input / gemm)
+from . import ops  # noqa: F401  (registers torch.ops.splitq.quantize_input / gemm / linear_w4a16_shard)
+from .decode_mode import uses_w4a16
 from .layout import KernelLayer
 from .reference.shard import KShard
 
@@ -57,7 +58,13 @@ def shard_codes(codes: torch.Tensor, kl: KernelLayer, gemm: KernelLayer, shard: 
 def splitq_linear_triton_shard(
     x: torch.Tensor, text_mask: torch.Tensor | None, kl: KernelLayer, gemm: KernelLayer, shard: KShard
 ) -> torch.Tensor:
-    """One rank's partial output: x [T, in_features] (the whole input), kl / gemm as above."""
+    """One rank's partial output: x [T, in_features] (the whole input), kl / gemm as above.
+    SPLITQ_DECODE_MODE=w4a16 at <= 16 rows: the W4A16 form's partial output (triton/w4a16.py)."""
+    if uses_w4a16(x.shape[0]):
+        return torch.ops.splitq.linear_w4a16_shard(
+            x, kl.tensors(), kl.meta(), gemm.tensors(), gemm.meta(), kl.precision,
+            [shard.rank, shard.size, shard.start, shard.stop],
+        )
     qi = torch.ops.splitq.quantize_input(x, text_mask, kl.tensors(), kl.meta(), kl.precision)
     codes, scale, zero, h_cws, h_mac = qi
     return torch.ops.splitq.gemm(

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from splitq_kernels.decode_mode import reference_linear_for_step
 from splitq_kernels.reference import SplitQLinear, SplitQScheme, splitq_linear
 from splitq_vllm.checkpoint import read_checkpoint
 from splitq_vllm.families import is_vision_tower_layer
@@ -96,7 +97,7 @@ class SplitQLinearModule(nn.Module):
                 f"(got {None if mask is None else mask.numel()} mask rows for {rows} input rows); "
                 "call the model with input_ids, not inputs_embeds"
             )
-        return splitq_linear(x, mask, self.layer, self.scheme)
+        return reference_linear_for_step(x, mask, self.layer, self.scheme)  # SPLITQ_DECODE_MODE (decode_mode.py)
 
     def extra_repr(self) -> str:
         l = self.layer

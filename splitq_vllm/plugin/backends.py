@@ -25,7 +25,8 @@ from dataclasses import fields, replace
 import torch
 from torch import nn
 
-from splitq_kernels.reference import KShard, QuantizedTensor, SplitQLinear, SplitQScheme, splitq_linear, splitq_linear_shard
+from splitq_kernels.decode_mode import decode_mode, reference_linear_for_step  # noqa: F401  (decode_mode: config.py)
+from splitq_kernels.reference import KShard, QuantizedTensor, SplitQLinear, SplitQScheme
 
 from .env import env_choice
 
@@ -145,12 +146,11 @@ def reference_linear(
     shard: list[int],
 ) -> torch.Tensor:
     """splitq_kernels.reference.splitq_linear(x, text_mask, layer, scheme) as a torch op; with
-    shard = [rank, size, start, stop] (else []) splitq_linear_shard, the rank's partial output."""
+    shard = [rank, size, start, stop] (else []) splitq_linear_shard, the rank's partial output.
+    SPLITQ_DECODE_MODE=w4a16: a step of <= 16 rows runs the W4A16 form (splitq_kernels.decode_mode)."""
     scheme = SplitQScheme(weight_bits, act_bits, aux_weight_bits, aux_act_bits, act_symmetric, mac_rows)
     layer = _from_layout(layout, tensors, bias)
-    if shard:
-        return splitq_linear_shard(x, text_mask, layer, scheme, KShard(*shard))
-    return splitq_linear(x, text_mask, layer, scheme)
+    return reference_linear_for_step(x, text_mask, layer, scheme, KShard(*shard) if shard else None)
 
 
 @reference_linear.register_fake

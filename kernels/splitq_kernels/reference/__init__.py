@@ -18,6 +18,7 @@ from .quantizer import QuantizedTensor, fake_quantize, qrange, quantize, round_s
 from .scheme import SplitQScheme
 from .shard import KShard, ShardError, main_k_shards, shard_layer
 from .transforms import fold_dense_weight, fold_main_weight, kron_apply, main_transform
+from .w4a16 import splitq_linear_w4a16, w4a16_dense_weight, w4a16_inputs
 
 __all__ = [
     "ChannelSplit",
@@ -51,4 +52,7 @@ __all__ = [
     "splitq_linear",
     "splitq_linear_fake",
     "splitq_linear_shard",
+    "splitq_linear_w4a16",
+    "w4a16_dense_weight",
+    "w4a16_inputs",
 ]

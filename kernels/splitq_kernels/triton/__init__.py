@@ -4,6 +4,8 @@
   per-token quantization, MAC residual, low-rank "down" products).
 - gemm: kernel (b), the int8-MMA GEMM over the main and outlier K ranges with the low-rank "up"
   products, MAC rows, bias and the output cast in its epilogue; split-K for decode.
+- w4a16: the optional W4A16 decode linear (SPLITQ_DECODE_MODE=w4a16, 1-16 rows): the decode
+  transform stage, then a weight-only GEMM on float activations.
 
 Whether a @triton.jit kernel runs on the GPU or in Triton's CPU interpreter is fixed when the
 module defining it is imported (TRITON_INTERPRET is read then): `use_interpreter()` (re)loads
@@ -16,7 +18,7 @@ import importlib
 import os
 import sys
 
-_KERNEL_MODULES = ("common", "quantize_input", "quantize_decode", "gemm")  # gemm imports quantize_decode's helpers
+_KERNEL_MODULES = ("common", "quantize_input", "quantize_decode", "gemm", "w4a16")  # each imports helpers of those before it
 
 
 def use_interpreter() -> None:

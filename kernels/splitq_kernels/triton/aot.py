@@ -6,6 +6,7 @@ rounding survives compilation (the rint magic constant, IEEE division).
     python -m splitq_kernels.triton.aot --model-shapes   # Qwen2.5-VL 7B/3B layer shapes (BENCHMARKS.md)
     python -m splitq_kernels.triton.aot --model-shapes 72b.qkv 72b.down   # any of MODEL_SHAPES
     python -m splitq_kernels.triton.aot --decode-shapes  # split decode kernel (a), every MODEL_SHAPES layer
+    python -m splitq_kernels.triton.aot --w4a16-shapes   # the W4A16 decode GEMM, every MODEL_SHAPES layer
 
 Prints one JSON line per compiled kernel: registers and stack (spill) bytes per thread from
 cuobjdump, shared memory, and whether the rounding constants made it into the PTX.
@@ -72,6 +73,16 @@ def _plans(kl, T: int):
         if kl.mac_rank:  # the linear op's third launch: the GEMM with the MAC down in its grid
             out = torch.empty(T, kl.out_features, dtype=torch.bfloat16)
             plans["gemm_mac_in_grid"] = plan_linear_decode(x, mask, kl, out, act, scratch, ws, cfg)[-1]
+    if T <= 16:  # SPLITQ_DECODE_MODE=w4a16: the W4A16 GEMM (CWS down in its grid), and the down alone
+        from .w4a16 import W4A16Config, plan_linear_w4a16
+
+        out = torch.empty(T, kl.out_features, dtype=torch.bfloat16)
+        scratch = torch.empty(T, kl.in_features)
+        h = torch.empty(16, kl.cws_rank_padded or 16)
+        wcfg = W4A16Config(block_n=64, split_k=max(1, min(64, 528 // -(-kl.out_features // 64))))
+        plans["w4a16"] = plan_linear_w4a16(x, kl, out, scratch, h, wcfg, in_grid=True)[-1]
+        if kl.cws_rank:
+            plans["w4a16_down"] = plan_linear_w4a16(x, kl, out, scratch, h, wcfg, in_grid=False)[1]
     return cfg, plans
 
 
@@ -161,11 +172,12 @@ def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a
 
 
 def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_SHAPES),
-                          scheme_name: str = "w4a4") -> list[dict]:
+                          scheme_name: str = "w4a4", w4a16_only: bool = False) -> list[dict]:
     """The split decode kernel (a) (quantize_decode.py: D1 + D2 fused, D3, and D1, D2 unfused)
     and the GEMM with the MAC down in its grid (the linear op's second launch; split-K as on an
     H100) as configured for the real layer shapes. Its tiles do not depend on the row count (always one 16-row tile), so one
-    compilation per layer covers 1..16 rows."""
+    compilation per layer covers 1..16 rows. Also the W4A16 decode GEMM (SPLITQ_DECODE_MODE=w4a16,
+    w4a16.py, CWS down in its grid; its first launch is D1); w4a16_only: that kernel alone."""
     import dataclasses
 
     from splitq_vllm.testing.layers import default_layer_dims, random_quantized_layer
@@ -199,6 +211,12 @@ def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_
         cfg = dataclasses.replace(cfg, split_k=max(1, min(word_blocks(kl), 528 // -(-d_out // cfg.block_n))))
         out = torch.empty(DECODE_ROWS, d_out, dtype=torch.bfloat16)
         plans.append(plan_linear_decode(x, mask, kl, out, act, scratch, ws, cfg)[-1])
+        from .w4a16 import W4A16Config, plan_linear_w4a16
+
+        wcfg = W4A16Config(block_n=64, split_k=max(1, min(word_blocks(kl), 528 // -(-d_out // 64))))
+        w4a16 = plan_linear_w4a16(x, kl, out, scratch, torch.empty(DECODE_ROWS, kl.cws_rank_padded or 16), wcfg,
+                                  in_grid=True)[-1]
+        plans = [w4a16] if w4a16_only else plans + [w4a16]
         for arch in archs:
             for plan in plans:
                 k = plan.compile(arch)
@@ -216,6 +234,8 @@ def main() -> None:
     """Arguments: none (all of CASES) or ARCH:SCHEME:sym|asym:ROWS ... (e.g. 90:w4a4:sym:2048)."""
     if sys.argv[1:2] == ["--decode-shapes"]:  # the split decode kernel (a); optionally layer names
         results = compile_decode_shapes(layers=tuple(sys.argv[2:]) or tuple(MODEL_SHAPES))
+    elif sys.argv[1:2] == ["--w4a16-shapes"]:  # the W4A16 decode GEMM alone; optionally layer names
+        results = compile_decode_shapes(layers=tuple(sys.argv[2:]) or tuple(MODEL_SHAPES), w4a16_only=True)
     elif sys.argv[1:2] == ["--model-shapes"]:  # optionally followed by layer names, e.g. 72b.qkv
         results = compile_model_shapes(layers=tuple(sys.argv[2:]) or AOT_DEFAULT_LAYERS)
     else:

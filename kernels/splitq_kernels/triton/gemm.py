@@ -37,6 +37,33 @@ from .quantize_input import QuantizedActivations, code_offsets
 
 
 @triton.jit
+def unpack_word_block(
+    # packed weight words of a K range [word rows, N * WORD_BYTES] (layout.pack_words), word block kb
+    words_ptr, kb, N, cols, col_valid,
+    # meta-parameters: code width and packing
+    BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr, WORD_SUB: tl.constexpr,
+):
+    """The int8 codes [CODES_PER_WORD * WORD_SUB, BLOCK_N] of word block kb (K rows kb * G * WORD_SUB
+    + 0 .. G * WORD_SUB - 1) of the columns `cols` (masked columns: -2^(b-1), never stored). Shared by
+    the GEMM and the W4A16 decode kernel (w4a16.py)."""
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    CODE_OFFSET: tl.constexpr = 1 << (BITS - 1)  # words hold offset-binary codes u = code + 2^(b-1)
+    gshift = (tl.arange(0, CODES_PER_WORD) * BITS)[:, None, None]
+    wr = (kb * WORD_SUB + tl.arange(0, WORD_SUB)).to(tl.int64)
+    if WORD_BYTES == 4:  # one aligned 32-bit load per word
+        w32 = words_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        w = tl.load(w32 + wr[:, None] * N + cols[None, :], mask=col_valid[None, :], other=0)
+    else:  # 1..3 bytes a word (e.g. 3-bit: 8 codes in 3 bytes): assemble it little-endian
+        base = words_ptr + wr[:, None] * (N * WORD_BYTES) + cols[None, :] * WORD_BYTES
+        w = tl.load(base, mask=col_valid[None, :], other=0).to(tl.int32)
+        for byte in tl.static_range(1, WORD_BYTES):
+            w = w | (tl.load(base + byte, mask=col_valid[None, :], other=0).to(tl.int32) << (8 * byte))
+    # every code of the word at once: [CODES_PER_WORD, WORD_SUB, BLOCK_N], K row g * WORD_SUB + kk
+    codes = ((w[None, :, :] >> gshift) & CODE_MASK) - CODE_OFFSET
+    return tl.reshape(codes.to(tl.int8), (CODES_PER_WORD * WORD_SUB, codes.shape[2]))
+
+
+@triton.jit
 def _segment(
     acc,
     # activation codes; this K range's columns start at codes_col
@@ -49,22 +76,8 @@ def _segment(
     BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr, WORD_SUB: tl.constexpr,
 ):
     """acc += A[:, codes_col + k] @ W[k, cols] over word blocks [kb_lo, kb_hi) of one K range."""
-    CODE_MASK: tl.constexpr = (1 << BITS) - 1
-    CODE_OFFSET: tl.constexpr = 1 << (BITS - 1)  # words hold offset-binary codes u = code + 2^(b-1)
-    gshift = (tl.arange(0, CODES_PER_WORD) * BITS)[:, None, None]
     for kb in range(kb_lo, kb_hi):
-        wr = (kb * WORD_SUB + tl.arange(0, WORD_SUB)).to(tl.int64)
-        if WORD_BYTES == 4:  # one aligned 32-bit load per word
-            w32 = words_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-            w = tl.load(w32 + wr[:, None] * N + cols[None, :], mask=col_valid[None, :], other=0)
-        else:  # 1..3 bytes a word (e.g. 3-bit: 8 codes in 3 bytes): assemble it little-endian
-            base = words_ptr + wr[:, None] * (N * WORD_BYTES) + cols[None, :] * WORD_BYTES
-            w = tl.load(base, mask=col_valid[None, :], other=0).to(tl.int32)
-            for byte in tl.static_range(1, WORD_BYTES):
-                w = w | (tl.load(base + byte, mask=col_valid[None, :], other=0).to(tl.int32) << (8 * byte))
-        # every code of the word at once: [CODES_PER_WORD, WORD_SUB, BLOCK_N], K row g * WORD_SUB + kk
-        codes = ((w[None, :, :] >> gshift) & CODE_MASK) - CODE_OFFSET
-        b = tl.reshape(codes.to(tl.int8), (CODES_PER_WORD * WORD_SUB, codes.shape[2]))
+        b = unpack_word_block(words_ptr, kb, N, cols, col_valid, BITS, CODES_PER_WORD, WORD_BYTES, WORD_SUB)
         k = kb * (CODES_PER_WORD * WORD_SUB) + tl.arange(0, CODES_PER_WORD * WORD_SUB)
         a = tl.load(codes_ptr + rows64[:, None] * stride_codes + codes_col + k[None, :],
                     mask=row_valid[:, None] & (k < K)[None, :], other=0)

@@ -617,27 +617,21 @@ def mac_down_inputs(text_mask: torch.Tensor | None, kl: KernelLayer, out: Quanti
     return args, constexprs
 
 
-def plan_quantize_decode(
-    x: torch.Tensor, text_mask: torch.Tensor | None, kl: KernelLayer, out: QuantizedActivations, scratch: torch.Tensor,
-    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor], mac_in_gemm: bool = False, fused: bool | None = None,
-) -> list[Launch]:
-    """The launches for x [T <= 16, in_features]: D1 and D2 in one grid (fused, the default unless
-    IN_GRID_WAITS is off: _decode_transform_quantize_kernel) or as two launches (fused=False), then
-    D3 with MAC unless mac_in_gemm (the GEMM's first programs do D3's work then, see plan_linear_decode)."""
-    fused = IN_GRID_WAITS if fused is None else fused
+def plan_transform_decode(x: torch.Tensor, kl: KernelLayer, scratch: torch.Tensor, stats: torch.Tensor) -> Launch:
+    """D1 alone (_decode_transform_kernel): the transformed rows of x [T <= 16, in_features] to the
+    float32 scratch [T, in_features] (main | text | vision columns), their per-row statistics
+    merged into `stats` [16, 8] (neutral on entry). Also the first launch of the W4A16 decode
+    (w4a16.py), which reads the scratch and never the statistics."""
     T = x.shape[0]
-    stats, ws, cnt = workspace
-    has_text, has_vision, has_cws, has_mac = kl.text > 0, kl.vision > 0, kl.cws_rank > 0, kl.mac_rank > 0
+    has_text, has_vision = kl.text > 0, kl.vision > 0
     n1_padded = max(16, next_pow2(kl.n1))
     block_p2_cols = 16 if kl.n2 <= 16 else KRON_BLOCK
     block_p1_cols = min(n1_padded, KRON_BLOCK)
     tokens_per_tile = max(1, min(DECODE_ROWS, KRON_Z_ELEMENTS // (n1_padded * block_p2_cols)))
-    off_text, off_vision, _ = code_offsets(kl)
-    opts = dict(num_warps=4, num_stages=1, enable_fp_fusion=False)  # no FMA: residuals round like torch
     n_tiles = triton.cdiv(kl.n1, block_p1_cols) * triton.cdiv(kl.n2, block_p2_cols) * triton.cdiv(T, tokens_per_tile)
     block_po_cols = 64 if kl.text > 32 or kl.vision > 32 else 32
     n_outlier_blocks = triton.cdiv(kl.text, block_po_cols) + triton.cdiv(kl.vision, block_po_cols)
-    d1 = Launch(_decode_transform_kernel, (n_tiles + n_outlier_blocks,), dict(
+    return Launch(_decode_transform_kernel, (n_tiles + n_outlier_blocks,), dict(
         x_ptr=x, stride_x=x.stride(0),
         idx_main_ptr=kl.idx_main, smooth_ptr=kl.main_smooth, p1_ptr=kl.main_p1, p2_ptr=kl.main_p2,
         idx_text_ptr=kl.idx_text if has_text else None, p_text_ptr=kl.text_p if has_text else None,
@@ -649,7 +643,26 @@ def plan_quantize_decode(
         BLOCK_P2_ROWS=KRON_BLOCK if kl.n2 > 16 else 16, BLOCK_P2_COLS=block_p2_cols, BLOCK_P1_COLS=block_p1_cols,
         BLOCK_PO_ROWS=16, BLOCK_PO_COLS=block_po_cols,
         SYMMETRIC=kl.act_symmetric, HAS_TEXT=has_text, HAS_VISION=has_vision, INPUT_PRECISION=kl.precision,
-    ), {**opts, "num_warps": 8})  # 8 warps: the [tokens x n1, 16] Z tile fits in registers (AOT check)
+        # no FMA (residuals round like torch); 8 warps: the [tokens x n1, 16] Z tile fits in registers (AOT check)
+    ), dict(num_warps=8, num_stages=1, enable_fp_fusion=False))
+
+
+def plan_quantize_decode(
+    x: torch.Tensor, text_mask: torch.Tensor | None, kl: KernelLayer, out: QuantizedActivations, scratch: torch.Tensor,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor], mac_in_gemm: bool = False, fused: bool | None = None,
+) -> list[Launch]:
+    """The launches for x [T <= 16, in_features]: D1 and D2 in one grid (fused, the default unless
+    IN_GRID_WAITS is off: _decode_transform_quantize_kernel) or as two launches (fused=False), then
+    D3 with MAC unless mac_in_gemm (the GEMM's first programs do D3's work then, see plan_linear_decode)."""
+    fused = IN_GRID_WAITS if fused is None else fused
+    T = x.shape[0]
+    stats, ws, cnt = workspace
+    has_text, has_vision, has_cws, has_mac = kl.text > 0, kl.vision > 0, kl.cws_rank > 0, kl.mac_rank > 0
+    off_text, off_vision, _ = code_offsets(kl)
+    opts = dict(num_warps=4, num_stages=1, enable_fp_fusion=False)  # no FMA: residuals round like torch
+    d1 = plan_transform_decode(x, kl, scratch, stats)
+    block_po_cols = d1.constexprs["BLOCK_PO_COLS"]
+    n_outlier_blocks = triton.cdiv(kl.text, block_po_cols) + triton.cdiv(kl.vision, block_po_cols)
     n_k = triton.cdiv(kl.main, BLOCK_K_DECODE)
     d2 = Launch(_decode_quantize_kernel, (n_k + n_outlier_blocks,), dict(
         scratch_ptr=scratch, stride_scratch=scratch.stride(0), stats_ptr=stats, clip_ptr=kl.act_clip,

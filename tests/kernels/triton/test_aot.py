@@ -25,10 +25,12 @@ def test_kernels_compile_for_hopper_and_ada(tmp_path):
     # 1-16 rows: also the split decode kernel (a) (D1 + D2, D3: the quantize_input op) and the GEMM
     # with the MAC down in its grid (the linear op's second launch, after D1 + D2)
     # (D1 and D2 fused in one grid, and each alone)
-    decode = {"decode_transform_quantize", "decode_transform", "decode_quantize", "decode_mac", "gemm_mac_in_grid"}
-    assert len(results) == 2 * len(CASES) + 5 * sum(int(c.split(":")[-1]) <= 16 for c in CASES)
+    # and the W4A16 decode mode's GEMM and CWS down (SPLITQ_DECODE_MODE=w4a16)
+    decode = {"decode_transform_quantize", "decode_transform", "decode_quantize", "decode_mac", "gemm_mac_in_grid",
+              "w4a16", "w4a16_down"}
+    assert len(results) == 2 * len(CASES) + 7 * sum(int(c.split(":")[-1]) <= 16 for c in CASES)
     assert {r["kernel"] for r in results} == {"quantize_input", "gemm"} | decode
     for r in results:
-        if r["kernel"] in decode - {"decode_transform"} | {"quantize_input"}:  # those that round (D1 does not)
+        if r["kernel"] in decode - {"decode_transform", "w4a16", "w4a16_down"} | {"quantize_input"}:  # those that round
             assert r["rint_magic"] and r["div_rn"], r
     assert {r["split_k"] for r in results if r["kernel"] == "gemm" and r["rows"] <= 16} != {1}

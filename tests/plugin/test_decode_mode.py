@@ -60,13 +60,13 @@ def test_the_mode_is_in_the_compile_cache_key(monkeypatch):
     for mode in ("w4a4", "w4a16"):
         monkeypatch.setenv("SPLITQ_DECODE_MODE", mode)
         hf_config = SimpleNamespace()
-        # not a directory: the method records the key and returns before touching the instance's checkpoint
-        SplitQVllmConfig.maybe_update_config(SimpleNamespace(), "/nonexistent/splitq", hf_config=hf_config)
+        # not a directory: the method records the key and returns before reading a checkpoint (no tower layers)
+        SplitQVllmConfig.maybe_update_config(SimpleNamespace(tower_layers=[]), "/nonexistent/splitq", hf_config=hf_config)
         keys[mode] = hf_config.splitq_backend
     assert keys["w4a4"].endswith(":decode=w4a4") and keys["w4a16"].endswith(":decode=w4a16")
     monkeypatch.setenv("SPLITQ_DECODE_MODE", "w8a8")
     with pytest.raises(ValueError, match="SPLITQ_DECODE_MODE"):
-        SplitQVllmConfig.maybe_update_config(SimpleNamespace(), "/nonexistent/splitq", hf_config=SimpleNamespace())
+        SplitQVllmConfig.maybe_update_config(SimpleNamespace(tower_layers=[]), "/nonexistent/splitq", hf_config=SimpleNamespace())
 
 
 @pytest.mark.vllm

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..layout import WORD_SUB, KernelLayer, codes_per_word, word_bytes
 from .launch import Launch
-from .quantize_decode import _mac_down_block, _mac_finish, wait_until
+from .quantize_decode import _mac_down_block, _mac_finish, reset_when_all_past, wait_until
 from .quantize_input import QuantizedActivations, code_offsets
 
 
@@ -345,11 +345,7 @@ def _gemm_kernel(
                           BLOCK_MAC_RANK, HAS_CWS, HAS_MAC, HAS_BIAS, INPUT_PRECISION)
 
     if MAC_IN_GRID:
-        done = tl.atomic_add(sync_ptr + 3, 1)
-        if done == tl.num_programs(0) - 1:  # every program is past its wait: counters back to zero
-            tl.atomic_xchg(sync_ptr + 0, 0)
-            tl.atomic_xchg(sync_ptr + 2, 0)
-            tl.atomic_xchg(sync_ptr + 3, 0)
+        reset_when_all_past(sync_ptr, 3, 0, 2)
 
 @dataclass(frozen=True)
 class GemmConfig:

@@ -112,6 +112,17 @@ def wait_until(count_ptr, n):
 
 
 @triton.jit
+def reset_when_all_past(sync_ptr, DONE: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+    """Count this program past its waits (counter DONE); the grid's last one puts counters A, B and
+    DONE back to zero, so the next launch (a CUDA-graph replay too) starts from a clean workspace."""
+    done = tl.atomic_add(sync_ptr + DONE, 1)
+    if done == tl.num_programs(0) - 1:
+        tl.atomic_xchg(sync_ptr + A, 0)
+        tl.atomic_xchg(sync_ptr + B, 0)
+        tl.atomic_xchg(sync_ptr + DONE, 0)
+
+
+@triton.jit
 def _outlier_block(
     # input rows; the set's channel indices [n_set] and dense transform P_o [n_set, n_set]
     x_ptr, stride_x, rows, row_valid, idx_ptr, p_ptr, n_set, o0,
@@ -436,11 +447,7 @@ def _decode_transform_quantize_kernel(
                           counter_ptr, codes_ptr, stride_codes, scale_ptr, zero_ptr, h_cws_ptr, T, n_main, n_text,
                           n_vision, off_text, off_vision, BLOCK_T, BLOCK_K, BLOCK_PO_COLS, CWS_RANK_PADDED, ACT_BITS,
                           AUX_ACT_BITS, SYMMETRIC, HAS_TEXT, HAS_VISION, HAS_CWS, HAS_MAC, True)
-    done = tl.atomic_add(sync_ptr + 2, 1)
-    if done == tl.num_programs(0) - 1:  # every program is past its wait: counters back to zero
-        tl.atomic_xchg(sync_ptr + 0, 0)
-        tl.atomic_xchg(sync_ptr + 1, 0)
-        tl.atomic_xchg(sync_ptr + 2, 0)
+    reset_when_all_past(sync_ptr, 2, 0, 1)
 
 
 @triton.jit
@@ -695,19 +702,25 @@ def plan_quantize_decode(
     return launches
 
 
+def checked_decode_input(x: torch.Tensor, kl: KernelLayer, can_implement) -> torch.Tensor:
+    """x [T, in_features] in bf16/fp16/fp32 that `can_implement(kl, T)` accepts, with unit column
+    stride (the decode launchers' shared check; a clear error otherwise)."""
+    if x.dim() != 2 or x.shape[1] != kl.in_features:
+        raise ValueError(f"x must be [T, {kl.in_features}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"the kernels compute in float32 from bf16/fp16/fp32 inputs, got {x.dtype}")
+    ok, why = can_implement(kl, x.shape[0])
+    if not ok:
+        raise ValueError(why)
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
 def quantize_input_decode_triton(
     x: torch.Tensor, text_mask: torch.Tensor | None, kl: KernelLayer, store_mac: bool = False
 ) -> QuantizedActivations:
     """Kernel (a)'s outputs for x [T <= 16, in_features] (bf16/fp16/fp32) by the split decode
     launches; text_mask [T] bool or None (all text). Same contract as quantize_input_triton."""
-    if x.dim() != 2 or x.shape[1] != kl.in_features:
-        raise ValueError(f"x must be [T, {kl.in_features}], got {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"the kernels compute in float32 from bf16/fp16/fp32 inputs, got {x.dtype}")
-    ok, why = can_implement_decode(kl, x.shape[0])
-    if not ok:
-        raise ValueError(why)
-    x = x if x.stride(1) == 1 else x.contiguous()
+    x = checked_decode_input(x, kl, can_implement_decode)
     T = x.shape[0]
     out = alloc_activations(kl, T, x.device, store_mac)
     scratch = torch.empty(T, kl.in_features, dtype=torch.float32, device=x.device)
@@ -744,14 +757,7 @@ def linear_decode_triton(x: torch.Tensor, text_mask: torch.Tensor | None, kl: Ke
     """y [T, out_features] in x's dtype for x [T <= 16, in_features] by plan_linear_decode's two
     launches, and kernel (a)'s outputs (as quantize_input_decode_triton's; h_mac written by the
     GEMM's MAC-down programs). What torch.ops.splitq.linear runs at 1-16 rows."""
-    if x.dim() != 2 or x.shape[1] != kl.in_features:
-        raise ValueError(f"x must be [T, {kl.in_features}], got {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"the kernels compute in float32 from bf16/fp16/fp32 inputs, got {x.dtype}")
-    ok, why = can_implement_decode(kl, x.shape[0])
-    if not ok:
-        raise ValueError(why)
-    x = x if x.stride(1) == 1 else x.contiguous()
+    x = checked_decode_input(x, kl, can_implement_decode)
     T = x.shape[0]
     act = alloc_activations(kl, T, x.device, store_mac)
     scratch = torch.empty(T, kl.in_features, dtype=torch.float32, device=x.device)

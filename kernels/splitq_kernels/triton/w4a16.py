@@ -47,7 +47,14 @@ from ..layout import WORD_SUB, KernelLayer, codes_per_word, word_bytes
 from ..reference.shard import KShard
 from .gemm import _epilogue, _sm_count, _split_range, unpack_word_block, word_blocks
 from .launch import Launch
-from .quantize_decode import DECODE_ROWS, IN_GRID_WAITS, plan_transform_decode, wait_until
+from .quantize_decode import (
+    DECODE_ROWS,
+    IN_GRID_WAITS,
+    checked_decode_input,
+    plan_transform_decode,
+    reset_when_all_past,
+    wait_until,
+)
 
 BLOCK_K_DOWN = 64  # main channels per CWS-down program
 
@@ -240,11 +247,7 @@ def _w4a16_kernel(
                       None, None, None, 0, bias_ptr, out_ptr, stride_out, CWS_RANK_PADDED, 16, BLOCK_CWS_RANK, 16,
                       HAS_CWS, False, HAS_BIAS, INPUT_PRECISION)
     if DOWN_IN_GRID:
-        done = tl.atomic_add(sync_ptr + 3, 1)
-        if done == tl.num_programs(0) - 1:  # every program is past its wait: counters back to zero
-            tl.atomic_xchg(sync_ptr + 0, 0)
-            tl.atomic_xchg(sync_ptr + 2, 0)
-            tl.atomic_xchg(sync_ptr + 3, 0)
+        reset_when_all_past(sync_ptr, 3, 0, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,14 +386,7 @@ def linear_w4a16_triton(x: torch.Tensor, kl: KernelLayer, config: W4A16Config | 
     """y [T, out_features] in x's dtype for x [T <= 16, in_features] (bf16/fp16/fp32): the W4A16
     form (reference.splitq_linear_w4a16) in two launches (three with in_grid=False and CWS).
     With `shard` and `gemm` (plan_linear_w4a16): one row-parallel rank's partial output."""
-    if x.dim() != 2 or x.shape[1] != kl.in_features:
-        raise ValueError(f"x must be [T, {kl.in_features}], got {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"the kernels compute in float32 from bf16/fp16/fp32 inputs, got {x.dtype}")
-    ok, why = can_implement_w4a16(kl, x.shape[0])
-    if not ok:
-        raise ValueError(why)
-    x = x if x.stride(1) == 1 else x.contiguous()
+    x = checked_decode_input(x, kl, can_implement_w4a16)
     T = x.shape[0]
     scratch = torch.empty(T, kl.in_features, dtype=torch.float32, device=x.device)
     h = torch.empty(DECODE_ROWS, kl.cws_rank_padded, dtype=torch.float32, device=x.device) if kl.cws_rank else None

@@ -8,6 +8,7 @@ from .forward import (
     int_matmul,
     mac_row_mask,
     quantize_input,
+    transformed_inputs,
     splitq_gemm,
     splitq_linear,
     splitq_linear_fake,
@@ -18,7 +19,7 @@ from .quantizer import QuantizedTensor, fake_quantize, qrange, quantize, round_s
 from .scheme import SplitQScheme
 from .shard import KShard, ShardError, main_k_shards, shard_layer
 from .transforms import fold_dense_weight, fold_main_weight, kron_apply, main_transform
-from .w4a16 import splitq_linear_w4a16, w4a16_dense_weight, w4a16_inputs
+from .w4a16 import splitq_linear_w4a16, w4a16_dense_weight
 
 __all__ = [
     "ChannelSplit",
@@ -44,6 +45,7 @@ __all__ = [
     "qrange",
     "quantize",
     "quantize_input",
+    "transformed_inputs",
     "quantize_linear",
     "round_ste",
     "shard_layer",
@@ -54,5 +56,4 @@ __all__ = [
     "splitq_linear_shard",
     "splitq_linear_w4a16",
     "w4a16_dense_weight",
-    "w4a16_inputs",
 ]

@@ -68,26 +68,39 @@ class QuantizedInput:
     mac: QuantizedTensor | None  # Q(X_m P_m - X^_m), aux_act_bits; None when MAC is off
 
 
+def transformed_inputs(
+    x: torch.Tensor, layer: SplitQLinear
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The channel split and online transforms of x (T, D_in), in float: (X_m P_m, X_t P_t,
+    X_v P_v), None for an empty outlier set. What kernel (a) quantizes, and what the W4A16 form
+    (w4a16.py) multiplies as it is."""
+    dt = compute_dtype(x)
+    x = x.reshape(-1, x.shape[-1]).to(dt)
+    xm = main_transform(x[:, layer.idx_main], layer.main_smooth.to(dt), layer.main_p1.to(dt), layer.main_p2.to(dt))
+
+    def outlier(idx: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor | None:
+        return None if idx.numel() == 0 else x[:, idx] @ p.to(dt)
+
+    return xm, outlier(layer.idx_text, layer.text_p), outlier(layer.idx_vision, layer.vision_p)
+
+
 def quantize_input(x: torch.Tensor, layer: SplitQLinear, scheme: SplitQScheme) -> QuantizedInput:
     """Kernel (a): channel split, online transforms, per-token quantization, MAC residual."""
     dt = compute_dtype(x)
-    x = x.reshape(-1, x.shape[-1]).to(dt)
     sym, ab, aab = scheme.act_symmetric, scheme.act_bits, scheme.aux_act_bits
-    xm = main_transform(x[:, layer.idx_main], layer.main_smooth.to(dt), layer.main_p1.to(dt), layer.main_p2.to(dt))
+    xm, xt, xv = transformed_inputs(x, layer)
     main = quantize(xm, ab, sym, clip=_act_clip(layer.main_act_clip, dt))
 
-    def outlier(idx: torch.Tensor, p: torch.Tensor | None, clip: torch.Tensor) -> QuantizedTensor | None:
-        if idx.numel() == 0:
-            return None
-        return quantize(x[:, idx] @ p.to(dt), aab, sym, clip=_act_clip(clip, dt))
+    def outlier(v: torch.Tensor | None, clip: torch.Tensor) -> QuantizedTensor | None:
+        return None if v is None else quantize(v, aab, sym, clip=_act_clip(clip, dt))
 
     mac = None
     if layer.mac_down is not None:
         mac = quantize(xm - main.dequantize(dt), aab, sym, clip=_act_clip(layer.mac_act_clip, dt))
     return QuantizedInput(
         main=main,
-        text=outlier(layer.idx_text, layer.text_p, layer.text_act_clip),
-        vision=outlier(layer.idx_vision, layer.vision_p, layer.vision_act_clip),
+        text=outlier(xt, layer.text_act_clip),
+        vision=outlier(xv, layer.vision_act_clip),
         mac=mac,
     )
 

@@ -30,29 +30,10 @@ from __future__ import annotations
 
 import torch
 
-from .forward import _flatten, compute_dtype
+from .forward import _flatten, compute_dtype, transformed_inputs
 from .layer import SplitQLinear
-from .quantizer import QuantizedTensor
 from .shard import KShard
-from .transforms import kron_apply, main_transform
-
-
-def _deq(q: QuantizedTensor, dt: torch.dtype) -> torch.Tensor:
-    return q.dequantize(dt)
-
-
-def w4a16_inputs(
-    x: torch.Tensor, layer: SplitQLinear
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The transformed float activations (X'_m, X'_t, X'_v) of x (T, D_in); None for an empty set."""
-    dt = compute_dtype(x)
-    x = x.reshape(-1, x.shape[-1]).to(dt)
-    xm = main_transform(x[:, layer.idx_main], layer.main_smooth.to(dt), layer.main_p1.to(dt), layer.main_p2.to(dt))
-
-    def outlier(idx: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor | None:
-        return None if idx.numel() == 0 else x[:, idx] @ p.to(dt)
-
-    return xm, outlier(layer.idx_text, layer.text_p), outlier(layer.idx_vision, layer.vision_p)
+from .transforms import kron_apply
 
 
 def splitq_linear_w4a16(
@@ -69,18 +50,18 @@ def splitq_linear_w4a16(
     product runs over those columns of X'_m, and only rank 0 adds the rest."""
     x2, _ = _flatten(x, text_mask)
     dt = compute_dtype(x)
-    xm, xt, xv = w4a16_inputs(x2, layer)
+    xm, xt, xv = transformed_inputs(x2, layer)
     if shard is not None and layer.main_w.codes.shape[1] != shard.width:
         raise ValueError(f"the rank's main weight has {layer.main_w.codes.shape[1]} columns, its block {shard.width}")
     xm_block = xm if shard is None else xm[:, shard.start : shard.stop]
-    y = xm_block @ _deq(layer.main_w, dt).transpose(0, 1)
+    y = xm_block @ layer.main_w.dequantize(dt).transpose(0, 1)
     if shard is None or shard.owns_rest:
         if xt is not None:
-            y = y + xt @ _deq(layer.text_w, dt).transpose(0, 1)
+            y = y + xt @ layer.text_w.dequantize(dt).transpose(0, 1)
         if xv is not None:
-            y = y + xv @ _deq(layer.vision_w, dt).transpose(0, 1)
+            y = y + xv @ layer.vision_w.dequantize(dt).transpose(0, 1)
         if layer.cws_down is not None:
-            y = y + (xm @ _deq(layer.cws_down, dt).transpose(0, 1)) @ _deq(layer.cws_up, dt).transpose(0, 1)
+            y = y + (xm @ layer.cws_down.dequantize(dt).transpose(0, 1)) @ layer.cws_up.dequantize(dt).transpose(0, 1)
         if layer.bias is not None:
             y = y + layer.bias.to(dt)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
@@ -92,13 +73,13 @@ def w4a16_dense_weight(layer: SplitQLinear, dtype: torch.dtype = torch.float64) 
     Main columns: (deq(W_m) + deq(U_s) deq(D_s)) P_m^T, i.e. the transform folded back (P_m =
     diag(smooth) (P1 (x) P2), so P_m^T = (P1^T (x) P2^T) diag(smooth)); outlier columns:
     deq(W_o) P_o^T. For tests and for reasoning about the mode (a 16-bit copy of the layer)."""
-    a = _deq(layer.main_w, dtype)
+    a = layer.main_w.dequantize(dtype)
     if layer.cws_down is not None:
-        a = a + _deq(layer.cws_up, dtype) @ _deq(layer.cws_down, dtype)
+        a = a + layer.cws_up.dequantize(dtype) @ layer.cws_down.dequantize(dtype)
     w = torch.zeros(layer.out_features, layer.in_features, dtype=dtype, device=a.device)
     p1, p2 = layer.main_p1.to(dtype), layer.main_p2.to(dtype)
     w[:, layer.idx_main] = kron_apply(a, p1.transpose(0, 1), p2.transpose(0, 1)) * layer.main_smooth.to(dtype)
     for idx, q, p in ((layer.idx_text, layer.text_w, layer.text_p), (layer.idx_vision, layer.vision_w, layer.vision_p)):
         if idx.numel():
-            w[:, idx] = _deq(q, dtype) @ p.to(dtype).transpose(0, 1)
+            w[:, idx] = q.dequantize(dtype) @ p.to(dtype).transpose(0, 1)
     return w

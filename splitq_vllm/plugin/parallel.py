@@ -42,33 +42,28 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 ROW_PARALLEL_KINDS = ("o", "down")  # group kinds (splitq_vllm.model_layout) vLLM builds as RowParallelLinear
 
 
-def row_parallel_mains(quantization_config: Any) -> dict[str, int]:
-    """{checkpoint layer: main channels} of the row-parallel layers of a quantization_config dict
-    ({} when it is not a readable SplitQ config: the checkpoint checks report that)."""
+def _checkpoint_layers(quantization_config: Any) -> dict[str, Any]:
+    """{checkpoint layer: its dims} of a quantization_config (a dict or a transformers
+    QuantizationConfig object); {} when it is not a readable SplitQ config: the checkpoint checks
+    report that."""
     from splitq_vllm.checkpoint import SplitQConfig
 
     if hasattr(quantization_config, "to_dict"):  # a transformers QuantizationConfig object
         quantization_config = quantization_config.to_dict()
     try:
-        cfg = SplitQConfig.from_dict(quantization_config)
+        return SplitQConfig.from_dict(quantization_config).layers
     except Exception:  # noqa: BLE001
         return {}
-    return {name: d.main for name, d in cfg.layers.items() if d.group.rsplit(".", 1)[-1] in ROW_PARALLEL_KINDS}
 
 
-def quantized_tower_layers(quantization_config: Any) -> list[str]:
-    """The vision-tower layers of a quantization_config dict ([] when it is not a readable
-    SplitQ config: the checkpoint checks report that)."""
-    from splitq_vllm.checkpoint import SplitQConfig
-    from splitq_vllm.families import is_vision_tower_layer
+def _row_parallel(layers: dict[str, Any]) -> dict[str, int]:
+    return {name: d.main for name, d in layers.items() if d.group.rsplit(".", 1)[-1] in ROW_PARALLEL_KINDS}
 
-    if hasattr(quantization_config, "to_dict"):
-        quantization_config = quantization_config.to_dict()
-    try:
-        cfg = SplitQConfig.from_dict(quantization_config)
-    except Exception:  # noqa: BLE001
-        return []
-    return [name for name in cfg.layers if is_vision_tower_layer(name)]
+
+def row_parallel_mains(quantization_config: Any) -> dict[str, int]:
+    """{checkpoint layer: main channels} of the row-parallel layers of a quantization_config
+    ({} when it is not a readable SplitQ config)."""
+    return _row_parallel(_checkpoint_layers(quantization_config))
 
 
 def check_parallel(parallel_config: Any, hf_text_config: Any, speculative_config: Any = None,
@@ -134,16 +129,19 @@ def check_parallel(parallel_config: Any, hf_text_config: Any, speculative_config
 
 def check_vllm_config(model_config: Any, parallel_config: Any, speculative_config: Any = None) -> None:
     """check_parallel on vLLM's config objects (front end and workers)."""
+    from splitq_vllm.families import is_vision_tower_layer
+
     hf = model_config.hf_config
     mm = _get(model_config, "multimodal_config")
+    layers = _checkpoint_layers(_get(hf, "quantization_config"))  # read once for both checks
     check_parallel(
         parallel_config,
         model_config.hf_text_config,
         speculative_config,
         hf_vision_config=_get(hf, "vision_config"),
         mm_encoder_tp_mode=_get(mm, "mm_encoder_tp_mode"),
-        row_parallel=row_parallel_mains(_get(hf, "quantization_config")),
-        tower_layers=quantized_tower_layers(_get(hf, "quantization_config")),
+        row_parallel=_row_parallel(layers),
+        tower_layers=[name for name in layers if is_vision_tower_layer(name)],
     )
 
 

@@ -67,6 +67,20 @@ def offline_chat(
         return json.loads(out_path.read_text())
 
 
+def run_case_script(script: Path, *args: str | os.PathLike, timeout: float = 600) -> dict[str, Any]:
+    """Run a subprocess body (`python script *args OUT_JSON`, in a temporary folder, vLLM's
+    environment) and return the JSON it wrote; its output tails in the error if it fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "results.json"
+        proc = subprocess.run(
+            [sys.executable, str(script), *map(str, args), str(out)], cwd=tmp, env=vllm_env(), capture_output=True,
+            text=True, timeout=timeout,
+        )
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"{script.name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return json.loads(out.read_text())
+
+
 def server_start_failure(
     model: str | os.PathLike, args: list[str] | None = None, env: dict[str, str] | None = None, timeout: float = 600
 ) -> tuple[int, str]:

@@ -14,7 +14,6 @@ Usage: python vllm_linear_cases.py CHECKPOINT_DIR OUT_JSON
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import traceback
 
@@ -23,8 +22,6 @@ def main() -> None:
     ckpt_dir, out_path = sys.argv[1], sys.argv[2]
     import torch
     from torch import nn
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
     from vllm.model_executor.models.qwen2 import Qwen2Model
     from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as VL
@@ -35,16 +32,9 @@ def main() -> None:
     from splitq_vllm.plugin.config import SplitQVllmConfig
     from splitq_vllm.plugin.linear import SplitQLinearMethod
     from splitq_vllm.plugin.text_mask import BUFFER_NAME, new_mask_buffer
+    from case_support import engine_config_refusals, init_single_rank
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = set_current_vllm_config(VllmConfig())  # a default config: no model, TP = PP = 1
-    ctx.__enter__()
-    init_distributed_environment(
-        world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", local_rank=0, backend="gloo"
-    )
-    initialize_model_parallel(1, 1)
+    init_single_rank()
 
     ckpt = read_checkpoint(ckpt_dir)
     hf_cfg = json.loads((__import__("pathlib").Path(ckpt_dir) / "config.json").read_text())
@@ -156,12 +146,10 @@ def main() -> None:
     def refusals() -> dict:
         """What the text-mask design cannot serve is refused: in the front end (building the engine
         config: parallel settings, parallel.py) or when the model is built (_check_runtime)."""
-        from vllm.engine.arg_utils import EngineArgs
         from vllm.model_executor.models.gemma3n_mm import Gemma3nForConditionalGeneration
 
         from splitq_vllm.plugin.text_mask import check_model_class, install_embed_hook
 
-        out = {}
         variants = {
             "pipeline_parallel": dict(pipeline_parallel_size=2),
             "tensor_parallel": dict(tensor_parallel_size=2),
@@ -173,14 +161,7 @@ def main() -> None:
             "inductor_freezing": dict(compilation_config={"inductor_compile_config": {"freezing": True}}),
             "plain": {},
         }
-        for name, kw in variants.items():
-            try:
-                cfg = EngineArgs(model=ckpt_dir, max_model_len=1024, **kw).create_engine_config()
-                with set_current_vllm_config(cfg):
-                    cfg.quant_config._check_runtime()
-                out[name] = None
-            except (NotImplementedError, ValueError) as e:
-                out[name] = f"{type(e).__name__}: {e}"
+        out = engine_config_refusals(ckpt_dir, variants)
         install_embed_hook()
         try:
             check_model_class(Gemma3nForConditionalGeneration)  # no family in splitq_vllm.families

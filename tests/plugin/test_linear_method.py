@@ -8,17 +8,13 @@ identical and so must be the outputs, bit for bit.)"""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from splitq_kernels.reference import SplitQScheme
 from splitq_vllm.testing.synthetic import synthesize_checkpoint
-from tests.helpers.engine import vllm_env
+from tests.helpers.engine import run_case_script
 
 pytestmark = pytest.mark.vllm
 
@@ -28,14 +24,7 @@ SCRIPT = Path(__file__).with_name("linear_cases.py")
 @pytest.fixture(scope="module")
 def results(tiny_qwen_dir, tmp_path_factory):
     ckpt = synthesize_checkpoint(tiny_qwen_dir, tmp_path_factory.mktemp("splitq") / "qwen-w4a4", SplitQScheme.from_name("w4a4"))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "results.json"
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(ckpt), str(out)], cwd=tmp, env=vllm_env(), capture_output=True, text=True, timeout=600
-        )
-        if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"{SCRIPT.name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-        return json.loads(out.read_text())
+    return run_case_script(SCRIPT, ckpt)
 
 
 @pytest.mark.parametrize("layer", ["qkv", "o", "gate_up", "down"])

@@ -19,10 +19,6 @@ separates the two by an order of magnitude each way.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,7 +28,7 @@ from splitq_vllm.checkpoint import read_checkpoint
 from splitq_vllm.families import FAMILIES, check_tower_quantization, is_vision_tower_layer
 from splitq_vllm.testing.conversations import CONVERSATIONS
 from splitq_vllm.testing.images import write_sharegpt
-from tests.helpers.engine import OpenAIServer, server_env, vllm_env
+from tests.helpers.engine import OpenAIServer, run_case_script, server_env
 from tests.plugin.generation import (
     LOGPROB_ATOL,
     Reference,
@@ -68,14 +64,7 @@ def ckpt(tiny_qwen_dir, data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cases(ckpt):
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "results.json"
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(ckpt), str(out)], cwd=tmp, env=vllm_env(), capture_output=True, text=True, timeout=600
-        )
-        if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"{SCRIPT.name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-        return json.loads(out.read_text())
+    return run_case_script(SCRIPT, ckpt)
 
 
 @pytest.fixture(scope="module")

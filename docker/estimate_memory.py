@@ -412,6 +412,14 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _print(rows: list[dict], as_json: bool, to_markdown) -> None:
+    if as_json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    else:
+        print(to_markdown(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS),
@@ -432,22 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.fits:
         frows = fits_rows(args.models or list(MODELS), max_model_len=args.max_model_len, gpu_mib=args.gpu_mib,
                           utilization=args.gpu_memory_utilization, reserve_gib=args.reserve_gib)  # fmt: skip
-        if args.json:
-            json.dump(frows, sys.stdout, indent=2)
-            print()
-        else:
-            print(fits_markdown(frows))
+        _print(frows, args.json, fits_markdown)
         return 0
     rows = []
     for name in args.models or DEFAULT_MODELS:
         e = estimate(name, args.scheme, args.max_model_len, tensor_parallel_size=args.tensor_parallel_size)
         e["budget"] = budget(e, args.gpu_mib, args.gpu_memory_utilization)
         rows.append(e)
-    if args.json:
-        json.dump(rows, sys.stdout, indent=2)
-        print()
-    else:
-        print(markdown(rows))
+    _print(rows, args.json, markdown)
     return 0
 
 

@@ -147,6 +147,15 @@ def _save_generation_config(path: Path, eos: int, bos: int | None, pad: int) -> 
     (path / "generation_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def _save_side_files(out: Path, processor, tokenizer, chat_template: str, eos: int, bos: int | None, pad: int) -> Path:
+    """Write processor, tokenizer (with chat template) and generation config to `out` (no weights)."""
+    processor.save_pretrained(out)
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(out)
+    _save_generation_config(out, eos, bos, pad)
+    return out
+
+
 def qwen25vl_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
     """A Qwen2-style fast tokenizer (byte-level BPE trained on `corpus`) and its special-token ids."""
     from transformers import Qwen2TokenizerFast
@@ -261,11 +270,7 @@ def qwen2vl_config(size: TinySize, ids: dict[str, int], tokenizer_vocab: int):
 
 def save_qwen25vl_side_files(out: Path, processor, tokenizer, ids: dict[str, int], chat_template: str = QWEN_CHAT_TEMPLATE) -> Path:
     """Write processor, tokenizer (with chat template) and generation config to `out` (no weights)."""
-    processor.save_pretrained(out)
-    tokenizer.chat_template = chat_template
-    tokenizer.save_pretrained(out)
-    _save_generation_config(out, ids["<|im_end|>"], None, ids["<|endoftext|>"])
-    return out
+    return _save_side_files(out, processor, tokenizer, chat_template, ids["<|im_end|>"], None, ids["<|endoftext|>"])
 
 
 def save_qwen25vl_dir(out: Path, model, processor, tokenizer, ids: dict[str, int], chat_template: str = QWEN_CHAT_TEMPLATE) -> Path:
@@ -329,11 +334,7 @@ def save_with_hf_tower_names(model, out: Path) -> None:
 
 def save_llava_side_files(out: Path, processor, tokenizer, ids: dict[str, int]) -> Path:
     """Write processor, tokenizer (with chat template) and generation config to `out` (no weights)."""
-    processor.save_pretrained(out)
-    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    _save_generation_config(out, ids["</s>"], ids["<s>"], ids["<pad>"])
-    return out
+    return _save_side_files(out, processor, tokenizer, LLAVA_CHAT_TEMPLATE, ids["</s>"], ids["<s>"], ids["<pad>"])
 
 
 def _build_qwen_style(
@@ -505,11 +506,7 @@ def gemma3_processor(tokenizer, image_size: int, tokens_per_image: int):
 
 def save_gemma3_side_files(out: Path, processor, tokenizer, ids: dict[str, int]) -> Path:
     """Write processor, tokenizer (with chat template) and generation config to `out` (no weights)."""
-    processor.save_pretrained(out)
-    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    _save_generation_config(out, ids["<end_of_turn>"], ids["<bos>"], ids["<pad>"])
-    return out
+    return _save_side_files(out, processor, tokenizer, GEMMA3_CHAT_TEMPLATE, ids["<end_of_turn>"], ids["<bos>"], ids["<pad>"])
 
 
 def build_tiny_gemma3(

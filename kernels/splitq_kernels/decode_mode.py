@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from .precision import product_precision
 from .reference.forward import splitq_linear, splitq_linear_shard
 from .reference.layer import SplitQLinear
 from .reference.scheme import SplitQScheme
@@ -54,12 +55,15 @@ def reference_linear_for_step(
     scheme: SplitQScheme,
     shard: KShard | None = None,
     mode: str | None = None,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """The reference as a serving step runs it: splitq_linear (or its shard form), or the W4A16
-    form when `uses_w4a16(rows of x, mode)`. x (..., D_in): all its leading dims are the step's rows."""
+    form when `uses_w4a16(rows of x, mode)`, at `precision` (default: $SPLITQ_PRECISION,
+    precision.py). x (..., D_in): all its leading dims are the step's rows."""
     rows = x.numel() // max(1, x.shape[-1])
+    p = product_precision(precision)
     if uses_w4a16(rows, mode):
-        return splitq_linear_w4a16(x, text_mask, layer, shard)
+        return splitq_linear_w4a16(x, text_mask, layer, shard, p)
     if shard is not None:
-        return splitq_linear_shard(x, text_mask, layer, scheme, shard)
-    return splitq_linear(x, text_mask, layer, scheme)
+        return splitq_linear_shard(x, text_mask, layer, scheme, shard, p)
+    return splitq_linear(x, text_mask, layer, scheme, p)

@@ -63,7 +63,7 @@ def test_the_mode_is_in_the_compile_cache_key(monkeypatch):
         # not a directory: the method records the key and returns before reading a checkpoint (no tower layers)
         SplitQVllmConfig.maybe_update_config(SimpleNamespace(tower_layers=[]), "/nonexistent/splitq", hf_config=hf_config)
         keys[mode] = hf_config.splitq_backend
-    assert keys["w4a4"].endswith(":decode=w4a4") and keys["w4a16"].endswith(":decode=w4a16")
+    assert ":decode=w4a4:" in keys["w4a4"] and ":decode=w4a16:" in keys["w4a16"]
     monkeypatch.setenv("SPLITQ_DECODE_MODE", "w8a8")
     with pytest.raises(ValueError, match="SPLITQ_DECODE_MODE"):
         SplitQVllmConfig.maybe_update_config(SimpleNamespace(tower_layers=[]), "/nonexistent/splitq", hf_config=SimpleNamespace())
@@ -93,3 +93,20 @@ def test_served_w4a16_decode_matches_the_reference_in_that_mode(tiny_qwen_dir, t
             got = served_chat(server, msgs)
             assert len(got.prompt_ids) > 16, name
             assert_same_generation(got, expected[name], name)
+
+
+def test_the_product_precision_is_in_the_compile_cache_key(monkeypatch):
+    """SPLITQ_PRECISION (splitq_kernels.precision) changes the numerics like the decode mode: it is
+    part of the key, and a bad value fails in the front end naming the variable."""
+    from splitq_vllm.plugin.config import SplitQVllmConfig
+
+    keys = {}
+    for p in ("float32", "bf16"):
+        monkeypatch.setenv("SPLITQ_PRECISION", p)
+        hf_config = SimpleNamespace()
+        SplitQVllmConfig.maybe_update_config(SimpleNamespace(tower_layers=[]), "/nonexistent/splitq", hf_config=hf_config)
+        keys[p] = hf_config.splitq_backend
+    assert keys["float32"].endswith(":precision=float32") and keys["bf16"].endswith(":precision=bf16")
+    monkeypatch.setenv("SPLITQ_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="SPLITQ_PRECISION"):
+        SplitQVllmConfig.maybe_update_config(SimpleNamespace(tower_layers=[]), "/nonexistent/splitq", hf_config=SimpleNamespace())

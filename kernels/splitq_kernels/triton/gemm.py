@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ..layout import WORD_SUB, KernelLayer, codes_per_word, word_bytes
 from .launch import Launch
+from .common import fdot
 from .quantize_decode import _mac_down_block, _mac_finish, reset_when_all_past, wait_until
 from .quantize_input import QuantizedActivations, code_offsets
 
@@ -125,7 +126,7 @@ def _lowrank(
         h = tl.load(h_ptr + rows64[:, None] * RANK_PADDED + r[None, :], mask=row_valid[:, None], other=0.0,
                     cache_modifier=".cg")
         u = tl.load(up_ptr + r.to(tl.int64)[:, None] * N + cols[None, :], mask=col_valid[None, :], other=0)
-        y = tl.dot(h, u.to(tl.float32) * us[None, :], y, input_precision=INPUT_PRECISION)
+        y = fdot(h, u.to(tl.float32) * us[None, :], y, INPUT_PRECISION)
     return y
 
 

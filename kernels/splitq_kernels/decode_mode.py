@@ -18,8 +18,6 @@ bad value fails there, and records it in the torch.compile cache key.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .precision import product_precision
@@ -28,6 +26,7 @@ from .reference.layer import SplitQLinear
 from .reference.scheme import SplitQScheme
 from .reference.shard import KShard
 from .reference.w4a16 import splitq_linear_w4a16
+from .settings import read_setting
 
 ENV_DECODE_MODE = "SPLITQ_DECODE_MODE"
 DECODE_MODES = ("w4a4", "w4a16")
@@ -36,11 +35,7 @@ DECODE_ROWS = 16  # == quantize_decode.DECODE_ROWS (one tensor-core tile of rows
 
 def decode_mode(value: str | None = None) -> str:
     """The validated mode: `value`, else $SPLITQ_DECODE_MODE, else `w4a4`."""
-    raw = os.environ.get(ENV_DECODE_MODE, "") if value is None else value
-    mode = raw.strip().lower() or DECODE_MODES[0]
-    if mode not in DECODE_MODES:
-        raise ValueError(f"{ENV_DECODE_MODE}={raw!r}: must be one of {', '.join(DECODE_MODES)} (default w4a4)")
-    return mode
+    return read_setting(ENV_DECODE_MODE, DECODE_MODES, value)
 
 
 def uses_w4a16(rows: int, mode: str | None = None) -> bool:

@@ -18,7 +18,7 @@ torch.compile cache key, and a bad value fails at start-up naming the variable.
 
 from __future__ import annotations
 
-import os
+from .settings import read_setting
 
 ENV_PRECISION = "SPLITQ_PRECISION"
 PRECISION_SETTINGS = ("float32", "bf16")
@@ -26,11 +26,7 @@ PRECISION_SETTINGS = ("float32", "bf16")
 
 def product_precision(value: str | None = None) -> str:
     """The validated setting: `value`, else $SPLITQ_PRECISION, else `float32`."""
-    raw = os.environ.get(ENV_PRECISION, "") if value is None else value
-    p = raw.strip().lower() or PRECISION_SETTINGS[0]
-    if p not in PRECISION_SETTINGS:
-        raise ValueError(f"{ENV_PRECISION}={raw!r}: must be one of {', '.join(PRECISION_SETTINGS)} (default float32)")
-    return p
+    return read_setting(ENV_PRECISION, PRECISION_SETTINGS, value)
 
 
 def kernel_precision(device_type: str, value: str | None = None) -> str:

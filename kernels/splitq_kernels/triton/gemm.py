@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from ..layout import WORD_SUB, KernelLayer, codes_per_word, word_bytes
-from .launch import Launch
 from .common import fdot
+from .launch import Launch
 from .quantize_decode import _mac_down_block, _mac_finish, reset_when_all_past, wait_until
 from .quantize_input import QuantizedActivations, code_offsets
 

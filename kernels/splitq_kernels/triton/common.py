@@ -124,8 +124,9 @@ def init_stats(ROWS: tl.constexpr, SYMMETRIC: tl.constexpr):
 @triton.jit
 def bf16_round(x):
     """float32 x rounded to the nearest bfloat16 (ties to even), as float32. Bit arithmetic, so
-    that the compiled kernel and the interpreter round alike (finite x; |x| beyond bfloat16's
-    range rounds to inf, as torch does)."""
+    that the compiled kernel and the interpreter round alike (compiled Triton rounds to nearest
+    even too; Triton 3.9's interpreter truncates, even with fp_downcast_rounding="rtne"). Finite x;
+    |x| beyond bfloat16's range rounds to inf, as torch does."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
     return bits.to(tl.float32, bitcast=True)

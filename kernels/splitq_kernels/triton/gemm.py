@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..layout import WORD_SUB, KernelLayer, codes_per_word, word_bytes
-from .common import fdot
+from .common import bf16_round, fdot
 from .launch import Launch
 from .quantize_decode import _mac_down_block, _mac_finish, reset_when_all_past, wait_until
 from .quantize_input import QuantizedActivations, code_offsets
@@ -131,16 +131,6 @@ def _lowrank(
 
 
 @triton.jit
-def _round_to_bf16(y):
-    """float32 -> bfloat16 rounded to nearest even, done on the bit pattern so the cast that
-    follows is exact. Compiled Triton already rounds this way; Triton 3.9's CPU interpreter
-    truncates (even with fp_downcast_rounding="rtne"), and the tests run there."""
-    bits = y.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-
-
-@triton.jit
 def _epilogue(
     y, rows, row_valid, cols, col_valid, N,
     # low-rank branches (None when off): down products h, up factor codes and scales, ranks
@@ -165,7 +155,8 @@ def _epilogue(
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=col_valid, other=0.0)[None, :]
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        out = _round_to_bf16(y)
+        # rounded on the bit pattern, so the cast is exact: Triton 3.9's interpreter truncates
+        out = bf16_round(y).to(tl.bfloat16)
     else:
         out = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], out, mask=row_valid[:, None] & col_valid[None, :])

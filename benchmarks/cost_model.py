@@ -38,6 +38,10 @@ Precisions (`--precision`, SPLITQ_PRECISION, kernels/splitq_kernels/precision.py
 float products as tf32x3, three tf32 MMAs each; float32 scratch) or `bf16` (one bf16 MMA each, at
 twice tf32's rate: a sixth of the tensor-core time; bfloat16 scratch: half its bytes; the W4A16
 weight product in bf16 instead of one-pass tf32).
+`--mac-tiles F` (prefill, > 16 rows): the share of row blocks that hold a row MAC targets. The
+kernels skip the MAC work of the others (kernel (a)'s MAC pass per block of 16 rows, the GEMM's MAC
+up product per tile of rows whose h_mac is all zero): an image's rows, with MAC on text rows, are
+most of a multimodal prefill. Default 1 (every block: the benchmark's random masks).
 
 What it leaves out (so a measurement can fall short of it): L2 traffic (split-K atomics, the
 redundant reads of the gathered input, scratch that stays in L2 at decode is counted as DRAM
@@ -223,13 +227,13 @@ def _gemm_tiles(T: int) -> tuple[int, int]:  # gemm.default_config: (block_m, bl
 
 
 def gemm_launch(s: Shape, T: int, hw: Hardware, wbits: int, abits_aux: int, outliers: bool, cws: bool, mac: bool,
-                precision: str = "float32") -> Launch:
+                precision: str = "float32", mac_tiles: float = 1.0) -> Launch:
     """Kernel (b): int8-MMA GEMM over the main (and outlier) K ranges, low-rank up products and
-    rescaling in the epilogue."""
+    rescaling in the epilogue (the MAC up product on `mac_tiles` of the row tiles above 16 rows)."""
     bm, bn = _gemm_tiles(T)
     tm, tiles = _cdiv(T, bm), _cdiv(s.d_out, bn)
     k = s.main + (s.text + s.vision if outliers else 0)
-    ranks = (s.cws_rb if cws else 0) + (s.mac_rb if mac else 0)
+    ranks = (s.cws_rb if cws else 0) + (s.mac_rb if mac else 0) * (mac_tiles if T > DECODE_ROWS else 1.0)
     split = max(1, min(64, 4 * hw.sms // tiles)) if T <= DECODE_ROWS else 1
     w = s.main * s.d_out * wbits / 8 + (s.text + s.vision) * s.d_out * abits_aux / 8 * outliers
     paths = 1 + 2 * outliers
@@ -253,7 +257,7 @@ def mac_down_work(s: Shape, T: int, name: str, precision: str = "float32") -> La
 
 
 def quantize_launches(s: Shape, T: int, hw: Hardware, design: str, outliers: bool, cws: bool, mac: bool,
-                      precision: str = "float32") -> list[Launch]:
+                      precision: str = "float32", mac_tiles: float = 1.0) -> list[Launch]:
     """Kernel (a) (design current) or D1 + D2 (+ D3 in design decode4) at <= 16 rows."""
     sb = _scratch_bytes(precision)
     ranks = (s.cws_rp if cws else 0) + (s.mac_rp if mac else 0)
@@ -289,6 +293,7 @@ def quantize_launches(s: Shape, T: int, hw: Hardware, design: str, outliers: boo
 
     bt = min(16, _next_pow2(T))
     a = Launch("a_quantize_input", min(_cdiv(T, bt), hw.sms))
+    ranks = (s.cws_rp if cws else 0) + (s.mac_rp if mac else 0) * mac_tiles  # the MAC pass on mac_tiles of the blocks
     a.bytes = T * s.d_in * 2 + transforms + s.main * ranks + 2 * T * s.main * sb + out_bytes  # scratch out + in
     rows = _cdiv(T, bt) * bt
     if bt >= 16:  # tl.dot on tensor cores
@@ -348,7 +353,7 @@ def w4a16_launches(s: Shape, T: int, hw: Hardware, wbits: int, aux_bits: int, ou
 
 
 def variant_launches(s: Shape, T: int, hw: Hardware, variant: str, design: str, wbits: int = 4, aux_bits: int = 4,
-                     precision: str = "float32") -> list[Launch]:
+                     precision: str = "float32", mac_tiles: float = 1.0) -> list[Launch]:
     if variant == "bf16":
         return [bf16_launch(s, T)]
     if variant == "w4a4_gemm":
@@ -358,7 +363,7 @@ def variant_launches(s: Shape, T: int, hw: Hardware, variant: str, design: str, 
         if T <= DECODE_ROWS:  # the same launches for splitq and mocd+cws: MAC is off in this form
             return w4a16_launches(s, T, hw, wbits, aux_bits, True, cws, precision)
         design = "decode"  # above 16 rows the mode changes nothing
-    gemm = gemm_launch(s, T, hw, wbits, aux_bits, True, cws, mac, precision)
+    gemm = gemm_launch(s, T, hw, wbits, aux_bits, True, cws, mac, precision, mac_tiles)
     if design in ("decode", "decode3") and mac and T <= DECODE_ROWS:
         # the MAC-down programs take the GEMM grid's first tickets and run beside its programs, which
         # wait for h_mac only before their epilogue: their work adds to the launch's totals
@@ -368,11 +373,12 @@ def variant_launches(s: Shape, T: int, hw: Hardware, variant: str, design: str, 
         gemm.bytes += extra.bytes
         gemm.mma_int8 += extra.mma_int8
         gemm.cuda_ops += extra.cuda_ops
-    return quantize_launches(s, T, hw, design, True, cws, mac, precision) + [gemm]
+    return quantize_launches(s, T, hw, design, True, cws, mac, precision, mac_tiles) + [gemm]
 
 
-def predict(layer: str, T: int, hw_key: str, design: str, precision: str = "float32") -> dict:
-    """One linear, one row count, one GPU, one design, one precision: every variant's launches and ratios."""
+def predict(layer: str, T: int, hw_key: str, design: str, precision: str = "float32", mac_tiles: float = 1.0) -> dict:
+    """One linear, one row count, one GPU, one design, one precision: every variant's launches and ratios
+    (`mac_tiles`: the share of prefill row blocks MAC targets)."""
     if layer not in MODEL_SHAPES:
         raise ValueError(f"unknown layer {layer!r}; known: {sorted(MODEL_SHAPES)}")
     if hw_key not in HARDWARE:
@@ -381,11 +387,14 @@ def predict(layer: str, T: int, hw_key: str, design: str, precision: str = "floa
         raise ValueError(f"unknown design {design!r}; known: {DESIGNS}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; known: {PRECISIONS}")
+    if not 0.0 <= mac_tiles <= 1.0:
+        raise ValueError(f"mac_tiles is a share of the row blocks, in [0, 1], not {mac_tiles}")
     hw = HARDWARE[hw_key]
     s = Shape.of(*MODEL_SHAPES[layer])
-    out = {"layer": layer, "rows": T, "hardware": hw_key, "design": design, "precision": precision, "variants": {}}
+    out = {"layer": layer, "rows": T, "hardware": hw_key, "design": design, "precision": precision,
+           "mac_tiles": mac_tiles, "variants": {}}
     for v in VARIANTS:
-        launches = variant_launches(s, T, hw, v, design, precision=precision)
+        launches = variant_launches(s, T, hw, v, design, precision=precision, mac_tiles=mac_tiles)
         lt = [{"name": L.name, "programs": L.programs, "bytes": L.bytes, "mma_int8": L.mma_int8,
                "mma_tf32": L.mma_tf32, "mma_bf16": L.mma_bf16, "cuda_ops": L.cuda_ops, **L.time(hw)}
               for L in launches]
@@ -398,9 +407,10 @@ def predict(layer: str, T: int, hw_key: str, design: str, precision: str = "floa
 
 
 def table(models: list[str], rows: list[int], hws: list[str], designs: list[str],
-          precisions: tuple[str, ...] = ("float32",)) -> list[dict]:
+          precisions: tuple[str, ...] = ("float32",), mac_tiles: float = 1.0) -> list[dict]:
     layers = [n for n in MODEL_SHAPES if n.split(".")[0] in models]
-    return [predict(layer, T, h, d, p) for p in precisions for d in designs for h in hws for layer in layers for T in rows]
+    return [predict(layer, T, h, d, p, mac_tiles)
+            for p in precisions for d in designs for h in hws for layer in layers for T in rows]
 
 
 def markdown(results: list[dict]) -> str:
@@ -454,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hardware", default="h100,h200,rtx4090", help=f"comma list of {sorted(HARDWARE)}")
     ap.add_argument("--design", default="current,decode", help=f"comma list of {DESIGNS} (decode3, decode4: before)")
     ap.add_argument("--precision", default="float32", help=f"comma list of {PRECISIONS} (SPLITQ_PRECISION)")
+    ap.add_argument("--mac-tiles", type=float, default=1.0,
+                    help="share of the prefill row blocks that hold a row MAC targets (default 1)")
     ap.add_argument("--targets", action="store_true", help="print the issue's targets, predicted, as JSON")
     ap.add_argument("--json", default=None, help="write every prediction here")
     a = ap.parse_args(argv)
@@ -468,7 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--rows must be a comma list of integers, got {a.rows!r}") from None
     if not rows or min(rows) < 1:
         raise SystemExit("--rows: at least one row count, each >= 1")
-    res = table(_csv(a.models, models, "model"), rows, _csv(a.hardware, HARDWARE, "hardware"), designs, precisions)
+    if not 0.0 <= a.mac_tiles <= 1.0:
+        raise SystemExit(f"--mac-tiles must be in [0, 1], got {a.mac_tiles}")
+    res = table(_csv(a.models, models, "model"), rows, _csv(a.hardware, HARDWARE, "hardware"), designs, precisions,
+                a.mac_tiles)
     print(markdown(res))
     if a.json:
         with open(a.json, "w") as f:

@@ -126,6 +126,21 @@ def test_bf16_precision_moves_the_float_products_and_halves_the_scratch():
         cm.predict("7b.qkv", 1, "h100", "current", "fp8")
 
 
+def test_prefill_blocks_without_mac_rows_skip_its_work():
+    """--mac-tiles: only the MAC work of the row blocks MAC targets is counted above 16 rows (the
+    kernels skip the rest); 1 is the default, and decode does not change."""
+    full = cm.predict("7b.qkv", 2048, "h200", "current", "bf16")
+    assert cm.predict("7b.qkv", 2048, "h200", "current", "bf16", 1.0) == full
+    part = cm.predict("7b.qkv", 2048, "h200", "current", "bf16", 0.125)
+    assert part["variants"]["splitq"]["s"] < full["variants"]["splitq"]["s"]
+    assert part["variants"]["mocd+cws"] == full["variants"]["mocd+cws"]  # no MAC there
+    for design in ("decode", "w4a16"):
+        assert (cm.predict("7b.qkv", 16, "h200", design, "bf16", 0.125)["variants"]
+                == cm.predict("7b.qkv", 16, "h200", design, "bf16")["variants"])
+    with pytest.raises(ValueError, match="mac_tiles"):
+        cm.predict("7b.qkv", 2048, "h200", "current", "bf16", 1.5)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="unknown layer"):
         cm.predict("7b.lm_head", 1, "h100", "current")

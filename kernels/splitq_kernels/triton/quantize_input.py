@@ -238,24 +238,6 @@ def _quantize_input_kernel(
             zs_res = stored_zero(z_res, AUX_ACT_BITS, SYMMETRIC)
             tl.store(scale_ptr + rows * 4 + 3, s_res, mask=row_valid)
             tl.store(zero_ptr + rows * 4 + 3, zs_res, mask=row_valid)
-            acc_mac = tl.zeros([BLOCK_T, MAC_RANK_PADDED], tl.int32)
-            for k0 in range(0, n_main, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                k_valid = k < n_main
-                m2 = row_valid[:, None] & k_valid[None, :]
-                # the residual is recomputed from the scratch: its grid needs the whole row's
-                # residual stats, known only after pass 2
-                xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2,
-                             other=0.0).to(tl.float32)
-                qs, qc = qcodes(xp, s_main[:, None], z_main[:, None], ACT_BITS, SYMMETRIC)
-                res = xp - qc * s_main[:, None]
-                rs, rc = qcodes(res, s_res[:, None], z_res[:, None], AUX_ACT_BITS, SYMMETRIC)
-                rs = tl.where(m2, rs, 0.0).to(tl.int8)
-                if STORE_MAC_CODES:
-                    tl.store(mac_codes_ptr + rows64[:, None] * n_main + k[None, :], rs, mask=m2)
-                d = tl.load(mac_down_ptr + k[:, None] * MAC_RANK_PADDED + tl.arange(0, MAC_RANK_PADDED)[None, :],
-                            mask=k_valid[:, None], other=0)
-                acc_mac = small_mm(rs, d, acc_mac, USE_DOT, INPUT_PRECISION)
             if HAS_MASK:
                 is_text = tl.load(mask_ptr + rows, mask=row_valid, other=0) != 0
             else:
@@ -266,6 +248,27 @@ def _quantize_input_kernel(
                 selected = ~is_text
             else:
                 selected = row_valid | ~row_valid  # all rows
+            acc_mac = tl.zeros([BLOCK_T, MAC_RANK_PADDED], tl.int32)
+            # a block without a row MAC targets (an image's rows, MAC on text rows) skips the pass:
+            # its h_mac is zero whatever the residual
+            if tl.max((selected & row_valid).to(tl.int32), axis=0) > 0:
+                for k0 in range(0, n_main, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    k_valid = k < n_main
+                    m2 = row_valid[:, None] & k_valid[None, :]
+                    # the residual is recomputed from the scratch: its grid needs the whole row's
+                    # residual stats, known only after pass 2
+                    xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2,
+                                 other=0.0).to(tl.float32)
+                    qs, qc = qcodes(xp, s_main[:, None], z_main[:, None], ACT_BITS, SYMMETRIC)
+                    res = xp - qc * s_main[:, None]
+                    rs, rc = qcodes(res, s_res[:, None], z_res[:, None], AUX_ACT_BITS, SYMMETRIC)
+                    rs = tl.where(m2, rs, 0.0).to(tl.int8)
+                    if STORE_MAC_CODES:
+                        tl.store(mac_codes_ptr + rows64[:, None] * n_main + k[None, :], rs, mask=m2)
+                    d = tl.load(mac_down_ptr + k[:, None] * MAC_RANK_PADDED + tl.arange(0, MAC_RANK_PADDED)[None, :],
+                                mask=k_valid[:, None], other=0)
+                    acc_mac = small_mm(rs, d, acc_mac, USE_DOT, INPUT_PRECISION)
             r = tl.arange(0, MAC_RANK_PADDED)
             d_scale = tl.load(mac_down_scale_ptr + r)
             d_colsum = tl.load(mac_down_colsum_ptr + r)

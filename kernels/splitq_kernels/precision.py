@@ -18,10 +18,11 @@ torch.compile cache key, and a bad value fails at start-up naming the variable.
 
 from __future__ import annotations
 
+from .reference.transforms import PRODUCT_PRECISIONS
 from .settings import read_setting
 
 ENV_PRECISION = "SPLITQ_PRECISION"
-PRECISION_SETTINGS = ("float32", "bf16")
+PRECISION_SETTINGS = PRODUCT_PRECISIONS  # the setting's values are the reference's precisions
 
 
 def product_precision(value: str | None = None) -> str:

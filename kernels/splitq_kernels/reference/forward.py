@@ -149,6 +149,7 @@ def splitq_gemm(
         y = y + int_linear(qin.text, layer.text_w, dtype)
     if qin.vision is not None:
         y = y + int_linear(qin.vision, layer.vision_w, dtype)
+
     def up(h: torch.Tensor, u: QuantizedTensor) -> torch.Tensor:  # a low-rank up product: a float product
         return operand(h, precision) @ operand(u.dequantize(dtype), precision).transpose(0, 1)
 

@@ -231,6 +231,8 @@ def time_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, prec
             k, **{f.name: getattr(k, f.name).clone() for f in dataclasses.fields(k)
                   if isinstance(getattr(k, f.name), torch.Tensor)})
         kls[variant] = [kl] + [clone(kl) for _ in range(n - 1)]
+    # the full method at SPLITQ_PRECISION=bf16 too (bf16 float products, bfloat16 scratch), beside it
+    bf16_kls = [] if precision == "bf16" else [dataclasses.replace(k, precision="bf16") for k in kls["splitq"]]
     for rows in rows_list:
         x, mask = inputs(rows, d_in, device, seed=3)
         act_bytes = rows * (d_in + d_out) * 2
@@ -258,6 +260,13 @@ def time_layer(name: str, d_in: int, d_out: int, scheme, device, rows_list, prec
             row[f"{variant}_speedup"] = t_bf16 / t
             row[f"{variant}_tops"] = flops / (t * 1e-3) / 1e12
             row[f"{variant}_gbs"] = (layers[0].nbytes() + act_bytes) / (t * 1e-3) / 1e9
+        if bf16_kls:
+            try:
+                row["splitq_bf16_ms"] = timer(lambda: [splitq_linear_triton(x, mask, k) for k in bf16_kls]) / len(bf16_kls)
+                row["splitq_bf16_speedup"] = t_bf16 / row["splitq_bf16_ms"]
+            except Exception as e:  # noqa: BLE001
+                FAILURES.append(f"{name} rows={rows} splitq at bf16: {type(e).__name__}: {e}")
+                log(f"  {FAILURES[-1]}: FAILED")
         # kernel (a) and (b) of the full method, separately
         try:
             k0 = kls["splitq"][0]
@@ -297,6 +306,8 @@ def format_row(r: dict, peaks: dict) -> str:
         s += f"\n      splitq = kernel a {r['splitq_a_ms'] * 1e3:.1f} us + kernel b {r['splitq_b_ms'] * 1e3:.1f} us"
     if "splitq_ms" in r and "w4a4_gemm_ms" in r:
         s += f"; full SplitQ / plain W4A4 GEMM = {r['splitq_ms'] / r['w4a4_gemm_ms']:.2f}"
+    if "splitq_bf16_ms" in r:
+        s += f"\n      splitq, SPLITQ_PRECISION=bf16 {r['splitq_bf16_ms'] * 1e3:.1f} us  x{r['splitq_bf16_speedup']:5.2f} vs bf16"
     if "splitq_w4a16_ms" in r:
         s += f"\n      splitq, SPLITQ_DECODE_MODE=w4a16 {r['splitq_w4a16_ms'] * 1e3:.1f} us  x{r['splitq_w4a16_speedup']:5.2f} vs bf16"
     return s
@@ -311,7 +322,8 @@ def main() -> int:
     ap.add_argument("--layers", default="", help="comma list of layer names (default: all)")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--scheme", default="w4a4")
-    ap.add_argument("--precision", default="tf32x3", help="float32 tl.dot precision: ieee, tf32x3 or tf32")
+    ap.add_argument("--precision", default="tf32x3",
+                    help="precision of the float products: ieee, tf32x3, tf32 or bf16 (splitq is timed at bf16 too)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     ap.add_argument("--cpu-check", action="store_true", help="correctness only, on the CPU through the interpreter")
     ap.add_argument("--json", default=None, help="write the results here (default: $OUT/bench_kernels.json if $OUT)")

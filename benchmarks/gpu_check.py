@@ -57,7 +57,8 @@ def plan(out: Path, dry_run: bool) -> list[tuple[str, str, list[str]]]:
     py = sys.executable
     cmds: list[tuple[str, str, list[str]]] = [
         ("env", "env", [py, str(Path(__file__)), "--env-only", "--out", str(out)]),
-        ("cost_model", "cost_model", [py, str(BENCH / "cost_model.py"), "--json", str(out / "cost_model.json")]),
+        ("cost_model", "cost_model", [py, str(BENCH / "cost_model.py"), "--precision", "float32,bf16", "--json",
+                                      str(out / "cost_model.json")]),
     ]
     if dry_run:
         cmds += [
@@ -189,18 +190,20 @@ def summarize(out: Path, steps: list[dict]) -> dict:
     if cost:
         for r in cost["results"]:
             if r["hardware"] == hw:
-                pred[(r["design"], r["layer"], r["rows"])] = r
+                pred[(r["design"], r.get("precision", "float32"), r["layer"], r["rows"])] = r
     lines = [f"# gpu_check: {gpu or 'no GPU'} ({(res['env'] or {}).get('date_utc', '?')} UTC)", "",
              "| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {s['label']} | {s['status']} | {s['seconds']:.0f} |" for s in steps]
     variants = ("w4a4_gemm", "mocd", "mocd+cws", "splitq")
     head = ("| layer | rows | bf16 ms | " + " | ".join(f"{v} x" for v in variants)
-            + " | splitq x predicted | splitq / w4a4 | a ms | b ms |")
-    lines += ["", f"Kernels, 7B (ratio to bf16 measured; predicted by cost_model.py for {hw}, design as built):", "",
-              head, "|---" * (7 + len(variants)) + "|"]
+            + " | splitq x predicted | splitq / w4a4 | a ms | b ms | splitq bf16 x | predicted |")
+    lines += ["", f"Kernels, 7B (ratio to bf16 measured; predicted by cost_model.py for {hw}, design as built; "
+              "'splitq bf16': SPLITQ_PRECISION=bf16):", "", head, "|---" * (9 + len(variants)) + "|"]
     for r in res["kernels"]:
-        p = pred.get(("decode", f"7b.{r['layer']}", r["rows"]))  # the design as built (= current above 16 rows)
+        p = pred.get(("decode", "float32", f"7b.{r['layer']}", r["rows"]))  # the design as built (= current above 16 rows)
         ps = f"{p['variants']['splitq']['ratio_to_bf16']:.2f}" if p else "-"
+        pb = pred.get(("decode", "bf16", f"7b.{r['layer']}", r["rows"]))
+        pbs = f"{pb['variants']['splitq']['ratio_to_bf16']:.2f}" if pb else "-"
         sq, w4 = r.get("splitq_ms"), r.get("w4a4_gemm_ms")
 
         def f(v):
@@ -209,7 +212,7 @@ def summarize(out: Path, steps: list[dict]) -> dict:
         lines.append(f"| {r['layer']} | {r['rows']} | {f(r.get('bf16_ms'))} | "
                      + " | ".join(f(r.get(f"{v}_speedup")) for v in variants)
                      + f" | {ps} | {f(sq / w4) if sq and w4 else '-'} | {f(r.get('splitq_a_ms'))} "
-                     f"| {f(r.get('splitq_b_ms'))} |")
+                     f"| {f(r.get('splitq_b_ms'))} | {f(r.get('splitq_bf16_speedup'))} | {pbs} |")
     if res["capture"]:
         ok = "ok" if res["capture"].get("ok") else "FAILED"
         lines += ["", f"Capture (torch.compile + CUDA graph): {ok} {json.dumps(res['capture'].get('cases'))}"]

@@ -23,6 +23,9 @@ are served by vLLM too (the composed rows are reference only: one checkpoint, on
 `--decode-mode w4a16` scores the reference with SPLITQ_DECODE_MODE=w4a16: batches of 16
 questions, so each decode step (<= 16 rows) runs the W4A16 form and each prefill the scheme
 (`--decode-mode w4a4`: the same batches at the scheme throughout, the row to compare against).
+`--precision bf16` scores the reference with SPLITQ_PRECISION=bf16: the float products (online
+transforms, up products) on bfloat16 operands, as the kernels' fast setting computes them
+(splitq_kernels.precision); the same checkpoints, so a second run beside the default only scores.
 `--plot-dir` draws the Fig. 2-style text vs vision channel magnitudes of one layer's qkv and down
 inputs (splitq-inspect).
 """
@@ -207,11 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-mode", choices=("w4a4", "w4a16"),
                     help="score the reference with SPLITQ_DECODE_MODE set (16 questions a batch: steps of <= 16 rows, "
                          "i.e. the decode steps, run the W4A16 form under w4a16; prefill stays at the scheme)")
+    ap.add_argument("--precision", choices=("float32", "bf16"),
+                    help="score the reference with SPLITQ_PRECISION set (bf16: the kernels' bf16 products)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args(argv)
     if args.decode_mode:
         os.environ["SPLITQ_DECODE_MODE"] = args.decode_mode  # read by the worker processes' SplitQ layers
+    if args.precision:
+        os.environ["SPLITQ_PRECISION"] = args.precision  # likewise
     args.work.mkdir(parents=True, exist_ok=True)
     data = calib_data(args.work, args.samples)
 

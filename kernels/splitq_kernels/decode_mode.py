@@ -18,15 +18,15 @@ bad value fails there, and records it in the torch.compile cache key.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .precision import product_precision
 from .reference.forward import splitq_linear, splitq_linear_shard
 from .reference.layer import SplitQLinear
 from .reference.scheme import SplitQScheme
 from .reference.shard import KShard
 from .reference.w4a16 import splitq_linear_w4a16
+from .settings import read_setting
 
 ENV_DECODE_MODE = "SPLITQ_DECODE_MODE"
 DECODE_MODES = ("w4a4", "w4a16")
@@ -35,11 +35,7 @@ DECODE_ROWS = 16  # == quantize_decode.DECODE_ROWS (one tensor-core tile of rows
 
 def decode_mode(value: str | None = None) -> str:
     """The validated mode: `value`, else $SPLITQ_DECODE_MODE, else `w4a4`."""
-    raw = os.environ.get(ENV_DECODE_MODE, "") if value is None else value
-    mode = raw.strip().lower() or DECODE_MODES[0]
-    if mode not in DECODE_MODES:
-        raise ValueError(f"{ENV_DECODE_MODE}={raw!r}: must be one of {', '.join(DECODE_MODES)} (default w4a4)")
-    return mode
+    return read_setting(ENV_DECODE_MODE, DECODE_MODES, value)
 
 
 def uses_w4a16(rows: int, mode: str | None = None) -> bool:
@@ -54,12 +50,15 @@ def reference_linear_for_step(
     scheme: SplitQScheme,
     shard: KShard | None = None,
     mode: str | None = None,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """The reference as a serving step runs it: splitq_linear (or its shard form), or the W4A16
-    form when `uses_w4a16(rows of x, mode)`. x (..., D_in): all its leading dims are the step's rows."""
+    form when `uses_w4a16(rows of x, mode)`, at `precision` (default: $SPLITQ_PRECISION,
+    precision.py). x (..., D_in): all its leading dims are the step's rows."""
     rows = x.numel() // max(1, x.shape[-1])
+    p = product_precision(precision)
     if uses_w4a16(rows, mode):
-        return splitq_linear_w4a16(x, text_mask, layer, shard)
+        return splitq_linear_w4a16(x, text_mask, layer, shard, p)
     if shard is not None:
-        return splitq_linear_shard(x, text_mask, layer, scheme, shard)
-    return splitq_linear(x, text_mask, layer, scheme)
+        return splitq_linear_shard(x, text_mask, layer, scheme, shard, p)
+    return splitq_linear(x, text_mask, layer, scheme, p)

@@ -32,7 +32,7 @@ from .reference.scheme import MAC_ROWS, SplitQScheme
 
 WORD_SUB = 8  # word rows per block: a block is G * 8 >= 32 K rows (int8 MMA needs K >= 32)
 MAX_N1 = 256  # kernel (a) keeps P1 tiles of [BLOCK_P1_COLS, N1_PADDED = next_pow2(n1)] in registers
-PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot input_precision of the float32 products
+PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")  # of the float products: a tl.dot input_precision, or bf16 (common.fdot)
 
 
 def codes_per_word(bits: int) -> int:
@@ -42,6 +42,12 @@ def codes_per_word(bits: int) -> int:
 
 def word_bytes(bits: int) -> int:
     return -(-codes_per_word(bits) * bits // 8)
+
+
+def scratch_dtype(kl: "KernelLayer") -> torch.dtype:
+    """dtype of the kernels' scratch of transformed rows: bfloat16 under precision "bf16" (what
+    the reference's bf16 form quantizes, and half the bytes), else float32."""
+    return torch.bfloat16 if kl.precision == "bf16" else torch.float32
 
 
 def next_pow2(n: int) -> int:
@@ -234,8 +240,10 @@ def prepare_kernel_layer(
 
     precision: tl.dot input precision of the float32 products (online transforms and the low-rank
     "up" products): "ieee" (exact float32 products, CUDA cores), "tf32x3" (float32-accurate on
-    tensor cores), or "tf32" (fast, about 1e-3 relative error: more codes differ from the
-    reference). The integer products are exact in every case.
+    tensor cores), "tf32" (fast, about 1e-3 relative error: more codes differ from the
+    reference), or "bf16" (SPLITQ_PRECISION=bf16, splitq_kernels.precision: operands rounded to
+    bfloat16, float32 accumulation, transformed rows stored in bfloat16; the reference computes the
+    same with precision="bf16"). The integer products are exact in every case.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

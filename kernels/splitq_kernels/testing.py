@@ -14,6 +14,11 @@ Three criteria (docs in each function):
 3. `check_outputs` - the end-to-end output equals the reference's float32 output up to the final
    rounding to the output dtype (half an ulp) plus float32 rescaling noise (2^-17 of the row's
    largest value), on every row whose codes match the reference's exactly.
+
+A kernel layer of precision "bf16" is compared with the reference's bf16 form (precision.
+reference_precision): the same bfloat16 roundings, so the bounds only grow by what a different
+float32 summation order can do to them, one bfloat16 ulp where a value lies that close to a
+rounding boundary (BF16_ULP).
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .layout import KernelLayer
-from .reference.forward import QuantizedInput, int_linear, mac_row_mask, quantize_input, splitq_gemm
+from .precision import reference_precision
+from .reference.forward import (
+    QuantizedInput,
+    int_linear,
+    mac_row_mask,
+    quantize_input,
+    splitq_gemm,
+    transformed_inputs,
+)
 from .reference.layer import SplitQLinear
 from .reference.quantizer import QuantizedTensor, qrange
 from .reference.scheme import SplitQScheme
@@ -31,6 +44,7 @@ from .reference.transforms import main_transform
 from .triton.quantize_input import QuantizedActivations, code_offsets
 
 EPS32 = 2.0**-24  # unit roundoff of float32
+BF16_ULP = 2.0**-7  # a bfloat16 ulp relative to |x| (at most): what one rounding flip can move a value
 RESCALE_NOISE = 2.0**-17  # float32 rescaling noise allowed in outputs, relative to the row's max |y|
 
 
@@ -139,17 +153,23 @@ def output_tolerance(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.
     return final + noise
 
 
-def check_outputs(actual: torch.Tensor, expected: torch.Tensor, rows: torch.Tensor | None = None, what: str = "output") -> float:
-    """|actual - expected| <= output_tolerance on the selected rows (default: all). `expected` is
-    the reference in float32 (before its own cast to actual.dtype). Returns the worst ratio of
-    error to tolerance (<= 1 passes)."""
+def check_outputs(
+    actual: torch.Tensor, expected: torch.Tensor, rows: torch.Tensor | None = None, what: str = "output",
+    extra: torch.Tensor | None = None,
+) -> float:
+    """|actual - expected| <= output_tolerance (+ `extra`, per element) on the selected rows
+    (default: all). `expected` is the reference in float32 (before its own cast to actual.dtype).
+    Returns the worst ratio of error to tolerance (<= 1 passes)."""
     e = expected.detach().double()
     a = actual.detach().to(e.device)
+    if extra is not None:
+        extra = extra.detach().to(e.device).double()
     if rows is not None:
         a, e = a[rows.to(e.device)], e[rows.to(e.device)]
+        extra = None if extra is None else extra[rows.to(e.device)]
     if a.numel() == 0:
         return 0.0
-    tol = output_tolerance(e, a, actual.dtype)
+    tol = output_tolerance(e, a, actual.dtype) + (0 if extra is None else extra)
     err = (a.double() - e).abs()
     ratio = float((err / tol.clamp(min=1e-300)).max())
     if not bool((err <= tol).all()):
@@ -170,7 +190,8 @@ def check_gemm(
     `kernel_gemm(act, kl, out_dtype) -> y`."""
     act = reference_to_activations(qin, text_mask, layer, scheme, kl, device)
     y = kernel_gemm(act, kl, out_dtype)
-    expected = splitq_gemm(qin, text_mask.to(layer.idx_main.device), layer, scheme, torch.float32)
+    expected = splitq_gemm(qin, text_mask.to(layer.idx_main.device), layer, scheme, torch.float32,
+                           precision=reference_precision(kl.precision))
     return check_outputs(y, expected, what="gemm")
 
 
@@ -191,18 +212,39 @@ class QuantizeReport:
         return {r for _, r in self.explained_rows}
 
 
-def _main_error_bound(x: torch.Tensor, layer: SplitQLinear) -> torch.Tensor:
+def _main_error_bound(x: torch.Tensor, layer: SplitQLinear, precision: str = "float32") -> torch.Tensor:
     """Float32 error bound of the main transform per element, valid for any summation order:
-    gamma * |P1|^T |X_m * smooth| |P2| with gamma = (n1 + n2 + 2) u (float64)."""
+    gamma * |P1|^T |X_m * smooth| |P2| with gamma = (n1 + n2 + 2) u (float64). bf16: plus a
+    bfloat16 ulp of the intermediate R P2 (carried through |P1|^T) and of the stored result, which
+    a float32 difference can flip where a value lies at a rounding boundary: 2 BF16_ULP of the
+    same magnitude (bounded by |P1|^T |R| |P2|, with the operands' rounding, 1 + 2^-8 each, folded in)."""
     xs = (x.double()[:, layer.idx_main] * layer.main_smooth.double()).abs()
     n1, n2 = layer.kron_shape
     mag = main_transform(xs, torch.ones_like(layer.main_smooth, dtype=torch.float64),
                          layer.main_p1.double().abs(), layer.main_p2.double().abs())
-    return (n1 + n2 + 2) * EPS32 * mag * 1.01
+    bound = (n1 + n2 + 2) * EPS32 * mag * 1.01
+    return bound if precision == "float32" else bound * 1.05 + 2 * BF16_ULP * mag * 1.05
 
 
-def _dense_error_bound(x: torch.Tensor, idx: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    return (idx.numel() + 1) * EPS32 * (x.double()[:, idx].abs() @ p.double().abs()) * 1.01
+def _dense_error_bound(x: torch.Tensor, idx: torch.Tensor, p: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+    mag = x.double()[:, idx].abs() @ p.double().abs()
+    bound = (idx.numel() + 1) * EPS32 * mag * 1.01
+    return bound if precision == "float32" else bound * 1.02 + BF16_ULP * mag * 1.02
+
+
+def up_flip_tolerance(qin: QuantizedInput, layer: SplitQLinear, precision: str) -> torch.Tensor | None:
+    """bf16: what the up products can differ by when the kernel's h (rescaled in float32) and the
+    reference's (in float64) round to neighbouring bfloat16 values: BF16_ULP |h| |U|^T per branch
+    (None under float32, where h's rescaling noise is part of the output tolerance)."""
+    if precision == "float32":
+        return None
+    tol = None
+    for q, down, up in ((qin.main, layer.cws_down, layer.cws_up), (qin.mac, layer.mac_down, layer.mac_up)):
+        if down is None or q is None:
+            continue
+        t = BF16_ULP * int_linear(q, down, torch.float64).abs() @ up.dequantize(torch.float64).abs().transpose(0, 1)
+        tol = t if tol is None else tol + t
+    return tol
 
 
 def _near_half(v: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
@@ -278,21 +320,22 @@ def check_quantized_input(
     x = x.detach().to(dev).reshape(-1, layer.in_features)
     mask = text_mask.detach().to(dev).reshape(-1)
     T = x.shape[0]
-    ref = quantize_input(x, layer, scheme)
+    rp = reference_precision(kl.precision)
+    ref = quantize_input(x, layer, scheme, rp)
     got = activations_to_reference(act, kl)
     sym = scheme.act_symmetric
     xf = x.float()
     report = QuantizeReport(rows=T)
-    pre_main = main_transform(xf[:, layer.idx_main], layer.main_smooth.float(), layer.main_p1.float(), layer.main_p2.float())
-    bound_main = _main_error_bound(x, layer)
+    pre_main, pre_text, pre_vision = transformed_inputs(xf, layer, rp)
+    bound_main = _main_error_bound(x, layer, rp)
     main_rows = _compare_path("main", got.main, ref.main, pre_main, bound_main, float(layer.main_act_clip),
                               scheme.act_bits, sym, report, set())
-    for name, idx, p, clip, g, r in (
-        ("text", layer.idx_text, layer.text_p, layer.text_act_clip, got.text, ref.text),
-        ("vision", layer.idx_vision, layer.vision_p, layer.vision_act_clip, got.vision, ref.vision),
+    for name, idx, p, pre, clip, g, r in (
+        ("text", layer.idx_text, layer.text_p, pre_text, layer.text_act_clip, got.text, ref.text),
+        ("vision", layer.idx_vision, layer.vision_p, pre_vision, layer.vision_act_clip, got.vision, ref.vision),
     ):
         if idx.numel():
-            _compare_path(name, g, r, xf[:, idx] @ p.float(), _dense_error_bound(x, idx, p), float(clip),
+            _compare_path(name, g, r, pre, _dense_error_bound(x, idx, p, rp), float(clip),
                           scheme.aux_act_bits, sym, report, set())
     if ref.mac is not None:
         # the residual of a row depends on its main codes and scale: compare rows without main flips
@@ -304,8 +347,11 @@ def check_quantized_input(
         ds_m = float(layer.main_act_clip) * bound_main.amax(dim=1, keepdim=True) * (1 if sym else 2) / qmax
         ds_m = ds_m + 4 * EPS32 * s_m
         bound_res = bound_main + ref.main.centered().abs() * ds_m + 2 * EPS32 * pre_main.double().abs()
+        # ... and on the rows MAC targets only: a block of kernel (a) without any skips the pass and
+        # leaves those rows' residual codes unwritten (their h_mac is zero either way, checked below)
+        untargeted = set((~mac_row_mask(mask, scheme.mac_rows)).nonzero().reshape(-1).tolist())
         _compare_path("mac", got.mac, ref.mac, res_pre, bound_res, float(layer.mac_act_clip), scheme.aux_act_bits,
-                      sym, report, main_rows)
+                      sym, report, main_rows | untargeted)
     # down products against the kernel's own codes
     for name, h, qa, w, sel in (
         ("h_cws", act.h_cws, got.main, layer.cws_down, None),
@@ -341,12 +387,15 @@ def check_linear(
     x = x.detach().to(dev)
     mask = text_mask.detach().to(dev).reshape(-1)
     report = check_quantized_input(act, x, mask, layer, scheme, kl)
-    own = splitq_gemm(activations_to_reference(act, kl), mask, layer, scheme, torch.float32)
-    r_own = check_outputs(y, own, what="output vs reference GEMM on the kernel's codes")
-    full = splitq_gemm(quantize_input(x.reshape(-1, layer.in_features), layer, scheme), mask, layer,
-                       scheme, torch.float32)
+    rp = reference_precision(kl.precision)
+    own_in = activations_to_reference(act, kl)
+    own = splitq_gemm(own_in, mask, layer, scheme, torch.float32, precision=rp)
+    r_own = check_outputs(y, own, what="output vs reference GEMM on the kernel's codes",
+                          extra=up_flip_tolerance(own_in, layer, rp))
+    full_in = quantize_input(x.reshape(-1, layer.in_features), layer, scheme, rp)
+    full = splitq_gemm(full_in, mask, layer, scheme, torch.float32, precision=rp)
     keep = torch.ones(y.shape[0], dtype=torch.bool, device=dev)
     for r in report.rows_with_flips():
         keep[r] = False
-    r_full = check_outputs(y, full, rows=keep, what="output vs reference")
+    r_full = check_outputs(y, full, rows=keep, what="output vs reference", extra=up_flip_tolerance(full_in, layer, rp))
     return report, r_own, r_full

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from splitq_kernels.decode_mode import reference_linear_for_step
+from splitq_kernels.precision import product_precision
 from splitq_kernels.reference import SplitQLinear, SplitQScheme, splitq_linear
 from splitq_vllm.checkpoint import read_checkpoint
 from splitq_vllm.families import is_vision_tower_layer
@@ -89,7 +90,7 @@ class SplitQLinearModule(nn.Module):
         rows = x.numel() // x.shape[-1]
         if self.all_vision:
             vision_rows = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-            return splitq_linear(x, vision_rows, self.layer, self.scheme)
+            return splitq_linear(x, vision_rows, self.layer, self.scheme, product_precision())  # SPLITQ_PRECISION
         mask = self.text_mask.mask
         if mask is None or mask.numel() != rows:
             raise RuntimeError(
@@ -97,7 +98,7 @@ class SplitQLinearModule(nn.Module):
                 f"(got {None if mask is None else mask.numel()} mask rows for {rows} input rows); "
                 "call the model with input_ids, not inputs_embeds"
             )
-        return reference_linear_for_step(x, mask, self.layer, self.scheme)  # SPLITQ_DECODE_MODE (decode_mode.py)
+        return reference_linear_for_step(x, mask, self.layer, self.scheme)  # SPLITQ_DECODE_MODE, SPLITQ_PRECISION
 
     def extra_repr(self) -> str:
         l = self.layer

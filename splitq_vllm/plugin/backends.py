@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from splitq_kernels.decode_mode import decode_mode, reference_linear_for_step  # noqa: F401  (decode_mode: config.py)
+from splitq_kernels.precision import kernel_precision, product_precision  # noqa: F401  (product_precision: config.py)
 from splitq_kernels.reference import KShard, QuantizedTensor, SplitQLinear, SplitQScheme
 
 from .env import env_choice
@@ -147,7 +148,8 @@ def reference_linear(
 ) -> torch.Tensor:
     """splitq_kernels.reference.splitq_linear(x, text_mask, layer, scheme) as a torch op; with
     shard = [rank, size, start, stop] (else []) splitq_linear_shard, the rank's partial output.
-    SPLITQ_DECODE_MODE=w4a16: a step of <= 16 rows runs the W4A16 form (splitq_kernels.decode_mode)."""
+    SPLITQ_DECODE_MODE=w4a16: a step of <= 16 rows runs the W4A16 form (splitq_kernels.decode_mode);
+    SPLITQ_PRECISION=bf16: the kernels' bf16 products (splitq_kernels.precision)."""
     scheme = SplitQScheme(weight_bits, act_bits, aux_weight_bits, aux_act_bits, act_symmetric, mac_rows)
     layer = _from_layout(layout, tensors, bias)
     return reference_linear_for_step(x, text_mask, layer, scheme, KShard(*shard) if shard else None)
@@ -207,7 +209,8 @@ class TritonBackend(Backend):
     op gets them with the layer's integer metadata. The bias goes into the kernel's epilogue (added
     in float32 before the output cast, as the reference does) unless vLLM asks for it separately
     (skip_bias_add: `apply` gets bias=None). On CUDA the float32 products run as tf32x3 (float32
-    accuracy on tensor cores); on the CPU the kernels run in Triton's interpreter.
+    accuracy on tensor cores), or in bf16 under SPLITQ_PRECISION=bf16; on the CPU the kernels run
+    in Triton's interpreter.
     """
 
     name = "triton"
@@ -241,7 +244,7 @@ class TritonBackend(Backend):
             replace(ref, bias=None if bias is None else bias.data),
             scheme,
             device,
-            precision="tf32x3" if device.type == "cuda" else "ieee",
+            precision=kernel_precision(device.type),  # SPLITQ_PRECISION: tf32x3 / ieee, or bf16
         )
         tensors = kl.tensors()
         for i, t in enumerate(tensors):

@@ -35,7 +35,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from splitq_vllm.checkpoint import CheckpointError, SplitQCheckpoint, SplitQConfig, matches_ignore
 from splitq_vllm.families import check_tower_quantization, family_of_config, family_of_vllm, is_vision_tower_layer
 
-from .backends import decode_mode, requested_backend, triton_available
+from .backends import decode_mode, product_precision, requested_backend, triton_available
 from .parallel import check_vllm_config
 from .text_mask import install_embed_hook, mask_mode, new_mask_buffer
 
@@ -96,6 +96,7 @@ class SplitQVllmConfig(QuantizationConfig):
         """Front end, before any process starts: check the files' headers (every tensor, shape, dtype)."""
         mask_mode()  # a bad SPLITQ_TEXT_MASK fails here, not at the first request
         decode_mode()  # likewise SPLITQ_DECODE_MODE
+        product_precision()  # and SPLITQ_PRECISION
         if hf_config is not None and self.tower_layers:
             try:
                 family = family_of_config(hf_config)
@@ -107,7 +108,8 @@ class SplitQVllmConfig(QuantizationConfig):
             # vLLM keys its torch.compile cache on the model config (quantization_config included),
             # not on environment variables: record the backend choice there, so that a graph traced
             # with one backend is never reused for another.
-            hf_config.splitq_backend = f"{requested_backend()}:triton={triton_available()}:decode={decode_mode()}"
+            hf_config.splitq_backend = (f"{requested_backend()}:triton={triton_available()}:decode={decode_mode()}"
+                                        f":precision={product_precision()}")
         path = Path(model_name)
         if not path.is_dir():
             logger.info("SplitQ: %s is not a local directory; tensors are checked while loading", model_name)

@@ -93,12 +93,52 @@ def test_cli_json_markdown_and_targets(tmp_path, capsys):
     out = tmp_path / "cost.json"
     assert cm.main(["--models", "7b", "--rows", "1,2048", "--hardware", "rtx4090", "--json", str(out)]) == 0
     md = capsys.readouterr().out
-    assert md.count("| current | rtx4090 | 7b.") == 8 and md.count("| decode |") == 8
+    assert md.count("| current | float32 | rtx4090 | 7b.") == 8 and md.count("| decode | float32 |") == 8
     data = json.loads(out.read_text())
     assert len(data["results"]) == 16 and data["launch_s"] == cm.LAUNCH_S
     assert cm.main(["--targets"]) == 0
     t = json.loads(capsys.readouterr().out)
-    assert set(t) == {"current", "decode"} and set(t["decode"]["h100"]["decode_ratios"]) >= {"7b.qkv@1"}
+    assert set(t) == {"current:float32", "decode:float32"}
+    assert set(t["decode:float32"]["h100"]["decode_ratios"]) >= {"7b.qkv@1"}
+    assert cm.main(["--targets", "--design", "decode", "--precision", "float32,bf16"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"decode:float32", "decode:bf16"}
+
+
+def test_bf16_precision_moves_the_float_products_and_halves_the_scratch():
+    """SPLITQ_PRECISION=bf16: kernel (a)'s transforms and the GEMM's up products become one bf16 MMA
+    each instead of three tf32 ones, the scratch round trip halves, the integer work is unchanged;
+    so prefill gets faster and decode (bound by the weight bytes) nearly not."""
+    for design, rows in (("current", 2048), ("decode", 16), ("w4a16", 16)):
+        f32 = cm.predict("7b.qkv", rows, "h200", design)["variants"]["splitq"]
+        b16 = cm.predict("7b.qkv", rows, "h200", design, "bf16")["variants"]["splitq"]
+        assert all(L["mma_tf32"] == 0 for L in b16["launches"]) and any(L["mma_bf16"] > 0 for L in b16["launches"])
+        assert sum(L["mma_int8"] for L in b16["launches"]) == sum(L["mma_int8"] for L in f32["launches"])
+        tf32 = sum(L["mma_tf32"] for L in f32["launches"])
+        bf16 = sum(L["mma_bf16"] for L in b16["launches"])
+        if design == "w4a16":  # its weight product was one-pass tf32 already: it moves, it does not shrink
+            assert tf32 / 3 < bf16 < tf32
+        else:
+            assert bf16 == pytest.approx(tf32 / 3)
+        assert b16["bytes"] < f32["bytes"] and b16["s"] <= f32["s"]
+    pre = cm.predict("7b.qkv", 2048, "h200", "current", "bf16")["variants"]["splitq"]["ratio_to_bf16"]
+    assert pre > 1.2 * cm.predict("7b.qkv", 2048, "h200", "current")["variants"]["splitq"]["ratio_to_bf16"]
+    with pytest.raises(ValueError, match="unknown precision"):
+        cm.predict("7b.qkv", 1, "h100", "current", "fp8")
+
+
+def test_prefill_blocks_without_mac_rows_skip_its_work():
+    """--mac-tiles: only the MAC work of the row blocks MAC targets is counted above 16 rows (the
+    kernels skip the rest); 1 is the default, and decode does not change."""
+    full = cm.predict("7b.qkv", 2048, "h200", "current", "bf16")
+    assert cm.predict("7b.qkv", 2048, "h200", "current", "bf16", 1.0) == full
+    part = cm.predict("7b.qkv", 2048, "h200", "current", "bf16", 0.125)
+    assert part["variants"]["splitq"]["s"] < full["variants"]["splitq"]["s"]
+    assert part["variants"]["mocd+cws"] == full["variants"]["mocd+cws"]  # no MAC there
+    for design in ("decode", "w4a16"):
+        assert (cm.predict("7b.qkv", 16, "h200", design, "bf16", 0.125)["variants"]
+                == cm.predict("7b.qkv", 16, "h200", design, "bf16")["variants"])
+    with pytest.raises(ValueError, match="mac_tiles"):
+        cm.predict("7b.qkv", 2048, "h200", "current", "bf16", 1.5)
 
 
 def test_clear_errors():

@@ -47,7 +47,7 @@ def test_gpu_plan_covers_the_issue(capsys):
     for layer in gc.KERNEL_LAYERS:
         assert f"--layers {layer} --rows 1,16,256,2048,16384" in plan
     assert "-m gpu" in plan and "--device cuda" in plan and "--capture-only" in plan
-    assert "bench_e2e_qwen25vl.py --batches 1,8" in plan and "cost_model.py --json" in plan
+    assert "bench_e2e_qwen25vl.py --batches 1,8" in plan and "cost_model.py --precision float32,bf16 --json" in plan
     assert gc.main(["--print-plan", "--dry-run"]) == 0
     dry = capsys.readouterr().out
     assert dry.count("--cpu-check") == 2 and "--quick" in dry and "--device cuda" not in dry

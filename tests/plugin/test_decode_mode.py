@@ -53,19 +53,25 @@ def test_reference_backend_switches_at_the_decode_threshold(monkeypatch):
     assert torch.equal(reference_linear_for_step(x3, None, layer, W3A2), splitq_linear(x3, None, layer, W3A2))
 
 
-def test_the_mode_is_in_the_compile_cache_key(monkeypatch):
+@pytest.mark.parametrize("env,values,field,bad", [
+    ("SPLITQ_DECODE_MODE", ("w4a4", "w4a16"), "decode", "w8a8"),
+    ("SPLITQ_PRECISION", ("float32", "bf16"), "precision", "fp8"),  # splitq_kernels.precision
+])
+def test_the_setting_is_in_the_compile_cache_key(monkeypatch, env, values, field, bad):
+    """A setting that changes the numerics is part of the torch.compile key, and a bad value fails
+    in the front end naming the variable."""
     from splitq_vllm.plugin.config import SplitQVllmConfig
 
     keys = {}
-    for mode in ("w4a4", "w4a16"):
-        monkeypatch.setenv("SPLITQ_DECODE_MODE", mode)
+    for v in values:
+        monkeypatch.setenv(env, v)
         hf_config = SimpleNamespace()
         # not a directory: the method records the key and returns before reading a checkpoint (no tower layers)
         SplitQVllmConfig.maybe_update_config(SimpleNamespace(tower_layers=[]), "/nonexistent/splitq", hf_config=hf_config)
-        keys[mode] = hf_config.splitq_backend
-    assert keys["w4a4"].endswith(":decode=w4a4") and keys["w4a16"].endswith(":decode=w4a16")
-    monkeypatch.setenv("SPLITQ_DECODE_MODE", "w8a8")
-    with pytest.raises(ValueError, match="SPLITQ_DECODE_MODE"):
+        keys[v] = hf_config.splitq_backend
+    assert all(f":{field}={v}" in keys[v] for v in values) and len(set(keys.values())) == len(values)
+    monkeypatch.setenv(env, bad)
+    with pytest.raises(ValueError, match=env):
         SplitQVllmConfig.maybe_update_config(SimpleNamespace(tower_layers=[]), "/nonexistent/splitq", hf_config=SimpleNamespace())
 
 
@@ -93,3 +99,4 @@ def test_served_w4a16_decode_matches_the_reference_in_that_mode(tiny_qwen_dir, t
             got = served_chat(server, msgs)
             assert len(got.prompt_ids) > 16, name
             assert_same_generation(got, expected[name], name)
+

@@ -11,6 +11,10 @@ Two forms of the same function:
 
 Arithmetic: float32 unless the input is float64; integer products are exact (float64 holds the
 sums of products of codes exactly for any realistic K: |code| <= 255, so K < 2^37).
+`precision="bf16"` (integer form) is what the kernels compute under SPLITQ_PRECISION=bf16: the float
+products (online transforms, low-rank up products) on bfloat16-rounded operands, and the
+transformed activations stored in bfloat16 before they are quantized (transforms.operand); the
+integer products stay exact. "float32" (the default) is the definition.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .layer import ChannelSplit, SplitQFloatLinear, SplitQLinear
 from .quantizer import QuantizedTensor, fake_quantize, quantize
 from .scheme import SplitQScheme
 from .shard import KShard, slice_columns
-from .transforms import main_transform
+from .transforms import check_precision, main_transform, operand
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -69,26 +73,33 @@ class QuantizedInput:
 
 
 def transformed_inputs(
-    x: torch.Tensor, layer: SplitQLinear
+    x: torch.Tensor, layer: SplitQLinear, precision: str = "float32"
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The channel split and online transforms of x (T, D_in), in float: (X_m P_m, X_t P_t,
     X_v P_v), None for an empty outlier set. What kernel (a) quantizes, and what the W4A16 form
-    (w4a16.py) multiplies as it is."""
+    (w4a16.py) multiplies as it is. precision "bf16": as the kernels' bf16 products and bf16
+    scratch give them (module doc)."""
+    check_precision(precision)
     dt = compute_dtype(x)
     x = x.reshape(-1, x.shape[-1]).to(dt)
-    xm = main_transform(x[:, layer.idx_main], layer.main_smooth.to(dt), layer.main_p1.to(dt), layer.main_p2.to(dt))
+    xm = main_transform(x[:, layer.idx_main], layer.main_smooth.to(dt), layer.main_p1.to(dt), layer.main_p2.to(dt),
+                        precision)
 
     def outlier(idx: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor | None:
-        return None if idx.numel() == 0 else x[:, idx] @ p.to(dt)
+        if idx.numel() == 0:
+            return None
+        return operand(operand(x[:, idx], precision) @ operand(p.to(dt), precision), precision)
 
-    return xm, outlier(layer.idx_text, layer.text_p), outlier(layer.idx_vision, layer.vision_p)
+    return operand(xm, precision), outlier(layer.idx_text, layer.text_p), outlier(layer.idx_vision, layer.vision_p)
 
 
-def quantize_input(x: torch.Tensor, layer: SplitQLinear, scheme: SplitQScheme) -> QuantizedInput:
+def quantize_input(
+    x: torch.Tensor, layer: SplitQLinear, scheme: SplitQScheme, precision: str = "float32"
+) -> QuantizedInput:
     """Kernel (a): channel split, online transforms, per-token quantization, MAC residual."""
     dt = compute_dtype(x)
     sym, ab, aab = scheme.act_symmetric, scheme.act_bits, scheme.aux_act_bits
-    xm, xt, xv = transformed_inputs(x, layer)
+    xm, xt, xv = transformed_inputs(x, layer, precision)
     main = quantize(xm, ab, sym, clip=_act_clip(layer.main_act_clip, dt))
 
     def outlier(v: torch.Tensor | None, clip: torch.Tensor) -> QuantizedTensor | None:
@@ -123,6 +134,7 @@ def splitq_gemm(
     scheme: SplitQScheme,
     dtype: torch.dtype,
     shard: KShard | None = None,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """Kernel (b): Y = Y_m (+ CWS) + Y_t + Y_v (+ MAC on masked rows) + bias.
 
@@ -137,10 +149,14 @@ def splitq_gemm(
         y = y + int_linear(qin.text, layer.text_w, dtype)
     if qin.vision is not None:
         y = y + int_linear(qin.vision, layer.vision_w, dtype)
+
+    def up(h: torch.Tensor, u: QuantizedTensor) -> torch.Tensor:  # a low-rank up product: a float product
+        return operand(h, precision) @ operand(u.dequantize(dtype), precision).transpose(0, 1)
+
     if layer.cws_down is not None:
-        y = y + int_linear(qin.main, layer.cws_down, dtype) @ layer.cws_up.dequantize(dtype).transpose(0, 1)
+        y = y + up(int_linear(qin.main, layer.cws_down, dtype), layer.cws_up)
     if qin.mac is not None:
-        comp = int_linear(qin.mac, layer.mac_down, dtype) @ layer.mac_up.dequantize(dtype).transpose(0, 1)
+        comp = up(int_linear(qin.mac, layer.mac_down, dtype), layer.mac_up)
         rows = mac_row_mask(text_mask, scheme.mac_rows)
         y = y + torch.where(rows[:, None], comp, torch.zeros((), dtype=dtype, device=comp.device))
     if layer.bias is not None:
@@ -149,18 +165,20 @@ def splitq_gemm(
 
 
 def splitq_linear(
-    x: torch.Tensor, text_mask: torch.Tensor | None, layer: SplitQLinear, scheme: SplitQScheme
+    x: torch.Tensor, text_mask: torch.Tensor | None, layer: SplitQLinear, scheme: SplitQScheme,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """The SplitQ linear layer, integer form. x: (..., D_in); text_mask: (...) bool, True = text
     row (None: all rows are text). Returns (..., D_out) in x's dtype."""
     x2, mask = _flatten(x, text_mask)
     dt = compute_dtype(x)
-    y = splitq_gemm(quantize_input(x2, layer, scheme), mask, layer, scheme, dt)
+    y = splitq_gemm(quantize_input(x2, layer, scheme, precision), mask, layer, scheme, dt, precision=precision)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 def splitq_linear_shard(
-    x: torch.Tensor, text_mask: torch.Tensor | None, layer: SplitQLinear, scheme: SplitQScheme, shard: KShard
+    x: torch.Tensor, text_mask: torch.Tensor | None, layer: SplitQLinear, scheme: SplitQScheme, shard: KShard,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """One tensor-parallel rank's partial output of `splitq_linear` (shard.py): x is the whole
     input (..., D_in); `layer` the rank's layer (shard.shard_layer). The partial outputs of all
@@ -169,7 +187,7 @@ def splitq_linear_shard(
         raise ValueError(f"the rank's main weight has {layer.main_w.codes.shape[1]} columns, its block {shard.width}")
     x2, mask = _flatten(x, text_mask)
     dt = compute_dtype(x)
-    y = splitq_gemm(quantize_input(x2, layer, scheme), mask, layer, scheme, dt, shard)
+    y = splitq_gemm(quantize_input(x2, layer, scheme, precision), mask, layer, scheme, dt, shard, precision)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 

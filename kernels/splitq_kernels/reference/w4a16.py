@@ -33,7 +33,7 @@ import torch
 from .forward import _flatten, compute_dtype, transformed_inputs
 from .layer import SplitQLinear
 from .shard import KShard
-from .transforms import kron_apply
+from .transforms import kron_apply, operand
 
 
 def splitq_linear_w4a16(
@@ -41,16 +41,21 @@ def splitq_linear_w4a16(
     text_mask: torch.Tensor | None,
     layer: SplitQLinear,
     shard: KShard | None = None,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """The W4A16 form (module doc). x: (..., D_in); text_mask: (...) bool or None, only checked
     against the row count (no term depends on it). Returns (..., D_out) in x's dtype.
 
     With `shard` (tensor parallelism, shard.py): one rank's partial output, as splitq_linear_shard:
     `layer` is the rank's layer (main_w holds the block's columns of the main K range), the main
-    product runs over those columns of X'_m, and only rank 0 adds the rest."""
+    product runs over those columns of X'_m, and only rank 0 adds the rest.
+
+    precision "bf16": the transforms and the CWS up product as the kernels' bf16 products give
+    them (forward.transformed_inputs); the products with weight codes need no rounding (X' is
+    already bfloat16, the codes are exact in it, the scales apply after the sum)."""
     x2, _ = _flatten(x, text_mask)
     dt = compute_dtype(x)
-    xm, xt, xv = transformed_inputs(x2, layer)
+    xm, xt, xv = transformed_inputs(x2, layer, precision)
     if shard is not None and layer.main_w.codes.shape[1] != shard.width:
         raise ValueError(f"the rank's main weight has {layer.main_w.codes.shape[1]} columns, its block {shard.width}")
     xm_block = xm if shard is None else xm[:, shard.start : shard.stop]
@@ -61,7 +66,8 @@ def splitq_linear_w4a16(
         if xv is not None:
             y = y + xv @ layer.vision_w.dequantize(dt).transpose(0, 1)
         if layer.cws_down is not None:
-            y = y + (xm @ layer.cws_down.dequantize(dt).transpose(0, 1)) @ layer.cws_up.dequantize(dt).transpose(0, 1)
+            h = xm @ layer.cws_down.dequantize(dt).transpose(0, 1)
+            y = y + operand(h, precision) @ operand(layer.cws_up.dequantize(dt), precision).transpose(0, 1)
         if layer.bias is not None:
             y = y + layer.bias.to(dt)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])

@@ -7,6 +7,7 @@ rounding survives compilation (the rint magic constant, IEEE division).
     python -m splitq_kernels.triton.aot --model-shapes 72b.qkv 72b.down   # any of MODEL_SHAPES
     python -m splitq_kernels.triton.aot --decode-shapes  # split decode kernel (a), every MODEL_SHAPES layer
     python -m splitq_kernels.triton.aot --w4a16-shapes   # the W4A16 decode GEMM, every MODEL_SHAPES layer
+    python -m splitq_kernels.triton.aot --precision bf16 --model-shapes   # any of the above at a precision
 
 Prints one JSON line per compiled kernel: registers and stack (spill) bytes per thread from
 cuobjdump, shared memory, and whether the rounding constants made it into the PTX.
@@ -24,6 +25,8 @@ import sys
 import tempfile
 
 import torch
+
+from ..layout import PRECISIONS, scratch_dtype
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
@@ -60,12 +63,12 @@ def _plans(kl, T: int):
         cfg = type(cfg)(**{**cfg.__dict__, "split_k": max(1, min(64, 528 // tiles))})
     plans = {
         "quantize_input": plan_quantize_input(x, torch.ones(T, dtype=torch.bool), kl, act,
-                                              torch.empty(block_t, kl.in_features), block_t, 132),
+                                              torch.empty(block_t, kl.in_features, dtype=scratch_dtype(kl)), block_t, 132),
         "gemm": plan_gemm(act, kl, torch.empty(T, kl.out_features, dtype=torch.bfloat16), cfg),
     }
     if can_implement_decode(kl, T)[0]:  # what the op runs at 1-16 rows instead of kernel (a)
         ws = decode_workspace(x.device, kl.act_symmetric, max(kl.cws_rank_padded, kl.mac_rank_padded))
-        mask, scratch = torch.ones(T, dtype=torch.bool), torch.empty(T, kl.in_features)
+        mask, scratch = torch.ones(T, dtype=torch.bool), torch.empty(T, kl.in_features, dtype=scratch_dtype(kl))
         # D1 + D2 fused, D3 (the quantize_input op), and D1, D2 as launches of their own (fused=False)
         for p in plan_quantize_decode(x, mask, kl, act, scratch, ws) + plan_quantize_decode(
                 x, mask, kl, act, scratch, ws, mac_in_gemm=True, fused=False):
@@ -77,7 +80,7 @@ def _plans(kl, T: int):
         from .w4a16 import W4A16Config, plan_linear_w4a16
 
         out = torch.empty(T, kl.out_features, dtype=torch.bfloat16)
-        scratch = torch.empty(T, kl.in_features)
+        scratch = torch.empty(T, kl.in_features, dtype=scratch_dtype(kl))
         h = torch.empty(16, kl.cws_rank_padded or 16)
         wcfg = W4A16Config(block_n=64, split_k=max(1, min(64, 528 // -(-kl.out_features // 64))))
         plans["w4a16"] = plan_linear_w4a16(x, kl, out, scratch, h, wcfg, in_grid=True)[-1]
@@ -141,7 +144,7 @@ AOT_DEFAULT_LAYERS = ("7b.qkv", "7b.o_proj", "7b.gate_up", "7b.down", "3b.qkv", 
 
 
 def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a4",
-                         layers: tuple[str, ...] = AOT_DEFAULT_LAYERS) -> list[dict]:
+                         layers: tuple[str, ...] = AOT_DEFAULT_LAYERS, precision: str = "tf32x3") -> list[dict]:
     """The kernels as configured for the real Qwen2.5-VL layer shapes (default channel split), on a
     stand-in layer whose dims are those of the real one (compilation depends on dims only)."""
     import dataclasses
@@ -154,7 +157,7 @@ def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a
     _check_compiled_mode()
     scheme = SplitQScheme.from_name(scheme_name)
     base = prepare_kernel_layer(random_quantized_layer(53, 37, 3, 5, (5, 9), scheme, 3, 4), scheme, "cpu",
-                                precision="tf32x3")
+                                precision=precision)
     results = []
     unknown = [n for n in layers if n not in MODEL_SHAPES]
     if unknown:
@@ -167,12 +170,12 @@ def compile_model_shapes(archs=(90, 89), rows=(2048, 1), scheme_name: str = "w4a
                                  cws_rank=d["cws_rank"], mac_rank=d["mac_rank"])
         for arch in archs:
             for T in rows:
-                results += _compile(kl, T, arch, {"layer": name, "scheme": scheme_name})
+                results += _compile(kl, T, arch, {"layer": name, "scheme": scheme_name, "precision": precision})
     return results
 
 
 def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_SHAPES),
-                          scheme_name: str = "w4a4", w4a16_only: bool = False) -> list[dict]:
+                          scheme_name: str = "w4a4", w4a16_only: bool = False, precision: str = "tf32x3") -> list[dict]:
     """The split decode kernel (a) (quantize_decode.py: D1 + D2 fused, D3, and D1, D2 unfused)
     and the GEMM with the MAC down in its grid (the linear op's second launch; split-K as on an
     H100) as configured for the real layer shapes. Its tiles do not depend on the row count (always one 16-row tile), so one
@@ -191,7 +194,7 @@ def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_
     _check_compiled_mode()
     scheme = SplitQScheme.from_name(scheme_name)
     base = prepare_kernel_layer(random_quantized_layer(53, 37, 3, 5, (5, 9), scheme, 3, 4), scheme, "cpu",
-                                precision="tf32x3")
+                                precision=precision)
     results = []
     for name in layers:
         d_in, d_out = MODEL_SHAPES[name]
@@ -202,7 +205,8 @@ def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_
         x = torch.empty(DECODE_ROWS, d_in, dtype=torch.bfloat16)
         act = alloc_activations(kl, DECODE_ROWS, x.device)
         ws = decode_workspace(x.device, kl.act_symmetric, max(kl.cws_rank_padded, kl.mac_rank_padded))
-        mask, scratch = torch.ones(DECODE_ROWS, dtype=torch.bool), torch.empty(DECODE_ROWS, d_in)
+        mask = torch.ones(DECODE_ROWS, dtype=torch.bool)
+        scratch = torch.empty(DECODE_ROWS, d_in, dtype=scratch_dtype(kl))
         # D1 + D2 fused, D3 (the quantize_input op); D1, D2 as launches of their own (fused=False)
         plans = plan_quantize_decode(x, mask, kl, act, scratch, ws)
         plans += plan_quantize_decode(x, mask, kl, act, scratch, ws, mac_in_gemm=True, fused=False)
@@ -222,7 +226,7 @@ def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_
                 k = plan.compile(arch)
                 results.append({
                     "kernel": plan.kernel.fn.__name__ + (" MAC_IN_GRID" if plan.constexprs.get("MAC_IN_GRID") else ""),
-                    "layer": name, "scheme": scheme_name, "rows": "1-16", "arch": arch,
+                    "layer": name, "scheme": scheme_name, "precision": precision, "rows": "1-16", "arch": arch,
                     "programs": plan.grid[0] * (plan.grid[1] if len(plan.grid) > 1 else 1),
                     "rint_magic": "0f4B400000" in k.asm["ptx"], "div_rn": "div.rn.f32" in k.asm["ptx"],
                     "shared": k.metadata.shared, **_resource_usage(k.asm["cubin"]),
@@ -231,17 +235,25 @@ def compile_decode_shapes(archs=(90, 89), layers: tuple[str, ...] = tuple(MODEL_
 
 
 def main() -> None:
-    """Arguments: none (all of CASES) or ARCH:SCHEME:sym|asym:ROWS ... (e.g. 90:w4a4:sym:2048)."""
-    if sys.argv[1:2] == ["--decode-shapes"]:  # the split decode kernel (a); optionally layer names
-        results = compile_decode_shapes(layers=tuple(sys.argv[2:]) or tuple(MODEL_SHAPES))
-    elif sys.argv[1:2] == ["--w4a16-shapes"]:  # the W4A16 decode GEMM alone; optionally layer names
-        results = compile_decode_shapes(layers=tuple(sys.argv[2:]) or tuple(MODEL_SHAPES), w4a16_only=True)
-    elif sys.argv[1:2] == ["--model-shapes"]:  # optionally followed by layer names, e.g. 72b.qkv
-        results = compile_model_shapes(layers=tuple(sys.argv[2:]) or AOT_DEFAULT_LAYERS)
+    """Arguments: [--precision P] then none (all of CASES) or ARCH:SCHEME:sym|asym:ROWS ... (e.g.
+    90:w4a4:sym:2048), or one of --decode-shapes / --w4a16-shapes / --model-shapes [layers]."""
+    argv = sys.argv[1:]
+    precision = "tf32x3"
+    if argv[:1] == ["--precision"]:
+        if len(argv) < 2 or argv[1] not in PRECISIONS:
+            raise SystemExit(f"--precision needs one of {PRECISIONS}")
+        precision, argv = argv[1], argv[2:]
+    if argv[:1] == ["--decode-shapes"]:  # the split decode kernel (a); optionally layer names
+        results = compile_decode_shapes(layers=tuple(argv[1:]) or tuple(MODEL_SHAPES), precision=precision)
+    elif argv[:1] == ["--w4a16-shapes"]:  # the W4A16 decode GEMM alone; optionally layer names
+        results = compile_decode_shapes(layers=tuple(argv[1:]) or tuple(MODEL_SHAPES), w4a16_only=True,
+                                        precision=precision)
+    elif argv[:1] == ["--model-shapes"]:  # optionally followed by layer names, e.g. 72b.qkv
+        results = compile_model_shapes(layers=tuple(argv[1:]) or AOT_DEFAULT_LAYERS, precision=precision)
     else:
         cases = CASES
-        if len(sys.argv) > 1:
-            cases = [(int(a), n, s == "sym", int(r)) for a, n, s, r in (c.split(":") for c in sys.argv[1:])]
+        if argv:
+            cases = [(int(a), n, s == "sym", int(r)) for a, n, s, r in (c.split(":") for c in argv)]
         results = compile_cases(cases)
     for r in results:
         print(json.dumps(r))

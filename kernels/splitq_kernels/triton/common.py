@@ -8,12 +8,24 @@ Numerics follow splitq_kernels.reference.quantizer exactly:
   magic-number trick, which is exact for |v| <= 2^22 under IEEE round-to-nearest-even addition
   and behaves the same compiled and interpreted; |v| is clamped to 2^22 first, which cannot
   change a clamped code (the code range is far smaller and the bounds are integers).
+
+Float products (`fdot`) run at the layer's precision: a tl.dot input precision ("ieee", "tf32",
+"tf32x3"), or "bf16" (SPLITQ_PRECISION=bf16; reference.transforms.operand): both operands rounded
+to the nearest bfloat16 (`bf16_round`, ties to even, as torch rounds), float32 accumulation, on
+bf16 tensor cores. In Triton's interpreter the rounding is done by bit arithmetic (its float32 ->
+bfloat16 cast truncates) and the product in float32 (its bf16 tl.dot returns garbage; a product of
+two bfloat16 values is exact in float32, so the result is the same).
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# fixed when the module is (re)loaded, as the kernels' mode is (splitq_kernels.triton.use_interpreter)
+BF16_MMA = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 SCALE_EPS = 1e-8  # == reference.quantizer.SCALE_EPS; qgrid writes it as a literal (jit code reads no float globals)
 
@@ -110,6 +122,42 @@ def init_stats(ROWS: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
+def bf16_round(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), as float32. Bit arithmetic, so
+    that the compiled kernel and the interpreter round alike (compiled Triton rounds to nearest
+    even too; Triton 3.9's interpreter truncates, even with fp_downcast_rounding="rtne"). Finite x;
+    |x| beyond bfloat16's range rounds to inf, as torch does."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def at_precision(x, PRECISION: tl.constexpr):
+    """x as the layer's float products and scratch hold it: bfloat16-rounded under "bf16", else x."""
+    if PRECISION == "bf16":
+        out = bf16_round(x)
+    else:
+        out = x
+    return out
+
+
+@triton.jit
+def fdot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b of float32 tiles (acc None: a @ b) at PRECISION (module doc)."""
+    if PRECISION == "bf16":
+        a16 = bf16_round(a)
+        b16 = bf16_round(b)
+        if BF16_MMA:
+            out = tl.dot(a16.to(tl.bfloat16), b16.to(tl.bfloat16), acc)  # exact casts: already rounded
+        else:
+            out = tl.dot(a16, b16, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
 def small_mm(a, b, acc, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc + a @ b. tl.dot when every dim is at least a tensor-core tile (USE_DOT), else a
     broadcast-multiply-sum on CUDA cores (decode blocks of fewer than 16 rows)."""
@@ -118,7 +166,12 @@ def small_mm(a, b, acc, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
         if a.dtype == tl.int8:
             out = tl.dot(a, b, acc, out_dtype=tl.int32)  # Triton 3.6 wants out_dtype spelled out
         else:
-            out = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            out = fdot(a, b, acc, INPUT_PRECISION)
     else:
-        out = acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
+        if a.dtype == tl.int8:
+            out = acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
+        else:  # float32 products of the rounded operands, as fdot's
+            a_r = at_precision(a.to(tl.float32), INPUT_PRECISION)
+            b_r = at_precision(b.to(tl.float32), INPUT_PRECISION)
+            out = acc + tl.sum(a_r[:, :, None] * b_r[None, :, :], axis=1)
     return out

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..layout import WORD_SUB, KernelLayer, codes_per_word, word_bytes
+from .common import bf16_round, fdot
 from .launch import Launch
 from .quantize_decode import _mac_down_block, _mac_finish, reset_when_all_past, wait_until
 from .quantize_input import QuantizedActivations, code_offsets
@@ -113,10 +114,12 @@ def _lowrank(
     rows64, row_valid, cols, col_valid, N,
     # meta-parameters
     RANK_PADDED: tl.constexpr, BLOCK_RANK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SKIP_ZERO: tl.constexpr,
 ):
     """y + h @ deq(up): the low-rank "up" product of one branch, accumulated into y by the dot
     itself (no second [BLOCK_M, BLOCK_N] accumulator); deq(up) = codes * scale as the reference
-    forms it."""
+    forms it. SKIP_ZERO: a block of h that is all zero (MAC on a tile of rows it does not target,
+    e.g. an image's rows) skips its up factor's load and product, which would add exactly zero."""
     us = tl.load(up_scale_ptr + cols, mask=col_valid, other=0.0)
     for r0 in range(0, rank, BLOCK_RANK):
         r = r0 + tl.arange(0, BLOCK_RANK)
@@ -124,19 +127,14 @@ def _lowrank(
         # .cg (L2, not L1): h_mac may come from another program of the same grid (MAC_IN_GRID)
         h = tl.load(h_ptr + rows64[:, None] * RANK_PADDED + r[None, :], mask=row_valid[:, None], other=0.0,
                     cache_modifier=".cg")
-        u = tl.load(up_ptr + r.to(tl.int64)[:, None] * N + cols[None, :], mask=col_valid[None, :], other=0)
-        y = tl.dot(h, u.to(tl.float32) * us[None, :], y, input_precision=INPUT_PRECISION)
+        if SKIP_ZERO:
+            live = tl.max(tl.max(tl.abs(h), axis=1), axis=0) > 0
+        else:
+            live = True
+        if live:
+            u = tl.load(up_ptr + r.to(tl.int64)[:, None] * N + cols[None, :], mask=col_valid[None, :], other=0)
+            y = fdot(h, u.to(tl.float32) * us[None, :], y, INPUT_PRECISION)
     return y
-
-
-@triton.jit
-def _round_to_bf16(y):
-    """float32 -> bfloat16 rounded to nearest even, done on the bit pattern so the cast that
-    follows is exact. Compiled Triton already rounds this way; Triton 3.9's CPU interpreter
-    truncates (even with fp_downcast_rounding="rtne"), and the tests run there."""
-    bits = y.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
 
 @triton.jit
@@ -157,14 +155,15 @@ def _epilogue(
     rows64 = rows.to(tl.int64)
     if HAS_CWS:
         y = _lowrank(y, h_cws_ptr, cws_up_ptr, cws_up_scale_ptr, cws_rank, rows64, row_valid, cols, col_valid, N,
-                     CWS_RANK_PADDED, BLOCK_CWS_RANK, INPUT_PRECISION)
+                     CWS_RANK_PADDED, BLOCK_CWS_RANK, INPUT_PRECISION, False)
     if HAS_MAC:
         y = _lowrank(y, h_mac_ptr, mac_up_ptr, mac_up_scale_ptr, mac_rank, rows64, row_valid, cols, col_valid, N,
-                     MAC_RANK_PADDED, BLOCK_MAC_RANK, INPUT_PRECISION)
+                     MAC_RANK_PADDED, BLOCK_MAC_RANK, INPUT_PRECISION, True)
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=col_valid, other=0.0)[None, :]
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        out = _round_to_bf16(y)
+        # rounded on the bit pattern, so the cast is exact: Triton 3.9's interpreter truncates
+        out = bf16_round(y).to(tl.bfloat16)
     else:
         out = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], out, mask=row_valid[:, None] & col_valid[None, :])

@@ -47,9 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import KernelLayer, next_pow2
+from ..layout import KernelLayer, next_pow2, scratch_dtype
 from ..reference.scheme import MAC_ROWS as MAC_ROW_CHOICES  # ("text", "vision", "all")
-from .common import init_stats, qcodes, qgrid, row_stats, stored_zero
+from .common import at_precision, fdot, init_stats, qcodes, qgrid, row_stats, stored_zero
 from .launch import Launch
 
 # The in-grid waits (D2 on D1 in one grid, the GEMM's epilogue on the MAC down in its grid) are
@@ -145,7 +145,8 @@ def _outlier_block(
         xv = tl.load(x_ptr + rows64[:, None] * stride_x + idx[None, :], mask=row_valid[:, None] & j_valid[None, :],
                      other=0.0)
         p = tl.load(p_ptr + j[:, None] * n_set + o[None, :], mask=j_valid[:, None] & o_valid[None, :], other=0.0)
-        acc = tl.dot(xv.to(tl.float32), p, acc, input_precision=INPUT_PRECISION)
+        acc = fdot(xv.to(tl.float32), p, acc, INPUT_PRECISION)
+    acc = at_precision(acc, INPUT_PRECISION)  # as the scratch holds it
     valid = row_valid[:, None] & o_valid[None, :]
     tl.store(scratch_ptr + rows64[:, None] * stride_scratch + scratch_col + o[None, :], acc, mask=valid)
     h, l = row_stats(acc, valid, SYMMETRIC)
@@ -169,7 +170,7 @@ def _quantize_outlier_block(
     o = o0 + tl.arange(0, BLOCK_PO_COLS)
     valid = row_valid[:, None] & (o < n_set)[None, :]
     xo = tl.load(scratch_ptr + rows64[:, None] * stride_scratch + scratch_col + o[None, :], mask=valid, other=0.0,
-                 cache_modifier=".cg")
+                 cache_modifier=".cg").to(tl.float32)
     qs, _ = qcodes(xo, s[:, None], z[:, None], BITS, SYMMETRIC)
     tl.store(codes_ptr + rows64[:, None] * stride_codes + codes_col + o[None, :], qs.to(tl.int8), mask=valid)
     if o0 == 0:
@@ -234,7 +235,7 @@ def _transform_program(
                 xv = tl.load(x_ptr + z_token.to(tl.int64)[:, None] * stride_x + idx, mask=m2, other=0.0)
                 p2 = tl.load(p2_ptr + j[:, None] * n2 + b[None, :], mask=j_valid[:, None] & b_valid[None, :],
                              other=0.0)
-                z = tl.dot(xv.to(tl.float32) * sm, p2, z, input_precision=INPUT_PRECISION)
+                z = fdot(xv.to(tl.float32) * sm, p2, z, INPUT_PRECISION)
             # rows (token, i) -> rows i with columns (token, b), then X'[a, b] = P1[:, a]^T Z
             zt = tl.reshape(tl.permute(tl.reshape(z, (TOKENS_PER_TILE, N1_PADDED, BLOCK_P2_COLS)), (1, 0, 2)),
                             (N1_PADDED, TOKENS_PER_TILE * BLOCK_P2_COLS))
@@ -242,7 +243,7 @@ def _transform_program(
             c_token = tt + c // BLOCK_P2_COLS
             c_b = b0 + c % BLOCK_P2_COLS
             c_valid = (c_token < T) & (c_b < n2)
-            xp = tl.dot(p1t, zt, input_precision=INPUT_PRECISION)
+            xp = at_precision(fdot(p1t, zt, None, INPUT_PRECISION), INPUT_PRECISION)  # as the scratch holds it
             valid = a_valid[:, None] & c_valid[None, :]
             tl.store(scratch_ptr + c_token.to(tl.int64)[None, :] * stride_scratch + a[:, None] * n2 + c_b[None, :], xp,
                      mask=valid)
@@ -319,7 +320,7 @@ def _quantize_program(
             tl.store(zero_ptr + rows * 4 + 0, zs, mask=row_valid)
         m2 = row_valid[:, None] & k_valid[None, :]
         xp = tl.load(scratch_ptr + rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0,
-                     cache_modifier=".cg")  # .cg: D1 may be programs of this grid (WAIT)
+                     cache_modifier=".cg").to(tl.float32)  # .cg: D1 may be programs of this grid (WAIT)
         qs, qc = qcodes(xp, s[:, None], z[:, None], ACT_BITS, SYMMETRIC)
         qs = tl.where(m2, qs, 0.0).to(tl.int8)
         tl.store(codes_ptr + rows64[:, None] * stride_codes + k[None, :], qs, mask=m2)
@@ -481,7 +482,7 @@ def _mac_down_block(
     k_valid = k < n_main
     m2 = row_valid[:, None] & k_valid[None, :]
     # the residual is recomputed from the scratch, as kernel (a) does
-    xp = tl.load(scratch_ptr + rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0)
+    xp = tl.load(scratch_ptr + rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0).to(tl.float32)
     _, qc = qcodes(xp, s[:, None], z[:, None], ACT_BITS, SYMMETRIC)
     res = xp - qc * s[:, None]
     rs, _ = qcodes(res, s_res[:, None], z_res[:, None], AUX_ACT_BITS, SYMMETRIC)
@@ -723,7 +724,7 @@ def quantize_input_decode_triton(
     x = checked_decode_input(x, kl, can_implement_decode)
     T = x.shape[0]
     out = alloc_activations(kl, T, x.device, store_mac)
-    scratch = torch.empty(T, kl.in_features, dtype=torch.float32, device=x.device)
+    scratch = torch.empty(T, kl.in_features, dtype=scratch_dtype(kl), device=x.device)
     workspace = decode_workspace(x.device, kl.act_symmetric, max(kl.cws_rank_padded, kl.mac_rank_padded))
     for launch in plan_quantize_decode(x, text_mask, kl, out, scratch, workspace):
         launch.run()
@@ -760,7 +761,7 @@ def linear_decode_triton(x: torch.Tensor, text_mask: torch.Tensor | None, kl: Ke
     x = checked_decode_input(x, kl, can_implement_decode)
     T = x.shape[0]
     act = alloc_activations(kl, T, x.device, store_mac)
-    scratch = torch.empty(T, kl.in_features, dtype=torch.float32, device=x.device)
+    scratch = torch.empty(T, kl.in_features, dtype=scratch_dtype(kl), device=x.device)
     y = torch.empty(T, kl.out_features, dtype=x.dtype, device=x.device)
     workspace = decode_workspace(x.device, kl.act_symmetric, max(kl.cws_rank_padded, kl.mac_rank_padded))
     for launch in plan_linear_decode(x, text_mask, kl, y, act, scratch, workspace, config):

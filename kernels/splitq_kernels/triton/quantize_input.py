@@ -5,7 +5,8 @@ Each program owns BLOCK_T token rows at a time (persistent over token blocks) an
    X' = P1^T R P2 (R = the smoothed row as an n1 x n2 matrix, row-major) as two tl.dots per block
    of n2 columns: first Z = R P2 for TOKENS_PER_TILE tokens at once (rows (token, i)), then,
    after permuting Z in registers to rows i, P1^T Z; the transformed rows go to a float32
-   scratch while their max |x| (max and min when asymmetric) is tracked;
+   scratch (bfloat16 under precision "bf16", the values rounded before their statistics) while
+   their max |x| (max and min when asymmetric) is tracked;
 2. quantizes them per token (act_bits), stores the codes, accumulates the CWS down product
    codes @ cws_down^T in int32 and tracks the statistics of the MAC residual X' - X^;
 3. quantizes the residual (aux_act_bits) and accumulates the MAC down product; rows outside the
@@ -30,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import KernelLayer, next_pow2
+from ..layout import KernelLayer, next_pow2, scratch_dtype
 from ..reference.scheme import MAC_ROWS as MAC_ROW_CHOICES  # ("text", "vision", "all")
-from .common import init_stats, merge_stats, qcodes, qgrid, row_stats, small_mm, stored_zero
+from .common import at_precision, fdot, init_stats, merge_stats, qcodes, qgrid, row_stats, small_mm, stored_zero
 from .launch import Launch
 
 
@@ -65,6 +66,7 @@ def _outlier_set(
                          other=0.0)
             p = tl.load(p_ptr + j[:, None] * n_set + o[None, :], mask=j_valid[:, None] & o_valid[None, :], other=0.0)
             acc = small_mm(xv.to(tl.float32), p, acc, BLOCK_T >= 16, INPUT_PRECISION)
+        acc = at_precision(acc, INPUT_PRECISION)  # as the scratch holds it
         valid = row_valid[:, None] & o_valid[None, :]
         tl.store(scratch_ptr + scratch_rows64[:, None] * stride_scratch + scratch_col + o[None, :], acc, mask=valid)
         h, l = row_stats(acc, valid, SYMMETRIC)
@@ -75,7 +77,7 @@ def _outlier_set(
         o = o0 + tl.arange(0, BLOCK_PO_COLS)
         valid = row_valid[:, None] & (o < n_set)[None, :]
         xo = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + scratch_col + o[None, :], mask=valid,
-                     other=0.0)
+                     other=0.0).to(tl.float32)
         qs, qc = qcodes(xo, s[:, None], z[:, None], BITS, SYMMETRIC)
         tl.store(codes_ptr + rows64[:, None] * stride_codes + codes_col + o[None, :], qs.to(tl.int8), mask=valid)
     tl.store(scale_ptr + rows * 4 + SLOT, s, mask=row_valid)
@@ -161,7 +163,7 @@ def _quantize_input_kernel(
                     xv = tl.load(x_ptr + z_token.to(tl.int64)[:, None] * stride_x + idx, mask=m2, other=0.0)
                     p2 = tl.load(p2_ptr + j[:, None] * n2 + b[None, :], mask=j_valid[:, None] & b_valid[None, :],
                                  other=0.0)
-                    z = tl.dot(xv.to(tl.float32) * sm, p2, z, input_precision=INPUT_PRECISION)
+                    z = fdot(xv.to(tl.float32) * sm, p2, z, INPUT_PRECISION)
                 # rows (token, i) -> rows i with columns (token, b): every token's Z is multiplied by P1^T
                 zt = tl.reshape(tl.permute(tl.reshape(z, (TOKENS_PER_TILE, N1_PADDED, BLOCK_P2_COLS)), (1, 0, 2)),
                                 (N1_PADDED, TOKENS_PER_TILE * BLOCK_P2_COLS))
@@ -172,7 +174,8 @@ def _quantize_input_kernel(
                     a_valid = a < n1
                     p1t = tl.load(p1_ptr + i_all[None, :] * n1 + a[:, None],
                                   mask=a_valid[:, None] & (i_all < n1)[None, :], other=0.0)  # P1[i, a] as [a, i]
-                    xp = tl.dot(p1t, zt, input_precision=INPUT_PRECISION)  # X'[a, b] of each token: [a, (token, b)]
+                    # X'[a, b] of each token: [a, (token, b)], as the scratch holds it
+                    xp = at_precision(fdot(p1t, zt, None, INPUT_PRECISION), INPUT_PRECISION)
                     valid = a_valid[:, None] & c_valid[None, :]
                     tl.store(scratch_ptr + c_scratch.to(tl.int64)[None, :] * stride_scratch + a[:, None] * n2
                              + c_b[None, :], xp, mask=valid)
@@ -208,7 +211,8 @@ def _quantize_input_kernel(
             k = k0 + tl.arange(0, BLOCK_K)
             k_valid = k < n_main
             m2 = row_valid[:, None] & k_valid[None, :]
-            xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0)
+            xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2,
+                         other=0.0).to(tl.float32)
             qs, qc = qcodes(xp, s_main[:, None], z_main[:, None], ACT_BITS, SYMMETRIC)
             qs = tl.where(m2, qs, 0.0).to(tl.int8)
             tl.store(codes_ptr + rows64[:, None] * stride_codes + k[None, :], qs, mask=m2)
@@ -234,23 +238,6 @@ def _quantize_input_kernel(
             zs_res = stored_zero(z_res, AUX_ACT_BITS, SYMMETRIC)
             tl.store(scale_ptr + rows * 4 + 3, s_res, mask=row_valid)
             tl.store(zero_ptr + rows * 4 + 3, zs_res, mask=row_valid)
-            acc_mac = tl.zeros([BLOCK_T, MAC_RANK_PADDED], tl.int32)
-            for k0 in range(0, n_main, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                k_valid = k < n_main
-                m2 = row_valid[:, None] & k_valid[None, :]
-                # the residual is recomputed from the scratch: its grid needs the whole row's
-                # residual stats, known only after pass 2
-                xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0)
-                qs, qc = qcodes(xp, s_main[:, None], z_main[:, None], ACT_BITS, SYMMETRIC)
-                res = xp - qc * s_main[:, None]
-                rs, rc = qcodes(res, s_res[:, None], z_res[:, None], AUX_ACT_BITS, SYMMETRIC)
-                rs = tl.where(m2, rs, 0.0).to(tl.int8)
-                if STORE_MAC_CODES:
-                    tl.store(mac_codes_ptr + rows64[:, None] * n_main + k[None, :], rs, mask=m2)
-                d = tl.load(mac_down_ptr + k[:, None] * MAC_RANK_PADDED + tl.arange(0, MAC_RANK_PADDED)[None, :],
-                            mask=k_valid[:, None], other=0)
-                acc_mac = small_mm(rs, d, acc_mac, USE_DOT, INPUT_PRECISION)
             if HAS_MASK:
                 is_text = tl.load(mask_ptr + rows, mask=row_valid, other=0) != 0
             else:
@@ -261,6 +248,27 @@ def _quantize_input_kernel(
                 selected = ~is_text
             else:
                 selected = row_valid | ~row_valid  # all rows
+            acc_mac = tl.zeros([BLOCK_T, MAC_RANK_PADDED], tl.int32)
+            # a block without a row MAC targets (an image's rows, MAC on text rows) skips the pass:
+            # its h_mac is zero whatever the residual
+            if tl.max((selected & row_valid).to(tl.int32), axis=0) > 0:
+                for k0 in range(0, n_main, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    k_valid = k < n_main
+                    m2 = row_valid[:, None] & k_valid[None, :]
+                    # the residual is recomputed from the scratch: its grid needs the whole row's
+                    # residual stats, known only after pass 2
+                    xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2,
+                                 other=0.0).to(tl.float32)
+                    qs, qc = qcodes(xp, s_main[:, None], z_main[:, None], ACT_BITS, SYMMETRIC)
+                    res = xp - qc * s_main[:, None]
+                    rs, rc = qcodes(res, s_res[:, None], z_res[:, None], AUX_ACT_BITS, SYMMETRIC)
+                    rs = tl.where(m2, rs, 0.0).to(tl.int8)
+                    if STORE_MAC_CODES:
+                        tl.store(mac_codes_ptr + rows64[:, None] * n_main + k[None, :], rs, mask=m2)
+                    d = tl.load(mac_down_ptr + k[:, None] * MAC_RANK_PADDED + tl.arange(0, MAC_RANK_PADDED)[None, :],
+                                mask=k_valid[:, None], other=0)
+                    acc_mac = small_mm(rs, d, acc_mac, USE_DOT, INPUT_PRECISION)
             r = tl.arange(0, MAC_RANK_PADDED)
             d_scale = tl.load(mac_down_scale_ptr + r)
             d_colsum = tl.load(mac_down_colsum_ptr + r)
@@ -414,7 +422,8 @@ def quantize_input_triton(
     if n_programs is None:
         n_programs = default_programs(x.device)
     grid = max(1, min(triton.cdiv(T, block_t), n_programs))
-    # float32 scratch for the transformed rows: BT rows per program, reused across token blocks
-    scratch = torch.empty(grid * block_t, kl.in_features, dtype=torch.float32, device=x.device)
+    # scratch for the transformed rows (float32, bfloat16 under precision bf16): BT rows per
+    # program, reused across token blocks
+    scratch = torch.empty(grid * block_t, kl.in_features, dtype=scratch_dtype(kl), device=x.device)
     plan_quantize_input(x, text_mask, kl, out, scratch, block_t, n_programs).run()
     return out

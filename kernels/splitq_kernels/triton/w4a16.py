@@ -43,8 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import WORD_SUB, KernelLayer, codes_per_word, word_bytes
+from ..layout import WORD_SUB, KernelLayer, codes_per_word, scratch_dtype, word_bytes
 from ..reference.shard import KShard
+from .common import fdot
 from .gemm import _epilogue, _sm_count, _split_range, unpack_word_block, word_blocks
 from .launch import Launch
 from .quantize_decode import (
@@ -77,8 +78,8 @@ def _segment_f32(
         k = kb * (CODES_PER_WORD * WORD_SUB) + tl.arange(0, CODES_PER_WORD * WORD_SUB)
         # .cg: the scratch was written by the previous launch (L2 is coherent, L1 need not be)
         a = tl.load(a_ptr + rows64[:, None] * stride_a + a_col + k[None, :],
-                    mask=row_valid[:, None] & (k < K)[None, :], other=0.0, cache_modifier=".cg")
-        acc = tl.dot(a, b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+                    mask=row_valid[:, None] & (k < K)[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+        acc = fdot(a, b.to(tl.float32), acc, INPUT_PRECISION)
     return acc
 
 
@@ -142,11 +143,11 @@ def _down_block(
     k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = k < k_main
     a = tl.load(scratch_ptr + rows.to(tl.int64)[:, None] * stride_scratch + k[None, :],
-                mask=row_valid[:, None] & k_valid[None, :], other=0.0, cache_modifier=".cg")
+                mask=row_valid[:, None] & k_valid[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
     for r0 in range(0, RANK_PADDED, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         d = tl.load(cws_down_ptr + k.to(tl.int64)[:, None] * RANK_PADDED + r[None, :], mask=k_valid[:, None], other=0)
-        part = tl.dot(a, d.to(tl.float32), input_precision=INPUT_PRECISION)
+        part = fdot(a, d.to(tl.float32), None, INPUT_PRECISION)
         tl.store(part_ptr + pid * (BLOCK_M * RANK_PADDED) + rows[:, None] * RANK_PADDED + r[None, :], part)
     tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
     arrived = tl.atomic_add(count_ptr, 1)
@@ -307,8 +308,9 @@ def weight_precision(kl: KernelLayer) -> str:
     """tl.dot input precision of the weight product X' deq(W): the layer's when it is "ieee" (exact
     float32 products: the CPU, the tests), else one-pass "tf32" (X' rounded to tf32, 10-bit mantissa;
     the codes are exact): tf32x3 triples the tensor-core work, and at 16 rows (one row tile for 1 row
-    too) that would make the 7B gate_up compute-bound on an H100 (benchmarks/cost_model.py, w4a16)."""
-    return "ieee" if kl.precision == "ieee" else "tf32"
+    too) that would make the 7B gate_up compute-bound on an H100 (benchmarks/cost_model.py, w4a16).
+    "bf16" under precision bf16: X' is bfloat16 already (the scratch), so the product is exact."""
+    return kl.precision if kl.precision in ("ieee", "bf16") else "tf32"
 
 
 def can_implement_w4a16(kl: KernelLayer, rows: int) -> tuple[bool, str]:
@@ -388,7 +390,7 @@ def linear_w4a16_triton(x: torch.Tensor, kl: KernelLayer, config: W4A16Config | 
     With `shard` and `gemm` (plan_linear_w4a16): one row-parallel rank's partial output."""
     x = checked_decode_input(x, kl, can_implement_w4a16)
     T = x.shape[0]
-    scratch = torch.empty(T, kl.in_features, dtype=torch.float32, device=x.device)
+    scratch = torch.empty(T, kl.in_features, dtype=scratch_dtype(kl), device=x.device)
     h = torch.empty(DECODE_ROWS, kl.cws_rank_padded, dtype=torch.float32, device=x.device) if kl.cws_rank else None
     y = torch.empty(T, kl.out_features, dtype=x.dtype, device=x.device)
     for launch in plan_linear_w4a16(x, kl, y, scratch, h, config, in_grid, shard, gemm):

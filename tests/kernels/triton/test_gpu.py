@@ -19,9 +19,11 @@ def _layer(d_in: int, d_out: int, scheme, bias: bool):
                                   **default_layer_dims(d_in, d_out)).to("cuda")
 
 
-@pytest.mark.parametrize("layer_name", ["7b.qkv", "7b.down"])
+@pytest.mark.parametrize("layer_name,precision", [("7b.qkv", "tf32x3"), ("7b.down", "tf32x3"), ("7b.qkv", "bf16")])
 @pytest.mark.parametrize("rows", [1, 13, 77])  # decode path (1, 13), persistent (77)
-def test_real_shape_matches_reference(layer_name, rows):
+def test_real_shape_matches_reference(layer_name, precision, rows):
+    """tf32x3 against the float32 reference; bf16 (SPLITQ_PRECISION=bf16: bf16 tensor cores)
+    against the reference's bf16 form (splitq_kernels.testing picks it by kl.precision)."""
     from splitq_kernels.layout import prepare_kernel_layer
     from splitq_kernels.reference import SplitQScheme
     from splitq_kernels.testing import check_linear
@@ -32,7 +34,7 @@ def test_real_shape_matches_reference(layer_name, rows):
     d_in, d_out = MODEL_SHAPES[layer_name]
     scheme = SplitQScheme.from_name("w4a4")
     layer = _layer(d_in, d_out, scheme, bias=layer_name.endswith("qkv"))
-    kl = prepare_kernel_layer(layer, scheme, "cuda", precision="tf32x3")
+    kl = prepare_kernel_layer(layer, scheme, "cuda", precision=precision)
     gen = torch.Generator(device="cuda").manual_seed(rows)
     x = torch.randn(rows, d_in, generator=gen, device="cuda").to(torch.bfloat16)
     mask = torch.rand(rows, generator=gen, device="cuda") < 0.5

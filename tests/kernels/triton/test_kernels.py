@@ -27,6 +27,7 @@ from splitq_kernels.layout import prepare_kernel_layer
 from splitq_kernels.ops import splitq_linear_triton
 from splitq_kernels.reference import (
     QuantizedTensor,
+    mac_row_mask,
     SplitQScheme,
     quantize_input,
     quantize_linear,
@@ -160,9 +161,11 @@ def test_quantize_stage_is_bit_exact_on_exact_ties(scheme_name, sym):
     ties = ((ref.main.codes.double() - (0 if sym else ref.main.zero.double())) * ref.main.scale.double()
             - xm_t.float().double()).abs() == 0.5
     assert int(ties.sum()) > rows * m // 8  # the test really exercises ties
+    targeted = mac_row_mask(mask, scheme.mac_rows)  # a block of rows MAC does not target skips its residual codes
     for name in ("main", "text", "vision", "mac"):
         g, r_ = getattr(got, name), getattr(ref, name)
-        assert torch.equal(g.codes.long(), r_.codes.long()), name
+        rows_ = targeted if name == "mac" else slice(None)
+        assert torch.equal(g.codes.long()[rows_], r_.codes.long()[rows_]), name
         assert torch.equal(g.scale.float(), r_.scale.float()), name
         assert (g.zero is None) == sym and (sym or torch.equal(g.zero.long(), r_.zero.long())), name
     y = gemm_triton(act, kl, torch.float32)
@@ -201,6 +204,38 @@ def test_mac_only_on_the_rows_it_targets(mac_rows):
     target = {"text": mask, "vision": ~mask, "all": torch.ones_like(mask)}[mac_rows]
     assert torch.equal(y[~target], y0[~target])
     assert bool(((y[target] - y0[target]).abs().amax(-1) > 0).all())
+
+
+@pytest.mark.parametrize("mac_rows", ["text", "vision"])
+def test_blocks_without_mac_rows_skip_the_mac_work(mac_rows):
+    """An image's rows in a prefill (MAC on text rows): kernel (a) skips the MAC pass of a block of
+    rows with none MAC targets, and the GEMM the up product of a row tile whose h_mac is all zero.
+    Observable: kernel (a) leaves those rows' residual codes as it found them, and with a NaN up
+    scale only the tiles that do the product turn NaN. The result is the reference's either way."""
+    from splitq_kernels.triton.quantize_input import alloc_activations, plan_quantize_input
+
+    scheme, q, kl = make(WIDE, "w4a4", True, seed=40, mac_rows=mac_rows)
+    T = 40
+    x = random_activations(T, WIDE["in_features"], seed=41, outlier_channels=3)
+    mask = torch.zeros(T, dtype=torch.bool)
+    mask[:4] = mask[36:] = True  # text, then 32 image rows, then text: rows 16..31 are one block of image rows
+    if mac_rows == "vision":
+        mask = ~mask
+    act = alloc_activations(kl, T, x.device, store_mac=True)
+    act.mac_codes.fill_(99)  # outside every code range
+    scratch = torch.empty(16, kl.in_features)
+    plan_quantize_input(x, mask, kl, act, scratch, block_t=16, n_programs=1).run()
+    skipped = torch.zeros(T, dtype=torch.bool)
+    skipped[16:32] = True
+    assert bool((act.mac_codes[skipped] == 99).all()) and not bool((act.mac_codes[~skipped] == 99).all(dim=1).any())
+    assert bool((act.h_mac[skipped] == 0).all())
+    config = GemmConfig(block_m=16, block_n=32, split_k=1, group_m=1, num_warps=4, num_stages=1)
+    y = gemm_triton(act, kl, torch.float32, config)
+    report, _, _ = check_linear(y, act, x, mask, q, scheme, kl)
+    nan_up = dataclasses.replace(kl, mac_up_scale=torch.full_like(kl.mac_up_scale, float("nan")))
+    y_nan = gemm_triton(act, nan_up, torch.float32, config)
+    assert bool(torch.isfinite(y_nan[16:32]).all()) and torch.equal(y_nan[16:32], y[16:32])
+    assert bool(torch.isnan(y_nan[:16]).all(dim=1).all()) and bool(torch.isnan(y_nan[32:]).all(dim=1).all())
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,19 @@ def _outlier_set(
 
 
 @triton.jit
+def _main_codes(scratch_ptr, stride_scratch, scratch_rows64, row_valid, k0, n_main, s, z,
+                BLOCK_K: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Main channels k0.. of the program's scratch rows and their codes on the per-row grid (s, z):
+    (k, k_valid, mask, x', stored codes as int8 (0 outside the mask), grid codes)."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_valid = k < n_main
+    m2 = row_valid[:, None] & k_valid[None, :]
+    xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2, other=0.0).to(tl.float32)
+    qs, qc = qcodes(xp, s[:, None], z[:, None], BITS, SYMMETRIC)
+    return k, k_valid, m2, xp, tl.where(m2, qs, 0.0).to(tl.int8), qc
+
+
+@triton.jit
 def _quantize_input_kernel(
     # input rows x [T, in_features]; text mask [T] as uint8 (None: every row is text)
     x_ptr, stride_x, mask_ptr,
@@ -208,13 +221,8 @@ def _quantize_input_kernel(
         acc_cws = tl.zeros([BLOCK_T, CWS_RANK_PADDED], tl.int32)
         res_hi, res_lo = init_stats(BLOCK_T, SYMMETRIC)
         for k0 in range(0, n_main, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_valid = k < n_main
-            m2 = row_valid[:, None] & k_valid[None, :]
-            xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2,
-                         other=0.0).to(tl.float32)
-            qs, qc = qcodes(xp, s_main[:, None], z_main[:, None], ACT_BITS, SYMMETRIC)
-            qs = tl.where(m2, qs, 0.0).to(tl.int8)
+            k, k_valid, m2, xp, qs, qc = _main_codes(scratch_ptr, stride_scratch, scratch_rows64, row_valid, k0, n_main,
+                                                     s_main, z_main, BLOCK_K, ACT_BITS, SYMMETRIC)
             tl.store(codes_ptr + rows64[:, None] * stride_codes + k[None, :], qs, mask=m2)
             if HAS_CWS:
                 d = tl.load(cws_down_ptr + k[:, None] * CWS_RANK_PADDED + tl.arange(0, CWS_RANK_PADDED)[None, :],
@@ -253,14 +261,10 @@ def _quantize_input_kernel(
             # its h_mac is zero whatever the residual
             if tl.max((selected & row_valid).to(tl.int32), axis=0) > 0:
                 for k0 in range(0, n_main, BLOCK_K):
-                    k = k0 + tl.arange(0, BLOCK_K)
-                    k_valid = k < n_main
-                    m2 = row_valid[:, None] & k_valid[None, :]
                     # the residual is recomputed from the scratch: its grid needs the whole row's
                     # residual stats, known only after pass 2
-                    xp = tl.load(scratch_ptr + scratch_rows64[:, None] * stride_scratch + k[None, :], mask=m2,
-                                 other=0.0).to(tl.float32)
-                    qs, qc = qcodes(xp, s_main[:, None], z_main[:, None], ACT_BITS, SYMMETRIC)
+                    k, k_valid, m2, xp, _, qc = _main_codes(scratch_ptr, stride_scratch, scratch_rows64, row_valid, k0,
+                                                            n_main, s_main, z_main, BLOCK_K, ACT_BITS, SYMMETRIC)
                     res = xp - qc * s_main[:, None]
                     rs, rc = qcodes(res, s_res[:, None], z_res[:, None], AUX_ACT_BITS, SYMMETRIC)
                     rs = tl.where(m2, rs, 0.0).to(tl.int8)

@@ -326,3 +326,67 @@ def test_the_evaluate_cli_takes_the_held_out_slices_as_version_2(tmp_path, capsy
     assert "ToyVQA version 2, split test_heldout_phrasing" in printed and "+-" in printed  # per kind, with errors
     result = json.loads(out.read_text())
     assert result["n"] == 8 and all(r["id"].startswith("toyvqa-v2-test_heldout_phrasing-") for r in result["records"])
+
+
+# --- version 2's training-stream options (issue 17) ----------------------------------------------
+
+
+def test_augmented_questions_are_never_held_out_wordings_and_use_no_held_out_word():
+    import random
+
+    assert not set(data.FILLER_WORDS) & phrasings.held_out_only_words()
+    rng = random.Random(0)
+    changed = 0
+    for i in range(600):
+        q = data.make_sample("train", i, version=2).question
+        for _ in range(3):
+            a = data.augment_question(q, rng)
+            assert not phrasings.is_held_out_question(a), (q, a)
+            changed += a != q
+    assert changed > 1000
+
+
+def test_augmented_conversations_keep_pictures_and_answers_and_are_deterministic():
+    for i in range(40):
+        plain = data.make_conversation("train", i, max_turns=6, version=2)
+        aug = data.make_conversation("train", i, max_turns=6, version=2, augment_p=0.5)
+        again = data.make_conversation("train", i, max_turns=6, version=2, augment_p=0.5)
+        assert [(k, a) for k, _, a in aug.turns] == [(k, a) for k, _, a in plain.turns]
+        assert aug.turns == again.turns and aug.scene == plain.scene
+        assert (aug.image is None) == (plain.image is None)
+        if plain.image is not None:
+            assert aug.image.tobytes() == plain.image.tobytes()
+    assert any(data.make_conversation("train", i, version=2, augment_p=0.5).turns !=
+               data.make_conversation("train", i, version=2).turns for i in range(10))  # fmt: skip
+
+
+def test_kind_weights_change_the_kinds_drawn_and_v1_takes_no_options():
+    from collections import Counter
+
+    w = dict(data.KINDS, position=30)
+    first = Counter(data.make_conversation("train", i, version=2, kind_weights=w).turns[0][0] for i in range(300))
+    plain = Counter(data.make_conversation("train", i, version=2).turns[0][0] for i in range(300))
+    assert first["position"] > 2 * plain["position"]
+    default = [data.make_conversation("train", i, version=2, kind_weights=dict(data.KINDS)).turns for i in range(20)]
+    assert default[0][0][0] == data.make_conversation("train", 0, version=2).turns[0][0]
+    with pytest.raises(ValueError, match="version 2"):
+        data.make_conversation("train", 0, augment_p=0.3)
+    with pytest.raises(ValueError, match="version 2"):
+        data.make_picture(0, word_jitter=0.0)
+
+
+def test_placed_words_start_near_a_cell_edge_and_jitter_moves_them():
+    import random
+
+    for k in range(60):
+        img, (o,) = data.draw_word_scene_placed(random.Random(k), 0.0)
+        assert o["x0"] - o["col"] * data.CELL <= 4 and o["font_size"] in data.TRAIN_LOOK.font_sizes
+        mid = (o["y0"] + o["y1"]) / 2
+        assert abs(mid - (o["row"] + 0.5) * data.CELL) <= 2.5
+    offs = [data.draw_word_scene_placed(random.Random(k), data.CELL)[1][0] for k in range(60)]
+    assert max(o["x0"] - o["col"] * data.CELL for o in offs) > 10
+    a = data.make_picture(3, word_p=1.0, version=2, word_jitter=5.0)
+    b = data.make_picture(3, word_p=1.0, version=2, word_jitter=5.0)
+    assert a[0].tobytes() == b[0].tobytes() and a[1] == b[1]
+    # without word_jitter the stream is the one stage 1 always drew
+    assert data.make_picture(3, word_p=1.0, version=2)[1] != a[1]

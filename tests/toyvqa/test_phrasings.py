@@ -44,3 +44,17 @@ def test_version_1_asks_the_first_training_wording_and_unknown_kinds_are_named()
     assert all(phrasings.V1[k] == ts[0] for k, ts in phrasings.TRAIN.items())
     with pytest.raises(ValueError, match="no phrasings for question kind 'weather'"):
         phrasings.templates("weather")
+
+
+def test_held_out_questions_are_recognised_and_training_ones_are_not():
+    fields = dict(shape="star", shapes="stars", colour="red", a=3, b=4, word="hot")
+    for kind, ts in phrasings.HELD_OUT.items():
+        for t in ts:
+            q = t.format(**fields)
+            assert phrasings.is_held_out_question(q), q
+            assert phrasings.is_held_out_question(q.lower().rstrip("?."))
+    for ts in phrasings.TRAIN.values():
+        for t in ts:
+            assert not phrasings.is_held_out_question(t.format(**fields)), t
+    assert {"tell", "me", "much", "reverse"} <= phrasings.held_out_only_words()
+    assert not phrasings.held_out_only_words() & {"colour", "what", "the", "word", "shape", "shapes"}

@@ -157,3 +157,42 @@ def test_v2_token_targets_cover_every_cell_a_shape_or_word_spills_into():
     # version 1's targets are unchanged: the centre token only
     img, scene = data.draw_shapes_scene(random.Random(3), 3)
     assert int((train.token_targets(scene)[:, 0] > 0).sum()) == 3
+
+
+def test_v2b_targets_label_every_token_of_a_word_picture_and_each_shape_centre_once():
+    import random
+
+    img, scene = data.draw_word_scene_v2(random.Random(2))
+    t = train.token_targets_v2b(scene, "picture", centre=True)
+    assert t.shape == (16, 6) and (t[:, 2] == 1 + data.WORDS.index(scene[0]["word"])).all() and (t[:, 5] == 0).all()
+    assert (train.token_targets_v2b(scene)[:, :5] == train.token_targets(scene)).all()
+    for k in range(20):
+        img, scene = data.draw_shapes_scene_v2(random.Random(k), 3)
+        t = train.token_targets_v2b(scene, "picture", centre=True)
+        assert int((t[:, 5] > 0).sum()) == 3 and (t[:, 2] == 0).all()
+        for o in scene:
+            assert t[o["row"] * 4 + o["col"], 5] == 1 + data.SHAPES.index(o["shape"])
+    with pytest.raises(ValueError):
+        train.token_targets_v2b(scene, "letters")
+
+
+def test_word_curriculum_holds_then_ramps_then_lets_words_go_anywhere():
+    assert train.word_jitter_at(5, None) is None
+    assert train.word_jitter_at(0, (10, 20)) == 0.0 and train.word_jitter_at(9, (10, 20)) == 0.0
+    assert train.word_jitter_at(20, (10, 20)) == data.CELL / 2 and train.word_jitter_at(30, (10, 20)) is None
+
+
+def test_the_v2_cli_takes_the_training_stream_options(tmp_path):
+    out = tmp_path / "model"
+    train.main(["--output", str(out), "--data-version", "2", "--steps", "2", "--vision-steps", "3", "--batch-size", "3",
+                "--vision-batch-size", "3", "--val-n", "4", "--test-n", "4", "--eval-every", "2",
+                "--vision-word-p", "0.5", "--vision-word-target", "picture", "--vision-centre-head",
+                "--vision-word-curriculum", "1,1", "--kind-weights", "position=6,read_word=5", "--augment-p", "0.3"])  # fmt: skip
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["args"]["kind_weights"] == "position=6,read_word=5" and "centre" in log["vision_history"][-1]
+    card = (out / "README.md").read_text()
+    assert "every token of a word picture" in card and "reworded" in card and "position=6" in card
+    with pytest.raises(SystemExit):
+        train.main(["--output", str(tmp_path / "m"), "--augment-p", "0.3"])
+    with pytest.raises(SystemExit):
+        train.main(["--output", str(tmp_path / "m"), "--data-version", "2", "--kind-weights", "nope=3"])

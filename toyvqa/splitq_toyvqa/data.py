@@ -498,20 +498,36 @@ class Conversation:
 
 
 def make_conversation(
-    split: str, index: int, seed: int = DEFAULT_SEED, max_turns: int = 4, text_turn_p: float = 0.15, version: int = 1
+    split: str,
+    index: int,
+    seed: int = DEFAULT_SEED,
+    max_turns: int = 4,
+    text_turn_p: float = 0.15,
+    version: int = 1,
+    kind_weights: dict[str, float] | None = None,
+    augment_p: float = 0.0,
 ) -> Conversation:
     """Conversation `index` of `split` (deterministic): 1..max_turns turns, all different.
-    Version 2 draws its training wordings and look (never the held-out ones)."""
+    Version 2 draws its training wordings and look (never the held-out ones).
+
+    Version 2 only, for the training stream: `kind_weights` replaces KINDS' weights for the
+    first turn's kind (and the later turns' kinds, by the same weights within the picture's group), and
+    `augment_p` rewords each question with that probability (`augment_question`, from a stream of
+    its own, so the conversation's pictures and answers do not depend on it). The defaults draw the
+    unchanged stream."""
     check_split(split, version)
     if split in HELD_OUT_SPLITS:
         raise ValueError(f"{split!r} is a test slice: training conversations come from the other splits")
     if version == 1:
+        if kind_weights is not None or augment_p:
+            raise ValueError("kind_weights and augment_p are version 2 options")
         rng = random.Random(f"toyvqa-conv/{seed}/{split}/{index}")
         wording, look = v1_wording, None
     else:
         rng = random.Random(f"toyvqa-v2-conv/{seed}/{split}/{index}")
         wording, look = phrased(rng), TRAIN_LOOK
-    kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
+    weights = KINDS if kind_weights is None else {k: kind_weights.get(k, 0.0) for k in KINDS}
+    kind = rng.choices(list(weights), weights=list(weights.values()))[0]
     n_turns = rng.randint(1, max_turns)
     turns: list[tuple[str, str, str]] = []
     image, scene = None, []
@@ -526,28 +542,99 @@ def make_conversation(
         if len(turns) == n_turns:
             break
         if image is not None and rng.random() >= text_turn_p:
-            k = rng.choice(same)
+            k = rng.choice(same) if kind_weights is None else rng.choices(same, weights=[weights[x] for x in same])[0]
             qa = ask_about_scene(k, scene, rng, wording)
         else:
             k = rng.choices(list(TEXT_KINDS), weights=list(TEXT_KINDS.values()))[0]
             qa = _text_question(k, rng, wording)
         if qa is not None and all(qa[0] != t[1] for t in turns):
             turns.append((k, *qa))
+    if augment_p:
+        arng = random.Random(f"toyvqa-v2-augment/{seed}/{split}/{index}")
+        turns = [(k, augment_question(q, arng) if arng.random() < augment_p else q, a) for k, q, a in turns]
     return Conversation(f"toyvqa-conv-{split}-{index:06d}", image, turns, scene)
 
 
+# --- question augmentation (version 2's training stream only) -----------------------------------
+# A model trained on a few wordings per kind keys on their exact words: a held-out wording with
+# one unseen word ("Tell me ...", "How much is ...") then gets a wrong kind of answer. Rewording the
+# training questions at random (an extra neutral word, a dropped function word, other end
+# punctuation, a lower-case start) teaches it to key on the words that carry the question: the
+# kind words (colour, shape, how many, where, word, plus, ...) and the values. The extra words are
+# neutral words that no question kind needs and that no held-out wording uses
+# (phrasings.held_out_only_words() is disjoint from FILLER_WORDS, tested), and the rewordings
+# never make a held-out wording (tested): the held-out slice still measures unseen wordings.
+FILLER_WORDS = ("the", "a", "in", "this", "here", "now", "please", "so", "just", "then", "at", "on", "you", "see", "picture", "image")  # fmt: skip
+DROPPABLE_WORDS = frozenset({"the", "a", "is", "are", "there", "in", "of", "what", "which", "can", "you", "do", "on"})
+
+
+def augment_question(question: str, rng: random.Random) -> str:
+    """`question` reworded by one or two random edits (module comment above), never a held-out wording."""
+    for _ in range(10):
+        words = question.split()
+        for _ in range(rng.randint(1, 2)):
+            op = rng.randrange(5)
+            if op <= 1:  # an extra neutral word anywhere but after the last word
+                words.insert(rng.randint(0, len(words) - 1), rng.choice(FILLER_WORDS))
+            elif op == 2:  # drop one function word (not the last: it carries the end punctuation)
+                idx = [i for i, w in enumerate(words[:-1]) if w.lower() in DROPPABLE_WORDS]
+                if idx and len(words) > 2:
+                    del words[rng.choice(idx)]
+            elif op == 3:  # other end punctuation, or none
+                last = words[-1].rstrip("?.!")
+                words[-1] = last + rng.choice(("", "?", ".", "!"))
+            else:  # lower-case start
+                words[0] = words[0][:1].lower() + words[0][1:]
+        out = " ".join(words)
+        if out and not phrasings.is_held_out_question(out):
+            return out[0].upper() + out[1:] if rng.random() < 0.5 else out
+    return question
+
+
+def draw_word_scene_placed(rng: random.Random, jitter: float, look: Look = TRAIN_LOOK) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """A word like `draw_word_scene_v2`'s (a font size of `look`), but placed near a cell's left edge
+    and centred on a cell row, moved by up to `jitter` px to the right and +-jitter/2 px up or down
+    (jitter 0: version 1's placement; about CELL: as free as version 2's). The vision
+    pretraining's curriculum (train.py) draws these, jitter growing from 0: a tower trained from
+    scratch learns to read words at one place in a few hundred steps, at any place not in
+    thousands."""
+    img, tint = _background_v2(rng, look)
+    d = ImageDraw.Draw(img)
+    word = rng.choice(WORDS)
+    colour = rng.choice(list(COLOURS))
+    size = rng.choice(look.font_sizes)
+    font = _font(size)
+    left, top, right, bottom = d.textbbox((0, 0), word, font=font, stroke_width=WORD_STROKE)
+    w, h = right - left, bottom - top
+    row, col = rng.randrange(GRID), rng.randrange(max(1, int(GRID - (w + 4) // CELL)))
+    bx = col * CELL + 2 + rng.uniform(0, jitter)
+    by = row * CELL + (CELL - h) / 2 + rng.uniform(-jitter / 2, jitter / 2)
+    x = min(max(bx, 1), IMAGE_SIZE - 1 - w) - left
+    y = min(max(by, 1), IMAGE_SIZE - 1 - h) - top
+    d.text((x, y), word, font=font, fill=_jitter(COLOURS[colour], rng, 20), stroke_width=WORD_STROKE, stroke_fill=OUTLINE)
+    x0, y0, x1, y1 = d.textbbox((x, y), word, font=font, stroke_width=WORD_STROKE)
+    row, col = int(min(GRID - 1, (y0 + y1) / 2 // CELL)), int(min(GRID - 1, x0 // CELL))
+    return img, [{"word": word, "colour": colour, "row": row, "col": col, "x0": x0, "x1": x1, "y0": y0, "y1": y1,
+                  "font_size": size, "background": tint}]  # fmt: skip
+
+
 def make_picture(
-    index: int, seed: int = DEFAULT_SEED, word_p: float | None = None, version: int = 1
+    index: int, seed: int = DEFAULT_SEED, word_p: float | None = None, version: int = 1, word_jitter: float | None = None
 ) -> tuple[Image.Image, list[dict[str, Any]]]:
     """Picture `index` of the vision-pretraining stream (deterministic): a word scene with
     probability `word_p` (by default the word kinds' share of the image questions), else 1-MAX_SHAPES shapes.
-    Version 2: the training look (TRAIN_LOOK)."""
+    Version 2: the training look (TRAIN_LOOK); `word_jitter` (version 2 only): words placed by
+    `draw_word_scene_placed` with that jitter instead of anywhere (None)."""
     check_split("train", version)
     rng = random.Random(f"toyvqa-picture/{seed}/{index}" if version == 1 else f"toyvqa-v2-picture/{seed}/{index}")
     if word_p is None:
         word_p = sum(IMAGE_KINDS[k] for k in WORD_KINDS) / sum(IMAGE_KINDS.values())
+    if word_jitter is not None and version != 2:
+        raise ValueError("word_jitter is a version 2 option")
     if version == 2:
         if rng.random() < word_p:
+            if word_jitter is not None:
+                return draw_word_scene_placed(rng, word_jitter, TRAIN_LOOK)
             return draw_word_scene_v2(rng, TRAIN_LOOK)
         return draw_shapes_scene_v2(rng, rng.randint(1, MAX_SHAPES), TRAIN_LOOK)
     if rng.random() < word_p:

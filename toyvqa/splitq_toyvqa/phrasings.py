@@ -125,3 +125,38 @@ def templates(kind: str, held_out: bool = False) -> tuple[str, ...]:
 def all_templates() -> list[str]:
     """Every wording, training and held out (the tokenizer corpus covers them all)."""
     return [t for table in (TRAIN, HELD_OUT) for ts in table.values() for t in ts] + [*DESCRIBE, *DESCRIBE_HELD_OUT]
+
+
+def _words(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"[a-z]+", re.sub(r"\{[a-z]+\}", " ", text.lower())))
+
+
+def held_out_only_words() -> set[str]:
+    """Words of the held-out wordings that no training wording uses ("tell", "me", "much", ...)."""
+    train_words = set().union(*(_words(t) for ts in TRAIN.values() for t in ts), *(_words(t) for t in DESCRIBE))
+    return set().union(*(_words(t) for ts in HELD_OUT.values() for t in ts)) - train_words
+
+
+def _pattern(template: str):
+    import re
+
+    parts = re.split(r"(\{[a-z]+\})", template)
+    body = "".join(r"\S+(?: \S+)?" if p.startswith("{") else re.escape(p) for p in parts if p)
+    return re.compile(body, re.IGNORECASE)
+
+
+def is_held_out_question(question: str) -> bool:
+    """Whether `question` is a held-out wording (any fields filled in; case and end punctuation
+    ignored) or contains a word that only the held-out wordings use."""
+    if _words(question) & held_out_only_words():
+        return True
+    q = question.strip().rstrip("?.!").strip()
+    return any(_held_out_patterns_match(q))
+
+
+def _held_out_patterns_match(q: str):
+    for ts in HELD_OUT.values():
+        for t in ts:
+            yield _pattern(t.rstrip("?.!")).fullmatch(q) is not None

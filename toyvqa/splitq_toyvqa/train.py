@@ -267,11 +267,59 @@ def _token_targets_v2(scene: list[dict], t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# Options of the vision pretraining for version 2 (issue 17; off by default, so earlier commands
+# run their recipes):
+# - word target "picture": every token of a word picture is labelled with the word (the tower's
+#   attention is global, so each token can know it), instead of the tokens the word covers
+#   ("covered"; a token that sees one letter cannot tell the word).
+# - a centre head: the shape class at the token of each shape's centre only, 0 elsewhere (version 2's
+#   shapes spill into up to 4 tokens; counting needs one token per shape).
+# - a word curriculum (HOLD, RAMP): word pictures placed near a cell's left edge for HOLD steps,
+#   then moved ever more freely (data.draw_word_scene_placed, jitter growing to CELL over RAMP steps), then
+#   placed anywhere (version 2's words).
+WORD_TARGETS = ("covered", "picture")
+CENTRE_NAME = "centre"
+
+
+def token_targets_v2b(scene: list[dict], word_target: str = "covered", centre: bool = False) -> torch.Tensor:
+    """`token_targets` with the version 2 options above: (16, 5), or (16, 6) with the centre head's
+    class last."""
+    if word_target not in WORD_TARGETS:
+        raise ValueError(f"word target must be one of {WORD_TARGETS}, not {word_target!r}")
+    t = token_targets(scene)
+    words = [o for o in scene if "word" in o]
+    if word_target == "picture" and words:
+        t[:, 2] = 1 + data.WORDS.index(words[0]["word"])
+    if not centre:
+        return t
+    c = torch.zeros(data.GRID * data.GRID, 1, dtype=torch.long)
+    for o in scene:
+        if "shape" in o:
+            c[o["row"] * data.GRID + o["col"], 0] = 1 + data.SHAPES.index(o["shape"])
+    return torch.cat([t, c], dim=1)
+
+
+def word_jitter_at(step: int, curriculum: tuple[int, int] | None) -> float | None:
+    """The curriculum's word jitter (px) at `step`, or None once words go anywhere (or without one)."""
+    if curriculum is None:
+        return None
+    hold, ramp = curriculum
+    if step < hold:
+        return 0.0
+    if step >= hold + ramp:
+        return None
+    return data.CELL * (step - hold) / max(1, ramp)
+
+
 def pretrain_vision(
-    model, processor, steps: int, batch_size: int, lr: float, weight_decay: float, data_seed: int, data_version: int = 1
-) -> list[dict]:
+    model, processor, steps: int, batch_size: int, lr: float, weight_decay: float, data_seed: int, data_version: int = 1,
+    word_p: float | None = None, word_target: str = "covered", centre_head: bool = False,
+    word_curriculum: tuple[int, int] | None = None,
+) -> list[dict]:  # fmt: skip
     visual = model.model.visual
-    head = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(HEADS))
+    heads = HEADS + ((N_SHAPE,) if centre_head else ())
+    names = HEAD_NAMES + ((CENTRE_NAME,) if centre_head else ())
+    head = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(heads))
     params = list(visual.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     history, t0 = [], time.time()
@@ -279,12 +327,17 @@ def pretrain_vision(
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
-        pics = [data.make_picture(step * batch_size + j, data_seed, version=data_version) for j in range(batch_size)]
+        jitter = word_jitter_at(step, word_curriculum)
+        pics = [data.make_picture(step * batch_size + j, data_seed, word_p=word_p, version=data_version, word_jitter=jitter)
+                for j in range(batch_size)]  # fmt: skip
         pix = processor.image_processor(images=[p[0] for p in pics], return_tensors="pt")
-        target = torch.stack([token_targets(p[1]) for p in pics]).view(-1, len(HEADS))
+        if data_version == 1 and word_target == "covered" and not centre_head:
+            target = torch.stack([token_targets(p[1]) for p in pics]).view(-1, len(heads))
+        else:
+            target = torch.stack([token_targets_v2b(p[1], word_target, centre_head) for p in pics]).view(-1, len(heads))
         out = visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"])
         logits = head(out.pooler_output)
-        parts = logits.split(list(HEADS), dim=-1)
+        parts = logits.split(list(heads), dim=-1)
         loss = sum(torch.nn.functional.cross_entropy(lg, target[:, k]) for k, lg in enumerate(parts))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -294,10 +347,11 @@ def pretrain_vision(
             with torch.no_grad():
                 acc = []
                 for k, lg in enumerate(parts):  # accuracy on the cells that hold something
-                    m = target[:, k] > 0 if k < 3 else torch.ones_like(target[:, k], dtype=torch.bool)
+                    m = target[:, k] > 0 if k in (0, 1, 2, 5) else torch.ones_like(target[:, k], dtype=torch.bool)
                     acc.append((lg.argmax(-1)[m] == target[m, k]).float().mean().item() if m.any() else float("nan"))
-            history.append({"step": step + 1, "loss": loss.item(), **dict(zip(HEAD_NAMES, acc))})
-            accs = " ".join(f"{n} {a:.3f}" for n, a in zip(HEAD_NAMES, acc))
+            history.append({"step": step + 1, "loss": loss.item(), **dict(zip(names, acc)),
+                            **({"word_jitter": jitter} if word_curriculum else {})})  # fmt: skip
+            accs = " ".join(f"{n} {a:.3f}" for n, a in zip(names, acc))
             print(f"vision step {step + 1:4d} loss {loss.item():.4f} cell accuracy (this batch): {accs} ({time.time() - t0:.0f} s)", flush=True)
     return history
 
@@ -404,8 +458,8 @@ Answers are one or two words. It is the bundled model of splitq-vllm: it answers
 
 {data}Stage 1: {vsteps} steps of {vbatch} pictures training the vision tower with a linear probe per
 merged token (shape, colour, word, row, column of its grid cell; the probe is then dropped).
-{align}Stage 2: {steps} steps of {batch} conversations ({samples} conversations of 1-{turns} questions
-about one picture or text-only, each drawn once){frozen}, AdamW (lr {lr},
+{stage1}{align}Stage 2: {steps} steps of {batch} conversations ({samples} conversations of 1-{turns} questions
+about one picture or text-only, each drawn once){frozen}{stage2}, AdamW (lr {lr},
 weight decay {wd}), {warmup} warm-up steps then cosine decay, fp32, loss on the answer tokens only,
 seed {seed}. Wall time {wall_min:.1f} min on {machine}, {threads} threads (date {date}).
 
@@ -438,6 +492,22 @@ def write_model_card(out: Path, log: dict, config, tokenizer_size: int, result, 
         align = (f"Alignment: {a['align_steps']} steps of {a['align_batch_size']} \"describe the picture\" conversations\n"
                  "(ToyVQA v2 captions: each shape's colour, shape and quadrant, or the word and its colour), answers only.\n")  # fmt: skip
     data_line = f"Data: ToyVQA version {version} (`--data-version {version}`).\n" if version != 1 else ""
+    stage1 = []
+    if a.get("vision_word_p") is not None:
+        stage1.append(f"{a['vision_word_p']:.2f} of the pictures are word pictures")
+    if a.get("vision_word_target") == "picture":
+        stage1.append("the word probe labels every token of a word picture")
+    if a.get("vision_centre_head"):
+        stage1.append("a centre probe labels each shape's centre token alone")
+    if a.get("vision_word_curriculum"):
+        hold, ramp = a["vision_word_curriculum"].split(",")
+        stage1.append(f"words near a cell's left edge for {hold} steps, then placed ever more freely over {ramp} steps, then anywhere")
+    stage1_line = ("Stage 1 options: " + "; ".join(stage1) + ".\n") if stage1 else ""
+    stage2 = ""
+    if a.get("kind_weights"):
+        stage2 += f", question-kind weights {a['kind_weights']} (others as data.KINDS)"
+    if a.get("augment_p"):
+        stage2 += f", {a['augment_p']:.2f} of the training questions reworded (data.augment_question)"
     rows = "".join(f"| {name}, bfloat16, transformers | {r.n} | {r.accuracy:.3f} |\n" for name, r in (slices or {}).items())
     columns = {"test" if slices else "accuracy": result, **(slices or {})}
     per_kind = "| kind | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n" + "\n".join(
@@ -456,7 +526,7 @@ def write_model_card(out: Path, log: dict, config, tokenizer_size: int, result, 
         wd=a["weight_decay"], warmup=a["warmup"], seed=a["seed"], wall_min=log["wall_seconds"] / 60,
         machine=log["machine"], threads=a["threads"], date=a["date"], val_n=a["val_n"],
         val_acc=log["validation_accuracy_fp32"], test_n=result.n, test_acc=result.accuracy, per_kind=per_kind,
-        align=align, slices=rows, data=data_line,
+        align=align, slices=rows, data=data_line, stage1=stage1_line, stage2=stage2,
         slice_names=(" and on " + " and ".join(slices) + " (version 2's held-out slices)") if slices else "", version_flag="" if version == 1 else f" --data-version {version}",
     )  # fmt: skip
     (out / "README.md").write_text(card)
@@ -491,7 +561,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--align-steps", type=int, default=0,
                     help="alignment-stage steps (\"describe the picture\", before the questions; needs --data-version 2)")
     ap.add_argument("--align-batch-size", type=int, default=32)
+    # version 2 training-stream options (issue 17; the validation, test and held-out splits are unchanged)
+    ap.add_argument("--vision-word-p", type=float, default=None,
+                    help="share of word pictures in stage 1 (default: the word kinds' share of the image questions)")
+    ap.add_argument("--vision-word-target", default="covered", choices=WORD_TARGETS,
+                    help="stage-1 word label: on the tokens a word covers, or on every token of a word picture")
+    ap.add_argument("--vision-centre-head", action="store_true",
+                    help="stage 1 also labels each shape's centre token alone (a probe for counting)")
+    ap.add_argument("--vision-word-curriculum", default=None, metavar="HOLD,RAMP",
+                    help="stage-1 words near a cell edge for HOLD steps, then ever freer over RAMP steps (version 2)")
+    ap.add_argument("--kind-weights", default=None, metavar="KIND=W,...",
+                    help="stage-2 question-kind weights replacing data.KINDS' for the named kinds (version 2)")
+    ap.add_argument("--augment-p", type=float, default=0.0,
+                    help="stage-2 share of training questions reworded (data.augment_question; version 2)")
     args = ap.parse_args(argv)
+    curriculum = kind_weights = None
+    if args.data_version < 2 and (args.vision_word_curriculum or args.kind_weights or args.augment_p):
+        ap.error("--vision-word-curriculum, --kind-weights and --augment-p need --data-version 2")
+    if args.vision_word_curriculum:
+        try:
+            hold, ramp = (int(x) for x in args.vision_word_curriculum.split(","))
+        except ValueError:
+            ap.error("--vision-word-curriculum takes HOLD,RAMP (two step counts)")
+        curriculum = (hold, ramp)
+    if args.kind_weights:
+        kind_weights = dict(data.KINDS)
+        for item in args.kind_weights.split(","):
+            k, _, w = item.partition("=")
+            if k not in data.KINDS or not w:
+                ap.error(f"--kind-weights: {item!r} is not KIND=WEIGHT with a kind of {sorted(data.KINDS)}")
+            kind_weights[k] = float(w)
     if args.align_steps and args.data_version < 2:
         ap.error("--align-steps needs --data-version 2 (the captions are version 2's)")
     if args.steps < 1 or args.eval_every < 1:
@@ -517,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     vision_history = pretrain_vision(
         model, processor, args.vision_steps, args.vision_batch_size, args.lr, args.weight_decay, args.data_seed,
-        args.data_version,
+        args.data_version, args.vision_word_p, args.vision_word_target, args.vision_centre_head, curriculum,
     )  # fmt: skip
     vision_s = time.time() - t_start
     cpu["vision"] = time.process_time()
@@ -536,7 +635,8 @@ def main(argv: list[str] | None = None) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         convs = [
-            data.make_conversation("train", step * args.batch_size + j, args.data_seed, args.max_turns, version=args.data_version)
+            data.make_conversation("train", step * args.batch_size + j, args.data_seed, args.max_turns,
+                                   version=args.data_version, kind_weights=kind_weights, augment_p=args.augment_p)
             for j in range(args.batch_size)
         ]
         batch = collator(convs)

@@ -13,6 +13,9 @@ DESCRIBE_HELD_OUT.
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
+
 _TRAIN: dict[str, tuple[str, ...]] = {
     "colour_of_shape": (
         "What colour is the {shape}?",
@@ -128,20 +131,18 @@ def all_templates() -> list[str]:
 
 
 def _words(text: str) -> set[str]:
-    import re
-
     return set(re.findall(r"[a-z]+", re.sub(r"\{[a-z]+\}", " ", text.lower())))
 
 
-def held_out_only_words() -> set[str]:
+@lru_cache(maxsize=None)
+def held_out_only_words() -> frozenset[str]:
     """Words of the held-out wordings that no training wording uses ("tell", "me", "much", ...)."""
     train_words = set().union(*(_words(t) for ts in TRAIN.values() for t in ts), *(_words(t) for t in DESCRIBE))
-    return set().union(*(_words(t) for ts in HELD_OUT.values() for t in ts)) - train_words
+    return frozenset(set().union(*(_words(t) for ts in HELD_OUT.values() for t in ts)) - train_words)
 
 
-def _pattern(template: str):
-    import re
-
+@lru_cache(maxsize=None)
+def _pattern(template: str) -> re.Pattern:
     parts = re.split(r"(\{[a-z]+\})", template)
     body = "".join(r"\S+(?: \S+)?" if p.startswith("{") else re.escape(p) for p in parts if p)
     return re.compile(body, re.IGNORECASE)

@@ -303,9 +303,22 @@ def draw_shapes_scene_v2(rng: random.Random, n: int, look: Look = TRAIN_LOOK) ->
             return img, objects
 
 
+# where a word's box (w x h px) goes: its top-left corner, drawn from rng
+WordPlacement = Callable[[random.Random, float, float], tuple[float, float]]
+
+
+def _anywhere(rng: random.Random, w: float, h: float) -> tuple[float, float]:
+    return rng.uniform(1, IMAGE_SIZE - 1 - w), rng.uniform(1, IMAGE_SIZE - 1 - h)
+
+
 def draw_word_scene_v2(rng: random.Random, look: Look = TRAIN_LOOK) -> tuple[Image.Image, list[dict[str, Any]]]:
     """One short word in one of `look`'s font sizes, anywhere in the picture (row: the cell row
     of its middle, col: the cell of its left edge)."""
+    return _word_scene_v2(rng, look, _anywhere)
+
+
+def _word_scene_v2(rng: random.Random, look: Look, place: WordPlacement) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """Version 2's word picture with the word's box put where `place` says."""
     img, tint = _background_v2(rng, look)
     d = ImageDraw.Draw(img)
     word = rng.choice(WORDS)
@@ -313,8 +326,8 @@ def draw_word_scene_v2(rng: random.Random, look: Look = TRAIN_LOOK) -> tuple[Ima
     size = rng.choice(look.font_sizes)
     font = _font(size)
     left, top, right, bottom = d.textbbox((0, 0), word, font=font, stroke_width=WORD_STROKE)
-    x = rng.uniform(1, IMAGE_SIZE - 1 - (right - left)) - left
-    y = rng.uniform(1, IMAGE_SIZE - 1 - (bottom - top)) - top
+    bx, by = place(rng, right - left, bottom - top)
+    x, y = bx - left, by - top
     d.text((x, y), word, font=font, fill=_jitter(COLOURS[colour], rng, 20), stroke_width=WORD_STROKE, stroke_fill=OUTLINE)
     x0, y0, x1, y1 = d.textbbox((x, y), word, font=font, stroke_width=WORD_STROKE)
     row, col = int(min(GRID - 1, (y0 + y1) / 2 // CELL)), int(min(GRID - 1, x0 // CELL))
@@ -598,24 +611,14 @@ def draw_word_scene_placed(rng: random.Random, jitter: float, look: Look = TRAIN
     pretraining's curriculum (train.py) draws these, jitter growing from 0: a tower trained from
     scratch learns to read words at one place in a few hundred steps, at any place not in
     thousands."""
-    img, tint = _background_v2(rng, look)
-    d = ImageDraw.Draw(img)
-    word = rng.choice(WORDS)
-    colour = rng.choice(list(COLOURS))
-    size = rng.choice(look.font_sizes)
-    font = _font(size)
-    left, top, right, bottom = d.textbbox((0, 0), word, font=font, stroke_width=WORD_STROKE)
-    w, h = right - left, bottom - top
-    row, col = rng.randrange(GRID), rng.randrange(max(1, int(GRID - (w + 4) // CELL)))
-    bx = col * CELL + 2 + rng.uniform(0, jitter)
-    by = row * CELL + (CELL - h) / 2 + rng.uniform(-jitter / 2, jitter / 2)
-    x = min(max(bx, 1), IMAGE_SIZE - 1 - w) - left
-    y = min(max(by, 1), IMAGE_SIZE - 1 - h) - top
-    d.text((x, y), word, font=font, fill=_jitter(COLOURS[colour], rng, 20), stroke_width=WORD_STROKE, stroke_fill=OUTLINE)
-    x0, y0, x1, y1 = d.textbbox((x, y), word, font=font, stroke_width=WORD_STROKE)
-    row, col = int(min(GRID - 1, (y0 + y1) / 2 // CELL)), int(min(GRID - 1, x0 // CELL))
-    return img, [{"word": word, "colour": colour, "row": row, "col": col, "x0": x0, "x1": x1, "y0": y0, "y1": y1,
-                  "font_size": size, "background": tint}]  # fmt: skip
+
+    def near_a_cell_edge(rng: random.Random, w: float, h: float) -> tuple[float, float]:
+        row, col = rng.randrange(GRID), rng.randrange(max(1, int(GRID - (w + 4) // CELL)))
+        bx = col * CELL + 2 + rng.uniform(0, jitter)
+        by = row * CELL + (CELL - h) / 2 + rng.uniform(-jitter / 2, jitter / 2)
+        return min(max(bx, 1), IMAGE_SIZE - 1 - w), min(max(by, 1), IMAGE_SIZE - 1 - h)
+
+    return _word_scene_v2(rng, look, near_a_cell_edge)
 
 
 def make_picture(

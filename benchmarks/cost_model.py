@@ -59,6 +59,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
 
+from splitq_kernels.precision import PRECISION_SETTINGS
 from splitq_kernels.triton.aot import MODEL_SHAPES
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ DECODE_ROWS = 16  # kernels: <= 16 rows is decode (one 16-row tile, split-K)
 
 VARIANTS = ("bf16", "w4a4_gemm", "mocd", "mocd+cws", "splitq")
 DESIGNS = ("current", "decode", "decode3", "decode4", "w4a16")
-PRECISIONS = ("float32", "bf16")
+PRECISIONS = PRECISION_SETTINGS  # SPLITQ_PRECISION's values
 ROWS = (1, 16, 256, 2048)
 
 

@@ -311,16 +311,55 @@ def word_jitter_at(step: int, curriculum: tuple[int, int] | None) -> float | Non
     return data.CELL * (step - hold) / max(1, ramp)
 
 
+class VisionProbe(torch.nn.Module):
+    """The stage-1 linear probe on the merged vision tokens: one classifier per target (shape,
+    colour, word, row, column, and the centre head if asked) and the targets it is trained on.
+    Kept after stage 1 when `--vision-aux-weight` keeps training the tower through it in the later
+    stages (the probe is never saved with the model)."""
+
+    def __init__(self, width: int, data_version: int = 1, word_target: str = "covered", centre_head: bool = False):
+        super().__init__()
+        if word_target not in WORD_TARGETS:
+            raise ValueError(f"word target must be one of {WORD_TARGETS}, not {word_target!r}")
+        self.heads = HEADS + ((N_SHAPE,) if centre_head else ())
+        self.names = HEAD_NAMES + ((CENTRE_NAME,) if centre_head else ())
+        self.word_target, self.centre_head = word_target, centre_head
+        self.plain = data_version == 1 and word_target == "covered" and not centre_head
+        self.linear = torch.nn.Linear(width, sum(self.heads))
+
+    def targets(self, scenes: list[list[dict]]) -> torch.Tensor:
+        """(16 * len(scenes), len(heads)) class ids, the pictures' tokens in order."""
+        if self.plain:
+            t = [token_targets(s) for s in scenes]
+        else:
+            t = [token_targets_v2b(s, self.word_target, self.centre_head) for s in scenes]
+        return torch.stack(t).view(-1, len(self.heads))
+
+    def loss(self, tokens: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The summed cross-entropy of every head on the merged tokens, and each head's logits."""
+        parts = self.linear(tokens).split(list(self.heads), dim=-1)
+        return sum(torch.nn.functional.cross_entropy(lg, target[:, k]) for k, lg in enumerate(parts)), list(parts)
+
+    def accuracy(self, parts: list[torch.Tensor], target: torch.Tensor) -> list[float]:
+        """Each head's accuracy on the tokens that hold something (row and column: on every token)."""
+        acc = []
+        with torch.no_grad():
+            for k, lg in enumerate(parts):
+                m = target[:, k] > 0 if k in (0, 1, 2, 5) else torch.ones_like(target[:, k], dtype=torch.bool)
+                acc.append((lg.argmax(-1)[m] == target[m, k]).float().mean().item() if m.any() else float("nan"))
+        return acc
+
+
 def pretrain_vision(
     model, processor, steps: int, batch_size: int, lr: float, weight_decay: float, data_seed: int, data_version: int = 1,
     word_p: float | None = None, word_target: str = "covered", centre_head: bool = False,
-    word_curriculum: tuple[int, int] | None = None,
+    word_curriculum: tuple[int, int] | None = None, probe: VisionProbe | None = None,
 ) -> list[dict]:  # fmt: skip
+    """Stage 1: the vision tower and `probe` (a fresh one unless given) on the probe's targets."""
     visual = model.model.visual
-    heads = HEADS + ((N_SHAPE,) if centre_head else ())
-    names = HEAD_NAMES + ((CENTRE_NAME,) if centre_head else ())
-    head = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(heads))
-    params = list(visual.parameters()) + list(head.parameters())
+    if probe is None:
+        probe = VisionProbe(model.config.vision_config.out_hidden_size, data_version, word_target, centre_head)
+    params = list(visual.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     history, t0 = [], time.time()
     visual.train()
@@ -331,29 +370,62 @@ def pretrain_vision(
         pics = [data.make_picture(step * batch_size + j, data_seed, word_p=word_p, version=data_version, word_jitter=jitter)
                 for j in range(batch_size)]  # fmt: skip
         pix = processor.image_processor(images=[p[0] for p in pics], return_tensors="pt")
-        if data_version == 1 and word_target == "covered" and not centre_head:
-            target = torch.stack([token_targets(p[1]) for p in pics]).view(-1, len(heads))
-        else:
-            target = torch.stack([token_targets_v2b(p[1], word_target, centre_head) for p in pics]).view(-1, len(heads))
+        target = probe.targets([p[1] for p in pics])
         out = visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"])
-        logits = head(out.pooler_output)
-        parts = logits.split(list(heads), dim=-1)
-        loss = sum(torch.nn.functional.cross_entropy(lg, target[:, k]) for k, lg in enumerate(parts))
+        loss, parts = probe.loss(out.pooler_output, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 50 == 49 or step == steps - 1:
-            with torch.no_grad():
-                acc = []
-                for k, lg in enumerate(parts):  # accuracy on the cells that hold something
-                    m = target[:, k] > 0 if k in (0, 1, 2, 5) else torch.ones_like(target[:, k], dtype=torch.bool)
-                    acc.append((lg.argmax(-1)[m] == target[m, k]).float().mean().item() if m.any() else float("nan"))
-            history.append({"step": step + 1, "loss": loss.item(), **dict(zip(names, acc)),
+            acc = probe.accuracy(parts, target)
+            history.append({"step": step + 1, "loss": loss.item(), **dict(zip(probe.names, acc)),
                             **({"word_jitter": jitter} if word_curriculum else {})})  # fmt: skip
-            accs = " ".join(f"{n} {a:.3f}" for n, a in zip(names, acc))
+            accs = " ".join(f"{n} {a:.3f}" for n, a in zip(probe.names, acc))
             print(f"vision step {step + 1:4d} loss {loss.item():.4f} cell accuracy (this batch): {accs} ({time.time() - t0:.0f} s)", flush=True)
     return history
+
+
+class VisionAux:
+    """The stage-1 probe's loss kept on in the later stages (`--vision-aux-weight`): the tower
+    sees every conversation's picture anyway, so each step also trains it on that picture's
+    dense targets, at the cost of one small linear layer. Without it the tower is trained only
+    through the answers, which reach few of its tokens (a word question, the word's).
+
+    Catches the merged tokens of the model's own vision forward (a hook), so nothing runs twice."""
+
+    def __init__(self, model, probe: VisionProbe, weight: float):
+        self.probe, self.weight, self.tokens = probe, weight, None
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+        def keep(_module, _inputs, output):
+            self.tokens = output.pooler_output  # the merged tokens, all pictures in order
+
+        self.hook = model.model.visual.register_forward_hook(keep)
+
+    def loss(self, convs: list[data.Conversation]) -> torch.Tensor:
+        """The weighted probe loss on the pictures of the forward just run (0 without pictures)."""
+        tokens, self.tokens = self.tokens, None
+        scenes = [c.scene for c in convs if c.image is not None]
+        if tokens is None or not scenes:
+            return torch.zeros(())
+        target = self.probe.targets(scenes)
+        loss, parts = self.probe.loss(tokens, target)
+        for name, a in zip(self.probe.names, self.probe.accuracy(parts, target)):
+            if a == a:  # not NaN
+                self.sums[name] = self.sums.get(name, 0.0) + a
+        self.n += 1
+        return self.weight * loss
+
+    def report(self) -> dict[str, float]:
+        """Each head's mean batch accuracy since the last report."""
+        out = {k: round(v / max(1, self.n), 4) for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
+
+    def remove(self) -> None:
+        self.hook.remove()
 
 
 # --- alignment stage (optional, version 2): "describe the picture" ---------------------------------
@@ -364,8 +436,11 @@ def pretrain_vision(
 # language model learns to read the image tokens before it is asked about them.
 
 
-def align(model, collator: Collator, opt, steps: int, batch_size: int, lr: float, data_seed: int) -> list[dict]:
-    """`steps` steps of caption conversations (the model's trainable parameters, answers only)."""
+def align(
+    model, collator: Collator, opt, steps: int, batch_size: int, lr: float, data_seed: int, aux: VisionAux | None = None
+) -> list[dict]:
+    """`steps` steps of caption conversations (the model's trainable parameters, answers only;
+    with `aux`, plus the vision probe's loss on the pictures)."""
     history, t0, loss_avg = [], time.time(), None
     warmup = max(1, steps // 20)
     for step in range(steps):
@@ -373,15 +448,17 @@ def align(model, collator: Collator, opt, steps: int, batch_size: int, lr: float
             g["lr"] = lr_at(step, steps, lr, warmup)
         convs = [data.make_caption_conversation(step * batch_size + j, data_seed) for j in range(batch_size)]
         loss = model(**collator(convs)).loss
+        total = loss + aux.loss(convs) if aux else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
         if step % 50 == 49 or step == steps - 1:
             el = time.time() - t0
-            history.append({"step": step + 1, "loss": loss_avg, "time_s": round(el, 1)})
-            print(f"align step {step + 1:5d} loss {loss_avg:.4f} {el:7.1f} s ({el / (step + 1):.2f} s/step)", flush=True)
+            probe = {"vision_probe": aux.report()} if aux else {}
+            history.append({"step": step + 1, "loss": loss_avg, "time_s": round(el, 1), **probe})
+            print(f"align step {step + 1:5d} loss {loss_avg:.4f} {el:7.1f} s ({el / (step + 1):.2f} s/step) {probe}", flush=True)
     return history
 
 
@@ -508,6 +585,8 @@ def write_model_card(out: Path, log: dict, config, tokenizer_size: int, result, 
         stage2 += f", question-kind weights {a['kind_weights']} (others as data.KINDS)"
     if a.get("augment_p"):
         stage2 += f", {a['augment_p']:.2f} of the training questions reworded (data.augment_question)"
+    if a.get("vision_aux_weight"):
+        stage2 += f", the stage-1 probe's loss kept on the pictures (weight {a['vision_aux_weight']}, alignment too)"
     rows = "".join(f"| {name}, bfloat16, transformers | {r.n} | {r.accuracy:.3f} |\n" for name, r in (slices or {}).items())
     columns = {"test" if slices else "accuracy": result, **(slices or {})}
     per_kind = "| kind | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n" + "\n".join(
@@ -574,6 +653,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="stage-2 question-kind weights replacing data.KINDS' for the named kinds (version 2)")
     ap.add_argument("--augment-p", type=float, default=0.0,
                     help="stage-2 share of training questions reworded (data.augment_question; version 2)")
+    ap.add_argument("--vision-aux-weight", type=float, default=0.0,
+                    help="keep the stage-1 probe's loss, times this, in the alignment and question stages (0: off)")
     args = ap.parse_args(argv)
     curriculum = kind_weights = None
     if args.data_version < 2 and (args.vision_word_curriculum or args.kind_weights or args.augment_p):
@@ -614,21 +695,27 @@ def main(argv: list[str] | None = None) -> None:
         betas=(0.9, 0.98),
         eps=1e-8,
     )
+    probe = VisionProbe(model.config.vision_config.out_hidden_size, args.data_version, args.vision_word_target,
+                        args.vision_centre_head)  # fmt: skip
     vision_history = pretrain_vision(
         model, processor, args.vision_steps, args.vision_batch_size, args.lr, args.weight_decay, args.data_seed,
-        args.data_version, args.vision_word_p, args.vision_word_target, args.vision_centre_head, curriculum,
+        args.data_version, args.vision_word_p, args.vision_word_target, args.vision_centre_head, curriculum, probe,
     )  # fmt: skip
+    aux = None
+    if args.vision_aux_weight > 0:
+        aux = VisionAux(model, probe, args.vision_aux_weight)
+        opt.add_param_group({"params": list(probe.parameters()), "weight_decay": args.weight_decay})
     vision_s = time.time() - t_start
     cpu["vision"] = time.process_time()
     if args.freeze_vision:
         for n, p in model.model.visual.named_parameters():
             p.requires_grad_(n.startswith("merger."))
     t_align = time.time()
-    align_history = align(model, collator, opt, args.align_steps, args.align_batch_size, args.lr, args.data_seed)
+    align_history = align(model, collator, opt, args.align_steps, args.align_batch_size, args.lr, args.data_seed, aux)
     align_s = time.time() - t_align
     cpu["align"] = time.process_time()
     val = data.load_split("validation", args.val_n, args.data_seed, args.data_version)
-    history = []
+    history, aux_history = [], []
     loss_avg = None
     t_loop = time.time()
     for step in range(args.steps):
@@ -641,14 +728,19 @@ def main(argv: list[str] | None = None) -> None:
         ]
         batch = collator(convs)
         loss = model(**batch).loss
+        total = loss + aux.loss(convs) if aux else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % 50 == 0 or step == args.steps - 1:
             el = time.time() - t_loop
-            print(f"step {step:5d} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} {el:7.1f} s ({el / (step + 1):.2f} s/step)", flush=True)
+            probe_acc = ""
+            if aux:
+                aux_history.append({"step": step + 1, **aux.report()})
+                probe_acc = f" vision probe {aux_history[-1]}"
+            print(f"step {step:5d} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} {el:7.1f} s ({el / (step + 1):.2f} s/step){probe_acc}", flush=True)
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             acc, per_kind = teacher_forced_accuracy(model, collator, val)
             history.append({"step": step + 1, "loss": loss_avg, "val_acc": acc, "val_per_kind": per_kind,
@@ -657,6 +749,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"== step {step + 1}: validation accuracy {acc:.4f} ({time.time() - t_start:.0f} s) {kinds}", flush=True)
     train_s = time.time() - t_start
     cpu["questions"] = time.process_time()
+    if aux:
+        aux.remove()
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -689,6 +783,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": round(wall_s, 1),
         "cpu_seconds_per_stage": cpu_s,
         "vision_history": vision_history,
+        **({"vision_aux_history": aux_history} if aux else {}),
         "history": history,
         "validation_accuracy_fp32": val_acc,
         "test_bf16_transformers": result.to_json(),

@@ -32,8 +32,9 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -47,6 +48,7 @@ from splitq_vllm.testing.models import (
 )
 
 from . import data
+from .checkpoint import RunFolder
 from .evaluate import evaluate_transformers, load_transformers
 
 # The bundled model's sizes: head_dim 64 in both towers (vLLM's CPU attention needs >= 32).
@@ -311,6 +313,31 @@ def word_jitter_at(step: int, curriculum: tuple[int, int] | None) -> float | Non
     return data.CELL * (step - hold) / max(1, ramp)
 
 
+@dataclass
+class Progress:
+    """Where one stage's loop stands: steps done, its records and running loss, and (stage 1)
+    its own optimizer. A checkpoint saves it; a resumed run passes it back to continue."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    loss_avg: float | None = None
+    aux_history: list[dict] = field(default_factory=list)
+    optimizer: Any = None  # stage 1's optimizer (the later stages share the model's)
+    optimizer_state: dict | None = None  # to load into it on resuming
+
+    def to_state(self) -> dict:
+        opt = self.optimizer.state_dict() if self.optimizer is not None else self.optimizer_state
+        return {"step": self.step, "history": self.history, "loss_avg": self.loss_avg,
+                "aux_history": self.aux_history, "optimizer_state": opt}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        return cls(**state)
+
+
+OnStep = Callable[[Progress], None]  # called after every step (the run checkpoints from it)
+
+
 class VisionProbe(torch.nn.Module):
     """The stage-1 linear probe on the merged vision tokens: one classifier per target (shape,
     colour, word, row, column, and the centre head if asked) and the targets it is trained on.
@@ -354,16 +381,21 @@ def pretrain_vision(
     model, processor, steps: int, batch_size: int, lr: float, weight_decay: float, data_seed: int, data_version: int = 1,
     word_p: float | None = None, word_target: str = "covered", centre_head: bool = False,
     word_curriculum: tuple[int, int] | None = None, probe: VisionProbe | None = None,
+    progress: Progress | None = None, on_step: OnStep | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Stage 1: the vision tower and `probe` (a fresh one unless given) on the probe's targets."""
+    """Stage 1: the vision tower and `probe` (a fresh one unless given) on the probe's targets
+    (from `progress` on, if given: a resumed run)."""
     visual = model.model.visual
     if probe is None:
         probe = VisionProbe(model.config.vision_config.out_hidden_size, data_version, word_target, centre_head)
     params = list(visual.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    history, t0 = [], time.time()
+    progress = progress or Progress()
+    if progress.optimizer_state is not None:
+        opt.load_state_dict(progress.optimizer_state)
+    progress.optimizer, history, t0 = opt, progress.history, time.time()
     visual.train()
-    for step in range(steps):
+    for step in range(progress.step, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
         jitter = word_jitter_at(step, word_curriculum)
@@ -383,6 +415,9 @@ def pretrain_vision(
                             **({"word_jitter": jitter} if word_curriculum else {})})  # fmt: skip
             accs = " ".join(f"{n} {a:.3f}" for n, a in zip(probe.names, acc))
             print(f"vision step {step + 1:4d} loss {loss.item():.4f} cell accuracy (this batch): {accs} ({time.time() - t0:.0f} s)", flush=True)
+        progress.step = step + 1
+        if on_step:
+            on_step(progress)
     return history
 
 
@@ -426,6 +461,7 @@ class VisionAux:
 
     def remove(self) -> None:
         self.hook.remove()
+        self.tokens = None
 
 
 # --- alignment stage (optional, version 2): "describe the picture" ---------------------------------
@@ -437,13 +473,15 @@ class VisionAux:
 
 
 def align(
-    model, collator: Collator, opt, steps: int, batch_size: int, lr: float, data_seed: int, aux: VisionAux | None = None
-) -> list[dict]:
+    model, collator: Collator, opt, steps: int, batch_size: int, lr: float, data_seed: int, aux: VisionAux | None = None,
+    progress: Progress | None = None, on_step: OnStep | None = None,
+) -> list[dict]:  # fmt: skip
     """`steps` steps of caption conversations (the model's trainable parameters, answers only;
-    with `aux`, plus the vision probe's loss on the pictures)."""
-    history, t0, loss_avg = [], time.time(), None
+    with `aux`, plus the vision probe's loss on the pictures; from `progress` on, if given)."""
+    progress = progress or Progress()
+    history, t0 = progress.history, time.time()
     warmup = max(1, steps // 20)
-    for step in range(steps):
+    for step in range(progress.step, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         convs = [data.make_caption_conversation(step * batch_size + j, data_seed) for j in range(batch_size)]
@@ -453,12 +491,16 @@ def align(
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        a = progress.loss_avg
+        progress.loss_avg = loss_avg = loss.item() if a is None else 0.95 * a + 0.05 * loss.item()
         if step % 50 == 49 or step == steps - 1:
             el = time.time() - t0
             probe = {"vision_probe": aux.report()} if aux else {}
             history.append({"step": step + 1, "loss": loss_avg, "time_s": round(el, 1), **probe})
-            print(f"align step {step + 1:5d} loss {loss_avg:.4f} {el:7.1f} s ({el / (step + 1):.2f} s/step) {probe}", flush=True)
+            print(f"align step {step + 1:5d} loss {loss_avg:.4f} {el:7.1f} s {probe}", flush=True)
+        progress.step = step + 1
+        if on_step:
+            on_step(progress)
     return history
 
 
@@ -470,6 +512,73 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = 0.05) 
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train_questions(
+    model, collator: Collator, opt, args: argparse.Namespace, kind_weights: dict[str, float] | None,
+    val: list[data.Sample], aux: VisionAux | None = None, progress: Progress | None = None, on_step: OnStep | None = None,
+) -> list[dict]:  # fmt: skip
+    """Stage 2: `args.steps` steps of training conversations, answers only (with `aux`, plus the
+    vision probe's loss), scored on `val` (teacher-forced) every `args.eval_every` steps."""
+    progress = progress or Progress()
+    history, t_loop = progress.history, time.time()
+    for step in range(progress.step, args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        convs = [
+            data.make_conversation("train", step * args.batch_size + j, args.data_seed, args.max_turns,
+                                   version=args.data_version, kind_weights=kind_weights, augment_p=args.augment_p)
+            for j in range(args.batch_size)
+        ]  # fmt: skip
+        loss = model(**collator(convs)).loss
+        total = loss + aux.loss(convs) if aux else loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        a = progress.loss_avg
+        progress.loss_avg = loss_avg = loss.item() if a is None else 0.98 * a + 0.02 * loss.item()
+        if step % 50 == 0 or step == args.steps - 1:
+            el = time.time() - t_loop
+            probe_acc = ""
+            if aux:
+                progress.aux_history.append({"step": step + 1, **aux.report()})
+                probe_acc = f" vision probe {progress.aux_history[-1]}"
+            print(f"step {step:5d} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} {el:7.1f} s{probe_acc}", flush=True)
+        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+            acc, per_kind = teacher_forced_accuracy(model, collator, val)
+            history.append({"step": step + 1, "loss": loss_avg, "val_acc": acc, "val_per_kind": per_kind})
+            kinds = " ".join(f"{k}={v:.2f}" for k, v in per_kind.items())
+            print(f"== step {step + 1}: validation accuracy {acc:.4f} {kinds}", flush=True)
+        progress.step = step + 1
+        if on_step:
+            on_step(progress)
+    return history
+
+
+STAGES = ("vision", "align", "questions")
+
+
+class Clock:
+    """Wall and CPU seconds per stage ("start": building the model; "end": saving and scoring),
+    carried over a resumed run's checkpoints. CPU seconds: on a machine shared with other jobs
+    the wall time per step varies several-fold, the CPU time much less (what predicts a run on an
+    idle core)."""
+
+    def __init__(self, saved: dict | None = None):
+        names = ("start",) + STAGES + ("end",)
+        self.wall = dict(saved["wall"]) if saved else dict.fromkeys(names, 0.0)
+        self.cpu = dict(saved["cpu"]) if saved else dict.fromkeys(names, 0.0)
+        self.resumed = saved["resumed"] + 1 if saved else 0
+        self._t, self._c = time.time(), time.process_time()
+
+    def lap(self, stage: str) -> dict:
+        """Adds the time since the last lap to `stage`; returns the state to checkpoint."""
+        t, c = time.time(), time.process_time()
+        self.wall[stage] += t - self._t
+        self.cpu[stage] += c - self._c
+        self._t, self._c = t, c
+        return {"wall": dict(self.wall), "cpu": dict(self.cpu), "resumed": self.resumed}
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -655,6 +764,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="stage-2 share of training questions reworded (data.augment_question; version 2)")
     ap.add_argument("--vision-aux-weight", type=float, default=0.0,
                     help="keep the stage-1 probe's loss, times this, in the alignment and question stages (0: off)")
+    ap.add_argument("--checkpoint-every", type=int, default=100,
+                    help="steps between checkpoints in OUTPUT.partial/ (the same command resumes from the last one)")
     args = ap.parse_args(argv)
     curriculum = kind_weights = None
     if args.data_version < 2 and (args.vision_word_curriculum or args.kind_weights or args.augment_p):
@@ -678,10 +789,12 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--steps and --eval-every must be at least 1")
 
     torch.set_num_threads(args.threads)
-    t_start = time.time()
-    # CPU seconds of this process per stage: on a machine shared with other jobs the wall time
-    # per step varies several-fold, the CPU time much less (what predicts a run on an idle core)
-    cpu = {"start": time.process_time()}
+    run = RunFolder(args.output)
+    try:
+        saved = run.load(vars(args))
+    except ValueError as e:
+        ap.error(str(e))
+    clock = Clock(saved["timing"] if saved else None)
     model, processor, tokenizer, ids = build(args.seed, data_version=args.data_version)
     model.train()
     collator = Collator(processor, ids)
@@ -697,65 +810,59 @@ def main(argv: list[str] | None = None) -> None:
     )
     probe = VisionProbe(model.config.vision_config.out_hidden_size, args.data_version, args.vision_word_target,
                         args.vision_centre_head)  # fmt: skip
-    vision_history = pretrain_vision(
-        model, processor, args.vision_steps, args.vision_batch_size, args.lr, args.weight_decay, args.data_seed,
-        args.data_version, args.vision_word_p, args.vision_word_target, args.vision_centre_head, curriculum, probe,
-    )  # fmt: skip
-    aux = None
-    if args.vision_aux_weight > 0:
-        aux = VisionAux(model, probe, args.vision_aux_weight)
+    aux = VisionAux(model, probe, args.vision_aux_weight) if args.vision_aux_weight > 0 else None
+    progress = {stage: Progress() for stage in STAGES}
+    stage = STAGES[0]
+    if saved:
+        stage = saved["stage"]
+        progress = {k: Progress.from_state(v) for k, v in saved["progress"].items()}
+        model.load_state_dict(saved["model"])
+        probe.load_state_dict(saved["probe"])
+        if aux:
+            aux.sums, aux.n = saved["aux"]
+        print(f"resuming {run.path}: {stage} stage, step {progress[stage].step}", flush=True)
+    clock.lap("start")
+
+    def checkpoint(stage_now: str, force: bool = False):
+        def on_step(pr: Progress) -> None:
+            if force or pr.step % args.checkpoint_every == 0:
+                run.save({"args": vars(args), "stage": stage_now, "progress": {k: v.to_state() for k, v in progress.items()},
+                          "model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(),
+                          "aux": (aux.sums, aux.n) if aux else None, "timing": clock.lap(stage_now)})  # fmt: skip
+        return on_step
+
+    if stage == "vision":
+        pretrain_vision(
+            model, processor, args.vision_steps, args.vision_batch_size, args.lr, args.weight_decay, args.data_seed,
+            args.data_version, args.vision_word_p, args.vision_word_target, args.vision_centre_head, curriculum, probe,
+            progress["vision"], checkpoint("vision"),
+        )  # fmt: skip
+        progress["vision"].optimizer = progress["vision"].optimizer_state = None  # done with: not checkpointed
+        clock.lap("vision")
+        stage = "align"
+        checkpoint(stage, force=True)(progress[stage])
+    if aux:
         opt.add_param_group({"params": list(probe.parameters()), "weight_decay": args.weight_decay})
-    vision_s = time.time() - t_start
-    cpu["vision"] = time.process_time()
+    if saved and saved["stage"] != "vision":
+        opt.load_state_dict(saved["opt"])
     if args.freeze_vision:
         for n, p in model.model.visual.named_parameters():
             p.requires_grad_(n.startswith("merger."))
-    t_align = time.time()
-    align_history = align(model, collator, opt, args.align_steps, args.align_batch_size, args.lr, args.data_seed, aux)
-    align_s = time.time() - t_align
-    cpu["align"] = time.process_time()
+    if stage == "align":
+        align(model, collator, opt, args.align_steps, args.align_batch_size, args.lr, args.data_seed, aux,
+              progress["align"], checkpoint("align"))  # fmt: skip
+        clock.lap("align")
+        stage = "questions"
+        checkpoint(stage, force=True)(progress[stage])
     val = data.load_split("validation", args.val_n, args.data_seed, args.data_version)
-    history, aux_history = [], []
-    loss_avg = None
-    t_loop = time.time()
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        convs = [
-            data.make_conversation("train", step * args.batch_size + j, args.data_seed, args.max_turns,
-                                   version=args.data_version, kind_weights=kind_weights, augment_p=args.augment_p)
-            for j in range(args.batch_size)
-        ]
-        batch = collator(convs)
-        loss = model(**batch).loss
-        total = loss + aux.loss(convs) if aux else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        if step % 50 == 0 or step == args.steps - 1:
-            el = time.time() - t_loop
-            probe_acc = ""
-            if aux:
-                aux_history.append({"step": step + 1, **aux.report()})
-                probe_acc = f" vision probe {aux_history[-1]}"
-            print(f"step {step:5d} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} {el:7.1f} s ({el / (step + 1):.2f} s/step){probe_acc}", flush=True)
-        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
-            acc, per_kind = teacher_forced_accuracy(model, collator, val)
-            history.append({"step": step + 1, "loss": loss_avg, "val_acc": acc, "val_per_kind": per_kind,
-                            "time_s": round(time.time() - t_start, 1)})
-            kinds = " ".join(f"{k}={v:.2f}" for k, v in per_kind.items())
-            print(f"== step {step + 1}: validation accuracy {acc:.4f} ({time.time() - t_start:.0f} s) {kinds}", flush=True)
-    train_s = time.time() - t_start
-    cpu["questions"] = time.process_time()
+    train_questions(model, collator, opt, args, kind_weights, val, aux, progress["questions"], checkpoint("questions"))
     if aux:
         aux.remove()
+    clock.lap("questions")
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run.fresh_model_dir()
     model.eval()
-    val_acc = history[-1]["val_acc"]
+    val_acc = progress["questions"].history[-1]["val_acc"]
     bf16 = model.to(torch.bfloat16)
     save_qwen25vl_dir(out, bf16, processor, tokenizer, ids)
     result = evaluate_transformers(out, "test", args.test_n, args.data_seed, version=args.data_version)
@@ -766,31 +873,32 @@ def main(argv: list[str] | None = None) -> None:
         for split in data.HELD_OUT_SPLITS:
             slices[split] = evaluate_transformers(out, split, args.test_n, args.data_seed, model_and_processor=loaded, version=2)
             print(f"{split}: {slices[split].summary()}", flush=True)
-    wall_s = time.time() - t_start
-    cpu["end"] = time.process_time()
-    stages = ["start", "vision", "align", "questions", "end"]
-    cpu_s = {b: round(cpu[b] - cpu[a], 1) for a, b in zip(stages, stages[1:])}
-    cpu_s["end"] = cpu_s.pop("end")  # saving and the final scoring
+    clock.lap("end")
+    wall, cpu_s = clock.wall, clock.cpu
     log = {
-        "command": command_line(argv if argv is not None else sys.argv[1:], out),
+        "command": command_line(argv if argv is not None else sys.argv[1:], run.output),
         "args": vars(args),
         "size": asdict(TOYVQA_SIZE),
         "parameters": n_params,
         "machine": machine(),
-        "vision_pretraining_seconds": round(vision_s, 1),
-        **({"align_seconds": round(align_s, 1), "align_history": align_history} if args.align_steps else {}),
-        "train_seconds": round(train_s, 1),
-        "wall_seconds": round(wall_s, 1),
-        "cpu_seconds_per_stage": cpu_s,
-        "vision_history": vision_history,
-        **({"vision_aux_history": aux_history} if aux else {}),
-        "history": history,
+        "vision_pretraining_seconds": round(wall["start"] + wall["vision"], 1),
+        **({"align_seconds": round(wall["align"], 1), "align_history": progress["align"].history} if args.align_steps else {}),
+        "train_seconds": round(sum(wall[k] for k in ("start",) + STAGES), 1),
+        "wall_seconds": round(sum(wall.values()), 1),
+        "cpu_seconds_per_stage": {"vision": round(cpu_s["start"] + cpu_s["vision"], 1),
+                                  **{k: round(cpu_s[k], 1) for k in ("align", "questions", "end")}},  # fmt: skip
+        **({"resumed": clock.resumed} if clock.resumed else {}),
+        "vision_history": progress["vision"].history,
+        **({"vision_aux_history": progress["questions"].aux_history} if aux else {}),
+        "history": progress["questions"].history,
         "validation_accuracy_fp32": val_acc,
         "test_bf16_transformers": result.to_json(),
         **{f"{split}_bf16_transformers": r.to_json() for split, r in slices.items()},
     }
     (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     write_model_card(out, log, model.config, len(tokenizer), result, slices)
+    wall_s = log["wall_seconds"]
+    out = run.finish()
     print(f"saved {out} ({wall_s / 60:.1f} min)", flush=True)
 
 

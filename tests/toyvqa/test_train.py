@@ -196,3 +196,37 @@ def test_the_v2_cli_takes_the_training_stream_options(tmp_path):
         train.main(["--output", str(tmp_path / "m"), "--augment-p", "0.3"])
     with pytest.raises(SystemExit):
         train.main(["--output", str(tmp_path / "m"), "--data-version", "2", "--kind-weights", "nope=3"])
+
+
+def test_the_vision_aux_loss_reads_the_towers_own_tokens_and_trains_the_tower(fresh):
+    """The hook hands the probe exactly the merged tokens the language model got, in picture
+    order, with the targets of those pictures; its loss reaches the tower's weights."""
+    model, processor, ids = fresh
+    collator = train.Collator(processor, ids)
+    convs = [data.make_conversation("train", i, version=2) for i in range(10)]
+    assert 0 < sum(c.image is not None for c in convs) < len(convs)  # text-only ones are skipped
+    probe = train.VisionProbe(model.config.vision_config.out_hidden_size, 2, "picture", True)
+    aux = train.VisionAux(model, probe, 0.5)
+    try:
+        batch = collator(convs)
+        model(**batch)
+        tokens = aux.tokens
+        loss = aux.loss(convs)  # consumes the caught tokens
+        assert aux.tokens is None
+        with torch.no_grad():  # (this forward is caught too: after the loss)
+            direct = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+        assert torch.allclose(tokens, direct, atol=1e-5)
+        scenes = [c.scene for c in convs if c.image is not None]
+        target = probe.targets(scenes)
+        assert torch.equal(target, torch.stack([train.token_targets_v2b(s, "picture", True) for s in scenes]).view(-1, 6))
+        assert torch.allclose(loss, 0.5 * probe.loss(direct, target)[0], atol=1e-5)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+        assert model.model.language_model.layers[0].mlp.up_proj.weight.grad is None  # the probe's loss is the tower's
+        assert set(aux.report()) == {"shape", "colour", "word", "row", "column", "centre"}
+    finally:
+        aux.remove()
+        model.zero_grad(set_to_none=True)
+    model(**collator(convs[:2]))
+    assert aux.tokens is None  # removed: no longer caught

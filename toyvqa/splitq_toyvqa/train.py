@@ -32,8 +32,9 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -47,6 +48,7 @@ from splitq_vllm.testing.models import (
 )
 
 from . import data
+from .checkpoint import RunFolder
 from .evaluate import evaluate_transformers, load_transformers
 
 # The bundled model's sizes: head_dim 64 in both towers (vLLM's CPU attention needs >= 32).
@@ -311,49 +313,155 @@ def word_jitter_at(step: int, curriculum: tuple[int, int] | None) -> float | Non
     return data.CELL * (step - hold) / max(1, ramp)
 
 
+@dataclass
+class Progress:
+    """Where one stage's loop stands: steps done, its records and running loss, and (stage 1)
+    its own optimizer. A checkpoint saves it; a resumed run passes it back to continue."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    loss_avg: float | None = None
+    aux_history: list[dict] = field(default_factory=list)
+    optimizer: Any = None  # stage 1's optimizer (the later stages share the model's)
+    optimizer_state: dict | None = None  # to load into it on resuming
+
+    def to_state(self) -> dict:
+        opt = self.optimizer.state_dict() if self.optimizer is not None else self.optimizer_state
+        return {"step": self.step, "history": self.history, "loss_avg": self.loss_avg,
+                "aux_history": self.aux_history, "optimizer_state": opt}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        return cls(**state)
+
+
+OnStep = Callable[[Progress], None]  # called after every step (the run checkpoints from it)
+
+
+class VisionProbe(torch.nn.Module):
+    """The stage-1 linear probe on the merged vision tokens: one classifier per target (shape,
+    colour, word, row, column, and the centre head if asked) and the targets it is trained on.
+    Kept after stage 1 when `--vision-aux-weight` keeps training the tower through it in the later
+    stages (the probe is never saved with the model)."""
+
+    def __init__(self, width: int, data_version: int = 1, word_target: str = "covered", centre_head: bool = False):
+        super().__init__()
+        if word_target not in WORD_TARGETS:
+            raise ValueError(f"word target must be one of {WORD_TARGETS}, not {word_target!r}")
+        self.heads = HEADS + ((N_SHAPE,) if centre_head else ())
+        self.names = HEAD_NAMES + ((CENTRE_NAME,) if centre_head else ())
+        self.word_target, self.centre_head = word_target, centre_head
+        self.plain = data_version == 1 and word_target == "covered" and not centre_head
+        self.linear = torch.nn.Linear(width, sum(self.heads))
+
+    def targets(self, scenes: list[list[dict]]) -> torch.Tensor:
+        """(16 * len(scenes), len(heads)) class ids, the pictures' tokens in order."""
+        if self.plain:
+            t = [token_targets(s) for s in scenes]
+        else:
+            t = [token_targets_v2b(s, self.word_target, self.centre_head) for s in scenes]
+        return torch.stack(t).view(-1, len(self.heads))
+
+    def loss(self, tokens: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The summed cross-entropy of every head on the merged tokens, and each head's logits."""
+        parts = self.linear(tokens).split(list(self.heads), dim=-1)
+        return sum(torch.nn.functional.cross_entropy(lg, target[:, k]) for k, lg in enumerate(parts)), list(parts)
+
+    def accuracy(self, parts: list[torch.Tensor], target: torch.Tensor) -> list[float]:
+        """Each head's accuracy on the tokens that hold something (row and column: on every token)."""
+        acc = []
+        with torch.no_grad():
+            for k, lg in enumerate(parts):
+                m = target[:, k] > 0 if k in (0, 1, 2, 5) else torch.ones_like(target[:, k], dtype=torch.bool)
+                acc.append((lg.argmax(-1)[m] == target[m, k]).float().mean().item() if m.any() else float("nan"))
+        return acc
+
+
 def pretrain_vision(
     model, processor, steps: int, batch_size: int, lr: float, weight_decay: float, data_seed: int, data_version: int = 1,
     word_p: float | None = None, word_target: str = "covered", centre_head: bool = False,
-    word_curriculum: tuple[int, int] | None = None,
+    word_curriculum: tuple[int, int] | None = None, probe: VisionProbe | None = None,
+    progress: Progress | None = None, on_step: OnStep | None = None,
 ) -> list[dict]:  # fmt: skip
+    """Stage 1: the vision tower and `probe` (a fresh one unless given) on the probe's targets
+    (from `progress` on, if given: a resumed run)."""
     visual = model.model.visual
-    heads = HEADS + ((N_SHAPE,) if centre_head else ())
-    names = HEAD_NAMES + ((CENTRE_NAME,) if centre_head else ())
-    head = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(heads))
-    params = list(visual.parameters()) + list(head.parameters())
+    if probe is None:
+        probe = VisionProbe(model.config.vision_config.out_hidden_size, data_version, word_target, centre_head)
+    params = list(visual.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    history, t0 = [], time.time()
+    progress = progress or Progress()
+    if progress.optimizer_state is not None:
+        opt.load_state_dict(progress.optimizer_state)
+    progress.optimizer, history, t0 = opt, progress.history, time.time()
     visual.train()
-    for step in range(steps):
+    for step in range(progress.step, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
         jitter = word_jitter_at(step, word_curriculum)
         pics = [data.make_picture(step * batch_size + j, data_seed, word_p=word_p, version=data_version, word_jitter=jitter)
                 for j in range(batch_size)]  # fmt: skip
         pix = processor.image_processor(images=[p[0] for p in pics], return_tensors="pt")
-        if data_version == 1 and word_target == "covered" and not centre_head:
-            target = torch.stack([token_targets(p[1]) for p in pics]).view(-1, len(heads))
-        else:
-            target = torch.stack([token_targets_v2b(p[1], word_target, centre_head) for p in pics]).view(-1, len(heads))
+        target = probe.targets([p[1] for p in pics])
         out = visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"])
-        logits = head(out.pooler_output)
-        parts = logits.split(list(heads), dim=-1)
-        loss = sum(torch.nn.functional.cross_entropy(lg, target[:, k]) for k, lg in enumerate(parts))
+        loss, parts = probe.loss(out.pooler_output, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 50 == 49 or step == steps - 1:
-            with torch.no_grad():
-                acc = []
-                for k, lg in enumerate(parts):  # accuracy on the cells that hold something
-                    m = target[:, k] > 0 if k in (0, 1, 2, 5) else torch.ones_like(target[:, k], dtype=torch.bool)
-                    acc.append((lg.argmax(-1)[m] == target[m, k]).float().mean().item() if m.any() else float("nan"))
-            history.append({"step": step + 1, "loss": loss.item(), **dict(zip(names, acc)),
+            acc = probe.accuracy(parts, target)
+            history.append({"step": step + 1, "loss": loss.item(), **dict(zip(probe.names, acc)),
                             **({"word_jitter": jitter} if word_curriculum else {})})  # fmt: skip
-            accs = " ".join(f"{n} {a:.3f}" for n, a in zip(names, acc))
+            accs = " ".join(f"{n} {a:.3f}" for n, a in zip(probe.names, acc))
             print(f"vision step {step + 1:4d} loss {loss.item():.4f} cell accuracy (this batch): {accs} ({time.time() - t0:.0f} s)", flush=True)
+        progress.step = step + 1
+        if on_step:
+            on_step(progress)
     return history
+
+
+class VisionAux:
+    """The stage-1 probe's loss kept on in the later stages (`--vision-aux-weight`): the tower
+    sees every conversation's picture anyway, so each step also trains it on that picture's
+    dense targets, at the cost of one small linear layer. Without it the tower is trained only
+    through the answers, which reach few of its tokens (a word question, the word's).
+
+    Catches the merged tokens of the model's own vision forward (a hook), so nothing runs twice."""
+
+    def __init__(self, model, probe: VisionProbe, weight: float):
+        self.probe, self.weight, self.tokens = probe, weight, None
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+        def keep(_module, _inputs, output):
+            self.tokens = output.pooler_output  # the merged tokens, all pictures in order
+
+        self.hook = model.model.visual.register_forward_hook(keep)
+
+    def loss(self, convs: list[data.Conversation]) -> torch.Tensor:
+        """The weighted probe loss on the pictures of the forward just run (0 without pictures)."""
+        tokens, self.tokens = self.tokens, None
+        scenes = [c.scene for c in convs if c.image is not None]
+        if tokens is None or not scenes:
+            return torch.zeros(())
+        target = self.probe.targets(scenes)
+        loss, parts = self.probe.loss(tokens, target)
+        for name, a in zip(self.probe.names, self.probe.accuracy(parts, target)):
+            if a == a:  # not NaN
+                self.sums[name] = self.sums.get(name, 0.0) + a
+        self.n += 1
+        return self.weight * loss
+
+    def report(self) -> dict[str, float]:
+        """Each head's mean batch accuracy since the last report."""
+        out = {k: round(v / max(1, self.n), 4) for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
+
+    def remove(self) -> None:
+        self.hook.remove()
+        self.tokens = None
 
 
 # --- alignment stage (optional, version 2): "describe the picture" ---------------------------------
@@ -364,24 +472,35 @@ def pretrain_vision(
 # language model learns to read the image tokens before it is asked about them.
 
 
-def align(model, collator: Collator, opt, steps: int, batch_size: int, lr: float, data_seed: int) -> list[dict]:
-    """`steps` steps of caption conversations (the model's trainable parameters, answers only)."""
-    history, t0, loss_avg = [], time.time(), None
+def align(
+    model, collator: Collator, opt, steps: int, batch_size: int, lr: float, data_seed: int, aux: VisionAux | None = None,
+    progress: Progress | None = None, on_step: OnStep | None = None,
+) -> list[dict]:  # fmt: skip
+    """`steps` steps of caption conversations (the model's trainable parameters, answers only;
+    with `aux`, plus the vision probe's loss on the pictures; from `progress` on, if given)."""
+    progress = progress or Progress()
+    history, t0 = progress.history, time.time()
     warmup = max(1, steps // 20)
-    for step in range(steps):
+    for step in range(progress.step, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         convs = [data.make_caption_conversation(step * batch_size + j, data_seed) for j in range(batch_size)]
         loss = model(**collator(convs)).loss
+        total = loss + aux.loss(convs) if aux else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        a = progress.loss_avg
+        progress.loss_avg = loss_avg = loss.item() if a is None else 0.95 * a + 0.05 * loss.item()
         if step % 50 == 49 or step == steps - 1:
             el = time.time() - t0
-            history.append({"step": step + 1, "loss": loss_avg, "time_s": round(el, 1)})
-            print(f"align step {step + 1:5d} loss {loss_avg:.4f} {el:7.1f} s ({el / (step + 1):.2f} s/step)", flush=True)
+            probe = {"vision_probe": aux.report()} if aux else {}
+            history.append({"step": step + 1, "loss": loss_avg, "time_s": round(el, 1), **probe})
+            print(f"align step {step + 1:5d} loss {loss_avg:.4f} {el:7.1f} s {probe}", flush=True)
+        progress.step = step + 1
+        if on_step:
+            on_step(progress)
     return history
 
 
@@ -393,6 +512,73 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = 0.05) 
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train_questions(
+    model, collator: Collator, opt, args: argparse.Namespace, kind_weights: dict[str, float] | None,
+    val: list[data.Sample], aux: VisionAux | None = None, progress: Progress | None = None, on_step: OnStep | None = None,
+) -> list[dict]:  # fmt: skip
+    """Stage 2: `args.steps` steps of training conversations, answers only (with `aux`, plus the
+    vision probe's loss), scored on `val` (teacher-forced) every `args.eval_every` steps."""
+    progress = progress or Progress()
+    history, t_loop = progress.history, time.time()
+    for step in range(progress.step, args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        convs = [
+            data.make_conversation("train", step * args.batch_size + j, args.data_seed, args.max_turns,
+                                   version=args.data_version, kind_weights=kind_weights, augment_p=args.augment_p)
+            for j in range(args.batch_size)
+        ]  # fmt: skip
+        loss = model(**collator(convs)).loss
+        total = loss + aux.loss(convs) if aux else loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        a = progress.loss_avg
+        progress.loss_avg = loss_avg = loss.item() if a is None else 0.98 * a + 0.02 * loss.item()
+        if step % 50 == 0 or step == args.steps - 1:
+            el = time.time() - t_loop
+            probe_acc = ""
+            if aux:
+                progress.aux_history.append({"step": step + 1, **aux.report()})
+                probe_acc = f" vision probe {progress.aux_history[-1]}"
+            print(f"step {step:5d} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} {el:7.1f} s{probe_acc}", flush=True)
+        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+            acc, per_kind = teacher_forced_accuracy(model, collator, val)
+            history.append({"step": step + 1, "loss": loss_avg, "val_acc": acc, "val_per_kind": per_kind})
+            kinds = " ".join(f"{k}={v:.2f}" for k, v in per_kind.items())
+            print(f"== step {step + 1}: validation accuracy {acc:.4f} {kinds}", flush=True)
+        progress.step = step + 1
+        if on_step:
+            on_step(progress)
+    return history
+
+
+STAGES = ("vision", "align", "questions")
+
+
+class Clock:
+    """Wall and CPU seconds per stage ("start": building the model; "end": saving and scoring),
+    carried over a resumed run's checkpoints. CPU seconds: on a machine shared with other jobs
+    the wall time per step varies several-fold, the CPU time much less (what predicts a run on an
+    idle core)."""
+
+    def __init__(self, saved: dict | None = None):
+        names = ("start",) + STAGES + ("end",)
+        self.wall = dict(saved["wall"]) if saved else dict.fromkeys(names, 0.0)
+        self.cpu = dict(saved["cpu"]) if saved else dict.fromkeys(names, 0.0)
+        self.resumed = saved["resumed"] + 1 if saved else 0
+        self._t, self._c = time.time(), time.process_time()
+
+    def lap(self, stage: str) -> dict:
+        """Adds the time since the last lap to `stage`; returns the state to checkpoint."""
+        t, c = time.time(), time.process_time()
+        self.wall[stage] += t - self._t
+        self.cpu[stage] += c - self._c
+        self._t, self._c = t, c
+        return {"wall": dict(self.wall), "cpu": dict(self.cpu), "resumed": self.resumed}
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -508,6 +694,8 @@ def write_model_card(out: Path, log: dict, config, tokenizer_size: int, result, 
         stage2 += f", question-kind weights {a['kind_weights']} (others as data.KINDS)"
     if a.get("augment_p"):
         stage2 += f", {a['augment_p']:.2f} of the training questions reworded (data.augment_question)"
+    if a.get("vision_aux_weight"):
+        stage2 += f", the stage-1 probe's loss kept on the pictures (weight {a['vision_aux_weight']}, alignment too)"
     rows = "".join(f"| {name}, bfloat16, transformers | {r.n} | {r.accuracy:.3f} |\n" for name, r in (slices or {}).items())
     columns = {"test" if slices else "accuracy": result, **(slices or {})}
     per_kind = "| kind | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n" + "\n".join(
@@ -574,6 +762,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="stage-2 question-kind weights replacing data.KINDS' for the named kinds (version 2)")
     ap.add_argument("--augment-p", type=float, default=0.0,
                     help="stage-2 share of training questions reworded (data.augment_question; version 2)")
+    ap.add_argument("--vision-aux-weight", type=float, default=0.0,
+                    help="keep the stage-1 probe's loss, times this, in the alignment and question stages (0: off)")
+    ap.add_argument("--checkpoint-every", type=int, default=100,
+                    help="steps between checkpoints in OUTPUT.partial/ (the same command resumes from the last one)")
     args = ap.parse_args(argv)
     curriculum = kind_weights = None
     if args.data_version < 2 and (args.vision_word_curriculum or args.kind_weights or args.augment_p):
@@ -597,10 +789,12 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--steps and --eval-every must be at least 1")
 
     torch.set_num_threads(args.threads)
-    t_start = time.time()
-    # CPU seconds of this process per stage: on a machine shared with other jobs the wall time
-    # per step varies several-fold, the CPU time much less (what predicts a run on an idle core)
-    cpu = {"start": time.process_time()}
+    run = RunFolder(args.output)
+    try:
+        saved = run.load(vars(args))
+    except ValueError as e:
+        ap.error(str(e))
+    clock = Clock(saved["timing"] if saved else None)
     model, processor, tokenizer, ids = build(args.seed, data_version=args.data_version)
     model.train()
     collator = Collator(processor, ids)
@@ -614,54 +808,61 @@ def main(argv: list[str] | None = None) -> None:
         betas=(0.9, 0.98),
         eps=1e-8,
     )
-    vision_history = pretrain_vision(
-        model, processor, args.vision_steps, args.vision_batch_size, args.lr, args.weight_decay, args.data_seed,
-        args.data_version, args.vision_word_p, args.vision_word_target, args.vision_centre_head, curriculum,
-    )  # fmt: skip
-    vision_s = time.time() - t_start
-    cpu["vision"] = time.process_time()
+    probe = VisionProbe(model.config.vision_config.out_hidden_size, args.data_version, args.vision_word_target,
+                        args.vision_centre_head)  # fmt: skip
+    aux = VisionAux(model, probe, args.vision_aux_weight) if args.vision_aux_weight > 0 else None
+    progress = {stage: Progress() for stage in STAGES}
+    stage = STAGES[0]
+    if saved:
+        stage = saved["stage"]
+        progress = {k: Progress.from_state(v) for k, v in saved["progress"].items()}
+        model.load_state_dict(saved["model"])
+        probe.load_state_dict(saved["probe"])
+        if aux:
+            aux.sums, aux.n = saved["aux"]
+        print(f"resuming {run.path}: {stage} stage, step {progress[stage].step}", flush=True)
+    clock.lap("start")
+
+    def checkpoint(stage_now: str, force: bool = False):
+        def on_step(pr: Progress) -> None:
+            if force or pr.step % args.checkpoint_every == 0:
+                run.save({"args": vars(args), "stage": stage_now, "progress": {k: v.to_state() for k, v in progress.items()},
+                          "model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(),
+                          "aux": (aux.sums, aux.n) if aux else None, "timing": clock.lap(stage_now)})  # fmt: skip
+        return on_step
+
+    if stage == "vision":
+        pretrain_vision(
+            model, processor, args.vision_steps, args.vision_batch_size, args.lr, args.weight_decay, args.data_seed,
+            args.data_version, args.vision_word_p, args.vision_word_target, args.vision_centre_head, curriculum, probe,
+            progress["vision"], checkpoint("vision"),
+        )  # fmt: skip
+        progress["vision"].optimizer = progress["vision"].optimizer_state = None  # done with: not checkpointed
+        clock.lap("vision")
+        stage = "align"
+        checkpoint(stage, force=True)(progress[stage])
+    if aux:
+        opt.add_param_group({"params": list(probe.parameters()), "weight_decay": args.weight_decay})
+    if saved and saved["stage"] != "vision":
+        opt.load_state_dict(saved["opt"])
     if args.freeze_vision:
         for n, p in model.model.visual.named_parameters():
             p.requires_grad_(n.startswith("merger."))
-    t_align = time.time()
-    align_history = align(model, collator, opt, args.align_steps, args.align_batch_size, args.lr, args.data_seed)
-    align_s = time.time() - t_align
-    cpu["align"] = time.process_time()
+    if stage == "align":
+        align(model, collator, opt, args.align_steps, args.align_batch_size, args.lr, args.data_seed, aux,
+              progress["align"], checkpoint("align"))  # fmt: skip
+        clock.lap("align")
+        stage = "questions"
+        checkpoint(stage, force=True)(progress[stage])
     val = data.load_split("validation", args.val_n, args.data_seed, args.data_version)
-    history = []
-    loss_avg = None
-    t_loop = time.time()
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        convs = [
-            data.make_conversation("train", step * args.batch_size + j, args.data_seed, args.max_turns,
-                                   version=args.data_version, kind_weights=kind_weights, augment_p=args.augment_p)
-            for j in range(args.batch_size)
-        ]
-        batch = collator(convs)
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        if step % 50 == 0 or step == args.steps - 1:
-            el = time.time() - t_loop
-            print(f"step {step:5d} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} {el:7.1f} s ({el / (step + 1):.2f} s/step)", flush=True)
-        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
-            acc, per_kind = teacher_forced_accuracy(model, collator, val)
-            history.append({"step": step + 1, "loss": loss_avg, "val_acc": acc, "val_per_kind": per_kind,
-                            "time_s": round(time.time() - t_start, 1)})
-            kinds = " ".join(f"{k}={v:.2f}" for k, v in per_kind.items())
-            print(f"== step {step + 1}: validation accuracy {acc:.4f} ({time.time() - t_start:.0f} s) {kinds}", flush=True)
-    train_s = time.time() - t_start
-    cpu["questions"] = time.process_time()
+    train_questions(model, collator, opt, args, kind_weights, val, aux, progress["questions"], checkpoint("questions"))
+    if aux:
+        aux.remove()
+    clock.lap("questions")
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run.fresh_model_dir()
     model.eval()
-    val_acc = history[-1]["val_acc"]
+    val_acc = progress["questions"].history[-1]["val_acc"]
     bf16 = model.to(torch.bfloat16)
     save_qwen25vl_dir(out, bf16, processor, tokenizer, ids)
     result = evaluate_transformers(out, "test", args.test_n, args.data_seed, version=args.data_version)
@@ -672,30 +873,32 @@ def main(argv: list[str] | None = None) -> None:
         for split in data.HELD_OUT_SPLITS:
             slices[split] = evaluate_transformers(out, split, args.test_n, args.data_seed, model_and_processor=loaded, version=2)
             print(f"{split}: {slices[split].summary()}", flush=True)
-    wall_s = time.time() - t_start
-    cpu["end"] = time.process_time()
-    stages = ["start", "vision", "align", "questions", "end"]
-    cpu_s = {b: round(cpu[b] - cpu[a], 1) for a, b in zip(stages, stages[1:])}
-    cpu_s["end"] = cpu_s.pop("end")  # saving and the final scoring
+    clock.lap("end")
+    wall, cpu_s = clock.wall, clock.cpu
     log = {
-        "command": command_line(argv if argv is not None else sys.argv[1:], out),
+        "command": command_line(argv if argv is not None else sys.argv[1:], run.output),
         "args": vars(args),
         "size": asdict(TOYVQA_SIZE),
         "parameters": n_params,
         "machine": machine(),
-        "vision_pretraining_seconds": round(vision_s, 1),
-        **({"align_seconds": round(align_s, 1), "align_history": align_history} if args.align_steps else {}),
-        "train_seconds": round(train_s, 1),
-        "wall_seconds": round(wall_s, 1),
-        "cpu_seconds_per_stage": cpu_s,
-        "vision_history": vision_history,
-        "history": history,
+        "vision_pretraining_seconds": round(wall["start"] + wall["vision"], 1),
+        **({"align_seconds": round(wall["align"], 1), "align_history": progress["align"].history} if args.align_steps else {}),
+        "train_seconds": round(sum(wall[k] for k in ("start",) + STAGES), 1),
+        "wall_seconds": round(sum(wall.values()), 1),
+        "cpu_seconds_per_stage": {"vision": round(cpu_s["start"] + cpu_s["vision"], 1),
+                                  **{k: round(cpu_s[k], 1) for k in ("align", "questions", "end")}},  # fmt: skip
+        **({"resumed": clock.resumed} if clock.resumed else {}),
+        "vision_history": progress["vision"].history,
+        **({"vision_aux_history": progress["questions"].aux_history} if aux else {}),
+        "history": progress["questions"].history,
         "validation_accuracy_fp32": val_acc,
         "test_bf16_transformers": result.to_json(),
         **{f"{split}_bf16_transformers": r.to_json() for split, r in slices.items()},
     }
     (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     write_model_card(out, log, model.config, len(tokenizer), result, slices)
+    wall_s = log["wall_seconds"]
+    out = run.finish()
     print(f"saved {out} ({wall_s / 60:.1f} min)", flush=True)
 
 

@@ -205,7 +205,7 @@ def test_the_vision_aux_loss_reads_the_towers_own_tokens_and_trains_the_tower(fr
     collator = train.Collator(processor, ids)
     convs = [data.make_conversation("train", i, version=2) for i in range(10)]
     assert 0 < sum(c.image is not None for c in convs) < len(convs)  # text-only ones are skipped
-    probe = train.VisionProbe(model.config.vision_config.out_hidden_size, 2, "picture", True)
+    probe = train.VisionProbe(model.config.vision_config.out_hidden_size, "picture", True)
     aux = train.VisionAux(model, probe, 0.5)
     try:
         batch = collator(convs)

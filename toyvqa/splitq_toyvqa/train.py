@@ -344,22 +344,17 @@ class VisionProbe(torch.nn.Module):
     Kept after stage 1 when `--vision-aux-weight` keeps training the tower through it in the later
     stages (the probe is never saved with the model)."""
 
-    def __init__(self, width: int, data_version: int = 1, word_target: str = "covered", centre_head: bool = False):
+    def __init__(self, width: int, word_target: str = "covered", centre_head: bool = False):
         super().__init__()
-        if word_target not in WORD_TARGETS:
-            raise ValueError(f"word target must be one of {WORD_TARGETS}, not {word_target!r}")
+        token_targets_v2b([], word_target)  # a bad word target fails here, not at the first step
         self.heads = HEADS + ((N_SHAPE,) if centre_head else ())
         self.names = HEAD_NAMES + ((CENTRE_NAME,) if centre_head else ())
         self.word_target, self.centre_head = word_target, centre_head
-        self.plain = data_version == 1 and word_target == "covered" and not centre_head
         self.linear = torch.nn.Linear(width, sum(self.heads))
 
     def targets(self, scenes: list[list[dict]]) -> torch.Tensor:
         """(16 * len(scenes), len(heads)) class ids, the pictures' tokens in order."""
-        if self.plain:
-            t = [token_targets(s) for s in scenes]
-        else:
-            t = [token_targets_v2b(s, self.word_target, self.centre_head) for s in scenes]
+        t = [token_targets_v2b(s, self.word_target, self.centre_head) for s in scenes]  # version 1's too
         return torch.stack(t).view(-1, len(self.heads))
 
     def loss(self, tokens: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -387,7 +382,7 @@ def pretrain_vision(
     (from `progress` on, if given: a resumed run)."""
     visual = model.model.visual
     if probe is None:
-        probe = VisionProbe(model.config.vision_config.out_hidden_size, data_version, word_target, centre_head)
+        probe = VisionProbe(model.config.vision_config.out_hidden_size, word_target, centre_head)
     params = list(visual.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     progress = progress or Progress()
@@ -472,6 +467,23 @@ class VisionAux:
 # language model learns to read the image tokens before it is asked about them.
 
 
+def answer_step(model, collator: Collator, opt, convs: list[data.Conversation], aux: VisionAux | None) -> float:
+    """One optimizer step of the alignment and question stages on `convs`: the answers' loss (with
+    `aux`, plus the vision probe's), clipped to norm 1; returns the answers' loss."""
+    loss = model(**collator(convs)).loss
+    total = loss + aux.loss(convs) if aux else loss
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def running_mean(avg: float | None, x: float, rate: float) -> float:
+    """The loss printed: an exponential moving average that moves `rate` of the way to `x`."""
+    return x if avg is None else (1 - rate) * avg + rate * x
+
+
 def align(
     model, collator: Collator, opt, steps: int, batch_size: int, lr: float, data_seed: int, aux: VisionAux | None = None,
     progress: Progress | None = None, on_step: OnStep | None = None,
@@ -485,14 +497,7 @@ def align(
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         convs = [data.make_caption_conversation(step * batch_size + j, data_seed) for j in range(batch_size)]
-        loss = model(**collator(convs)).loss
-        total = loss + aux.loss(convs) if aux else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        a = progress.loss_avg
-        progress.loss_avg = loss_avg = loss.item() if a is None else 0.95 * a + 0.05 * loss.item()
+        progress.loss_avg = loss_avg = running_mean(progress.loss_avg, answer_step(model, collator, opt, convs, aux), 0.05)
         if step % 50 == 49 or step == steps - 1:
             el = time.time() - t0
             probe = {"vision_probe": aux.report()} if aux else {}
@@ -530,14 +535,7 @@ def train_questions(
                                    version=args.data_version, kind_weights=kind_weights, augment_p=args.augment_p)
             for j in range(args.batch_size)
         ]  # fmt: skip
-        loss = model(**collator(convs)).loss
-        total = loss + aux.loss(convs) if aux else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        a = progress.loss_avg
-        progress.loss_avg = loss_avg = loss.item() if a is None else 0.98 * a + 0.02 * loss.item()
+        progress.loss_avg = loss_avg = running_mean(progress.loss_avg, answer_step(model, collator, opt, convs, aux), 0.02)
         if step % 50 == 0 or step == args.steps - 1:
             el = time.time() - t_loop
             probe_acc = ""
@@ -808,8 +806,7 @@ def main(argv: list[str] | None = None) -> None:
         betas=(0.9, 0.98),
         eps=1e-8,
     )
-    probe = VisionProbe(model.config.vision_config.out_hidden_size, args.data_version, args.vision_word_target,
-                        args.vision_centre_head)  # fmt: skip
+    probe = VisionProbe(model.config.vision_config.out_hidden_size, args.vision_word_target, args.vision_centre_head)
     aux = VisionAux(model, probe, args.vision_aux_weight) if args.vision_aux_weight > 0 else None
     progress = {stage: Progress() for stage in STAGES}
     stage = STAGES[0]

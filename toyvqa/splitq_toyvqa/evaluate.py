@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .data import DEFAULT_SEED, HELD_OUT_SPLITS, NUMBER_WORDS, SPLITS_V2, Sample, chat_messages, load_split, model_data_version
+from .data import (
+    DEFAULT_SEED,
+    HELD_OUT_SPLITS,
+    NUMBER_WORDS,
+    SPLITS_V2,
+    Sample,
+    chat_messages,
+    load_split,
+    model_data_version,
+)
 
 _WORD_TO_DIGIT = {w: str(i) for i, w in enumerate(NUMBER_WORDS)}
 _WORD_TO_DIGIT.update({"eleven": "11", "twelve": "12", "thirteen": "13", "fourteen": "14", "fifteen": "15",

@@ -55,12 +55,14 @@ LABELS.update({f"{m}{TOWER4}": f"{'SplitQ' if m == 'splitq' else LABELS[m]}, tow
 LABELS.update({f"{m}{TOWER}_vllm": f"{LABELS[m + TOWER]}, served by vLLM" for m in METHODS})
 
 
-def calib_data(work: Path, n: int) -> Path:
-    from splitq_toyvqa.data import export_sharegpt4v
+def calib_data(work: Path, n: int, model: Path = MODEL) -> Path:
+    """`n` ToyVQA calibration samples of the version `model` was trained on."""
+    from splitq_toyvqa.data import export_sharegpt4v, model_data_version
 
-    path = work / f"data-{n}" / "calibration.json"
+    version = model_data_version(model)
+    path = work / (f"data-{n}" if version == 1 else f"data-v{version}-{n}") / "calibration.json"
     if not path.exists():
-        export_sharegpt4v(path.parent, "calibration", n)
+        export_sharegpt4v(path.parent, "calibration", n, version=version)
     return path
 
 
@@ -111,11 +113,11 @@ def run_task(task: dict) -> dict:
 
 def score_vllm(ckpt: Path, n: int, concurrency: int = 8) -> dict:
     """Accuracy of a checkpoint served by vLLM's OpenAI server (--quantization splitq)."""
-    from splitq_toyvqa.data import load_split
+    from splitq_toyvqa.data import load_split, model_data_version
     from splitq_toyvqa.evaluate import openai_messages, score_answers
     from splitq_vllm.server import OpenAIServer
 
-    samples = load_split("test", n)
+    samples = load_split("test", n, version=model_data_version(ckpt))
     args = ["--quantization", "splitq", "--max-model-len", "1024", "--max-num-seqs", str(concurrency),
             "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0"]  # fmt: skip
     with OpenAIServer(ckpt, args) as server:
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision:
         os.environ["SPLITQ_PRECISION"] = args.precision  # likewise
     args.work.mkdir(parents=True, exist_ok=True)
-    data = calib_data(args.work, args.samples)
+    data = calib_data(args.work, args.samples, args.model)
 
     tasks = [{"method": "fp16", "scheme": "fp16", "model": str(args.model), "n": args.n, "threads": 1}]
     for s in args.schemes:

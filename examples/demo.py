@@ -77,12 +77,13 @@ def calibration_data(args: argparse.Namespace, n: int) -> tuple[Path, Path]:
     place: an interrupted calibration resumes only with the same settings, image folder included)."""
     if args.data is not None:
         return args.data, args.image_dir or args.data.parent
-    from splitq_toyvqa.data import export_sharegpt4v
+    from splitq_toyvqa.data import export_sharegpt4v, model_data_version
 
-    folder = CACHE / f"toyvqa-calibration-{n}"
+    version = model_data_version(args.model)
+    folder = CACHE / (f"toyvqa-calibration-{n}" if version == 1 else f"toyvqa-v{version}-calibration-{n}")
     path = folder / "calibration.json"
     if not path.is_file():
-        export_sharegpt4v(folder, "calibration", n)
+        export_sharegpt4v(folder, "calibration", n, version=version)
     return path, folder / "images"
 
 
@@ -110,14 +111,26 @@ def calibrate(args: argparse.Namespace, ckpt: Path) -> None:
         print(f"calibrated in {time.time() - t0:.0f} s -> {ckpt}", flush=True)
 
 
-def demo_samples(n: int):
-    """The first test-split question of each DEMO_KINDS kind, then more test questions."""
-    from splitq_toyvqa.data import load_split
+def demo_samples(n: int, model: Path):
+    """The first test-split question of each DEMO_KINDS kind, then more test questions (of the
+    ToyVQA version `model` was trained on)."""
+    from splitq_toyvqa.data import load_split, model_data_version
 
-    test = [s for s in load_split("test") if s.image is not None]
+    test = [s for s in load_split("test", version=model_data_version(model)) if s.image is not None]
     picked = [next(s for s in test if s.kind == k) for k in DEMO_KINDS]
     picked += [s for s in test if s not in picked]
     return picked[:n]
+
+
+def sixteen_bit_line(model: Path) -> str:
+    """What the model scores in 16 bits (its training log's test score): the baseline to read the
+    demo's answers against."""
+    test = json.loads((model / "training_log.json").read_text())["test_bf16_transformers"]
+    kinds = {k: v["correct"] / v["n"] for k, v in test["per_kind"].items()}
+    weakest = min(kinds, key=kinds.get)
+    return (f"(The bundled model in 16 bits answers {test['accuracy']:.2f} of the {test['n']:,} test questions;\n"
+            f" {weakest} questions are its weak spot at {kinds[weakest]:.2f}. Accuracy per method and bit width:"
+            " BENCHMARKS.md.)")  # fmt: skip
 
 
 def ask(server, samples, relaxed: bool) -> int:
@@ -162,12 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     with OpenAIServer(ckpt, server_args) as server:
         print(f"server up at {server.url} in {time.time() - t0:.0f} s (log: {server.log_path})", flush=True)
         print("\n== 3. ask it about held-out pictures (openai client)", flush=True)
-        samples = demo_samples(args.questions)
+        samples = demo_samples(args.questions, args.model)
         right = ask(server, samples, relaxed=args.model != BUNDLED.resolve())
         print(f"\n{right}/{len(samples)} right.")
         if args.model == BUNDLED.resolve():
-            print("(The bundled model in 16 bits answers 0.90 of the 1,000 test questions; position questions are\n"
-                  " its weak spot at 0.55. Accuracy per method and bit width: BENCHMARKS.md.)")  # fmt: skip
+            print(sixteen_bit_line(args.model))
         print("\n== 4. stop the server", flush=True)
     print("server stopped.")
     print(f"\nOn a GPU with the real weights, the same on Qwen2.5-VL-7B:\n    {GPU_LINE}")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.helpers.engine import vllm_env
-from tests.helpers.paths import EXAMPLES
+from tests.helpers.paths import BUNDLED_MODEL, EXAMPLES
 
 DEMO = EXAMPLES / "demo.py"
 
@@ -33,6 +33,9 @@ def test_demo_calibrates_serves_and_answers(tmp_path):
     assert len(list((tmp_path / "cache" / "splitq-vllm" / "demo" / "pictures").glob("*.png"))) == 4
     verdicts = [line.rsplit("-> ", 1)[1] for line in out.splitlines() if line.strip().startswith("expected:")]
     assert len(verdicts) == 4 and verdicts.count("right") >= 3, verdicts
+    # the 16-bit baseline it prints is the bundled model's own record, not a figure in the script
+    test = json.loads((BUNDLED_MODEL / "training_log.json").read_text())["test_bf16_transformers"]
+    assert f"answers {test['accuracy']:.2f} of the {test['n']:,} test questions" in out
     assert "server stopped." in out
     assert "make demo MODEL=/path/to/Qwen2.5-VL-7B-Instruct" in out
 

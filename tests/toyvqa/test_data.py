@@ -105,14 +105,15 @@ def test_normalisation_and_scoring():
 
 def test_the_shipped_held_out_questions_are_the_test_splits(tmp_path):
     """examples/toyvqa_heldout is `python -m splitq_toyvqa.data --questions --split test --n 200`
-    (the bundled model's held-out split): regenerated here, same records and same pictures."""
+    (the bundled model's held-out split, of the version it was trained on): regenerated here, same
+    records and same pictures."""
     import numpy as np
     from PIL import Image
 
-    from tests.helpers.paths import EXAMPLES
+    from tests.helpers.paths import BUNDLED_MODEL, EXAMPLES
 
     shipped = EXAMPLES / "toyvqa_heldout"
-    fresh = data.export_questions(tmp_path, "test", 200)
+    fresh = data.export_questions(tmp_path, "test", 200, version=data.model_data_version(BUNDLED_MODEL))
     assert (shipped / "questions.jsonl").read_text() == fresh.read_text()
     records = [json.loads(line) for line in fresh.read_text().splitlines()]
     assert len(records) == 200 and {"kind", "answer", "question", "id"} <= set(records[0])
@@ -326,6 +327,35 @@ def test_the_evaluate_cli_takes_the_held_out_slices_as_version_2(tmp_path, capsy
     assert "ToyVQA version 2, split test_heldout_phrasing" in printed and "+-" in printed  # per kind, with errors
     result = json.loads(out.read_text())
     assert result["n"] == 8 and all(r["id"].startswith("toyvqa-v2-test_heldout_phrasing-") for r in result["records"])
+
+
+def test_a_model_is_scored_and_calibrated_on_the_version_it_was_trained_on(tmp_path, capsys):
+    """The data version comes from the model's training log, so swapping the bundled model for a
+    version 2 one needs no caller to change (evaluate, the demo, the quality benchmark, stress)."""
+    import shutil
+
+    from splitq_toyvqa import evaluate
+    from tests.helpers.paths import BUNDLED_MODEL
+
+    assert data.model_data_version(BUNDLED_MODEL) == 1  # its log predates the field
+    assert data.model_data_version(tmp_path) == 1  # no log: not a ToyVQA run, version 1's samples
+    v2 = tmp_path / "v2"
+    shutil.copytree(BUNDLED_MODEL, v2)
+    log = json.loads((v2 / "training_log.json").read_text())
+    log["args"]["data_version"] = 2
+    (v2 / "training_log.json").write_text(json.dumps(log))
+    assert data.model_data_version(v2) == 2
+    out = tmp_path / "result.json"
+    evaluate.main(["--model", str(v2), "--n", "4", "--json", str(out)])
+    assert "ToyVQA version 2, split test" in capsys.readouterr().out
+    assert all(r["id"].startswith("toyvqa-v2-test-") for r in json.loads(out.read_text())["records"])
+    log["args"]["data_version"] = 3
+    (v2 / "training_log.json").write_text(json.dumps(log))
+    with pytest.raises(ValueError, match=r"training_log.json: args.data_version is 3"):
+        data.model_data_version(v2)
+    (v2 / "training_log.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"v2/training_log.json: not a training log"):
+        evaluate.evaluate_transformers(v2, "test", 4)
 
 
 # --- version 2's training-stream options (issue 17) ----------------------------------------------

@@ -60,7 +60,7 @@ def test_transformers_answers_held_out_questions(model_and_processor):
 @pytest.mark.vllm
 def test_vllm_answers_held_out_questions_like_transformers(model_and_processor):
     # the last VLLM_N questions of the test split (the transformers test scores the first ones)
-    samples = data.load_split("test")[-VLLM_N:]
+    samples = data.load_split("test", version=data.model_data_version(MODEL_DIR))[-VLLM_N:]
     results = offline_chat(MODEL_DIR, [openai_messages(s) for s in samples], max_tokens=6)
     answers = [r["text"].strip() for r in results]
     vllm_result = score_answers(samples, answers)

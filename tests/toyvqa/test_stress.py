@@ -53,6 +53,8 @@ def test_the_weights_did_change_where_planted(stress_dir):
     assert torch.equal(out[norm][p.channel].float(), src[norm][p.channel].float() * 2**p.log2_factor)
     record = json.loads((stress_dir / "stress_plants.json").read_text())
     assert record["num_samples"] == 16 and len(record["plants"]) == len(plants)
+    # the same function, so the source's training record (and the data version it is scored on) holds
+    assert (stress_dir / "training_log.json").read_bytes() == (BUNDLED / "training_log.json").read_bytes()
 
 
 def test_the_planted_channels_are_modality_outliers_of_the_stress_model(stress_dir, tmp_path, single_thread):

@@ -24,7 +24,8 @@ examples/eval_tasks read (examples/toyvqa_heldout is the test split's first 200,
     {"id": "toyvqa-test-00000", "image": "images/toyvqa-test-00000.png", "question": "...",
      "answer": "red", "kind": "colour_of_shape"}      # no "image" for a text-only question
 
-Two versions, chosen explicitly (`version=` / `--data-version`):
+Two versions, chosen explicitly (`version=` / `--data-version`); a model's own is in its
+training_log.json (`model_data_version`), which scoring and calibration data follow:
 
 - version 1 (the default): the bundled model's data. Frozen: the bundled model, the calibration
   data, the shipped held-out questions and the quality tables depend on its exact samples (their
@@ -674,6 +675,22 @@ def iter_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, start
 
 def load_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, version: int = 1) -> list[Sample]:
     return list(iter_split(split, n, seed, version=version))
+
+
+def model_data_version(model_dir: str | Path) -> int:
+    """The ToyVQA version a model was trained on, so it is calibrated and scored on that version's
+    samples: `args.data_version` of its training_log.json (train.py writes it; SplitQ checkpoints
+    copy the file). 1 where the log has no such field (version 1 runs predate it) or no log."""
+    log = Path(model_dir) / "training_log.json"
+    if not log.is_file():
+        return 1
+    try:
+        version = json.loads(log.read_text()).get("args", {}).get("data_version", 1)
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{log}: not a training log ({e})") from e
+    if version not in VERSIONS:
+        raise ValueError(f"{log}: args.data_version is {version!r}, not one of {VERSIONS}")
+    return version
 
 
 def chat_messages(question: str, image: Any = None) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ An answer is right when `normalize_answer(prediction) == normalize_answer(expect
 punctuation and articles dropped, whitespace collapsed, number words read as digits.
 
 CLI: python -m splitq_toyvqa.evaluate --model models/toyvqa-qwen25vl [--split test] [--n 1000]
-     [--data-version 2]   (version 2's splits; its held-out slices imply it:)
+     [--data-version 2]   (default: the version the model was trained on; the held-out slices imply 2:)
      python -m splitq_toyvqa.evaluate --model ... --split test_heldout_phrasing   (or test_heldout_visual)
 """
 
@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .data import DEFAULT_SEED, HELD_OUT_SPLITS, NUMBER_WORDS, SPLITS_V2, Sample, chat_messages, load_split
+from .data import (
+    DEFAULT_SEED,
+    HELD_OUT_SPLITS,
+    NUMBER_WORDS,
+    SPLITS_V2,
+    Sample,
+    chat_messages,
+    load_split,
+    model_data_version,
+)
 
 _WORD_TO_DIGIT = {w: str(i) for i, w in enumerate(NUMBER_WORDS)}
 _WORD_TO_DIGIT.update({"eleven": "11", "twelve": "12", "thirteen": "13", "fourteen": "14", "fifteen": "15",
@@ -183,10 +192,13 @@ def evaluate_transformers(
     batch_size: int = 32,
     dtype=None,
     model_and_processor=None,
-    version: int = 1,
+    version: int | None = None,
 ) -> EvalResult:
     """Greedy exact-match accuracy of a transformers model on the first `n` samples of `split`
-    (of ToyVQA `version`: 1, the bundled model's data, or 2, with its held-out slices)."""
+    (of ToyVQA `version`: 1 or 2, which has the held-out slices; by default the version the
+    model was trained on, `model_data_version`)."""
+    if version is None:
+        version = model_data_version(model_dir)
     samples = load_split(split, n, seed, version)  # bad split/version: an error before loading the model
     model, processor = model_and_processor or load_transformers(model_dir, dtype)
     return score_answers(samples, generate_transformers(model, processor, samples, batch_size))
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--split", default="test", choices=SPLITS_V2)
     ap.add_argument("--data-version", type=int, default=None, choices=(1, 2),
-                    help="ToyVQA version (default 1; 2 for the held-out slices, which only version 2 has)")
+                    help="ToyVQA version (default: the model's, from its training_log.json; 2 for the held-out slices)")
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -211,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     t0 = time.time()
-    version = args.data_version or (2 if args.split in HELD_OUT_SPLITS else 1)
+    version = args.data_version or (2 if args.split in HELD_OUT_SPLITS else model_data_version(args.model))
     if version == 1 and args.split in HELD_OUT_SPLITS:
         ap.error(f"--split {args.split} is a version 2 slice: use --data-version 2")
     print(f"ToyVQA version {version}, split {args.split}")

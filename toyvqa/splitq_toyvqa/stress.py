@@ -210,7 +210,7 @@ def build_stress_model(
 ) -> Path:
     """Write the stress variant of `model_dir` to `output` (atomically); return its path. The
     channels are chosen on `num_samples` ToyVQA calibration pictures."""
-    from .data import export_sharegpt4v
+    from .data import export_sharegpt4v, model_data_version
 
     model_dir, output = Path(model_dir), Path(output)
     if output.exists() and not overwrite:
@@ -221,12 +221,13 @@ def build_stress_model(
     config = json.loads((model_dir / "config.json").read_text())
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=output.name + ".", dir=output.parent) as tmp:
-        data = export_sharegpt4v(Path(tmp) / "data", "calibration", num_samples)
+        data = export_sharegpt4v(Path(tmp) / "data", "calibration", num_samples, version=model_data_version(model_dir))
         plants = plan_plants(collect_site_stats(model_dir, data, data.parent / "images", num_samples), config, seed)
         part = Path(tmp) / "model"
         part.mkdir()
         for f in model_dir.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("README.md", "training_log.json"):
+            # the training log too: the same function, so its record (and data version) still holds
+            if f.is_file() and f.suffix != ".safetensors" and f.name != "README.md":
                 shutil.copy2(f, part / f.name)
         save_file(apply_plants(load_file(files[0]), plants, config), part / files[0].name, metadata={"format": "pt"})
         record = {"source": str(model_dir), "num_samples": num_samples, "seed": seed,

@@ -545,7 +545,9 @@ def train_questions(
             print(f"step {step:5d} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} {el:7.1f} s{probe_acc}", flush=True)
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             acc, per_kind = teacher_forced_accuracy(model, collator, val)
-            history.append({"step": step + 1, "loss": loss_avg, "val_acc": acc, "val_per_kind": per_kind})
+            # time_s: since this process entered the stage (a resumed run's totals are in Clock)
+            history.append({"step": step + 1, "loss": loss_avg, "time_s": round(time.time() - t_loop, 1),
+                            "val_acc": acc, "val_per_kind": per_kind})  # fmt: skip
             kinds = " ".join(f"{k}={v:.2f}" for k, v in per_kind.items())
             print(f"== step {step + 1}: validation accuracy {acc:.4f} {kinds}", flush=True)
         progress.step = step + 1

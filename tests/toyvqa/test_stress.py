@@ -62,9 +62,10 @@ def test_the_planted_channels_are_modality_outliers_of_the_stress_model(stress_d
     outlier on vision tokens and larger there than on text; text channels the other way round."""
     from splitq_calibration.inspect_channels import layer_input_stats
     from splitq_calibration.recipe import CalibrationConfig
-    from splitq_toyvqa.data import export_sharegpt4v
+    from splitq_toyvqa.data import export_sharegpt4v, model_data_version
 
-    data = export_sharegpt4v(tmp_path / "data", "calibration", 16)
+    # the pictures the plants were chosen on: the version the source model was trained on
+    data = export_sharegpt4v(tmp_path / "data", "calibration", 16, version=model_data_version(BUNDLED))
     cfg = CalibrationConfig(num_samples=16, image_dir=str(data.parent / "images"), device="cpu").resolved()
     plants = [p for p in load_plants(stress_dir) if p.layer == 1 and p.site in ("qkv", "down")]
     stats, _ = layer_input_stats(stress_dir, str(data), 1, ["qkv", "down"], cfg)

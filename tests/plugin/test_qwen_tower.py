@@ -32,7 +32,7 @@ from tests.helpers.engine import OpenAIServer, run_case_script, server_env
 from tests.plugin.generation import (
     LOGPROB_ATOL,
     Reference,
-    assert_same_generation,
+    assert_matches_reference,
     max_logprob_gap,
     served_chat,
     server_args,
@@ -159,10 +159,7 @@ def test_server_loaded_the_tower_layers(server, ckpt):
 @pytest.mark.vllm
 @pytest.mark.parametrize("name", PROMPTS)
 def test_vllm_greedy_answers_equal_the_transformers_loader(served, reference, name):
-    msgs, pngs = CONVERSATIONS[name]
-    expected = reference.generate(msgs, pngs)
-    print(f"\n{name}: max |logprob served - reference| = {max_logprob_gap(served[name], expected):.1e}")
-    assert_same_generation(served[name], expected, name)
+    assert_matches_reference(served[name], reference, *CONVERSATIONS[name], name)
 
 
 @pytest.mark.vllm
@@ -179,4 +176,4 @@ def test_the_served_tower_is_the_quantized_one(served, tiny_qwen_dir, data, tmp_
         if pngs:
             assert served[name].token_ids != fp_tower.token_ids or gap > 3 * LOGPROB_ATOL, name
         else:
-            assert_same_generation(served[name], fp_tower, name)
+            assert_matches_reference(served[name], plain, msgs, pngs, name)

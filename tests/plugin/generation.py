@@ -47,9 +47,12 @@ import torch
 from PIL import Image
 
 MAX_TOKENS = 12
-# Tolerances on per-token log-probabilities, served vs reference (both float32): the module doc.
+# Tolerances on per-token log-probabilities (float32; the module doc says why): LOGPROB_ATOL for
+# the first served token against the reference and for served vs served, DECODE_ATOL for each
+# decode step against the reference following the served tokens.
 LOGPROB_ATOL = 1e-2
 DECODE_ATOL = 0.15
+
 
 def server_args(
     *extra: str, eager: bool = True, quantization_flag: bool = True, max_num_batched_tokens: int = 64

@@ -1,7 +1,7 @@
 """The serving test of one model family, shared by tests/plugin/test_<family>.py: the tiny model
 calibrated with `splitq-calibrate`, served by vLLM's OpenAI server (one start per module, eager),
 chats with images through the openai client, and greedy answers equal to the transformers
-loader's on the same checkpoint (token ids; log-probabilities within LOGPROB_ATOL).
+loader's on the same checkpoint (tests/plugin/generation.assert_matches_reference).
 
 A test module sets FAMILY and imports the fixtures and tests below by name."""
 
@@ -17,13 +17,18 @@ from splitq_vllm.checkpoint import read_checkpoint
 from splitq_vllm.testing.conversations import CONVERSATIONS
 from splitq_vllm.testing.images import write_sharegpt
 from tests.helpers.engine import OpenAIServer, server_env
-from tests.plugin.generation import Reference, assert_same_generation, served_chat, server_args
+from tests.plugin.generation import Reference, assert_matches_reference, served_chat, server_args
 
 PROMPTS = ["one_image", "two_images", "text_only"]
-# bf16 on both sides with different kernels (8 bits of mantissa): measured on the tiny Qwen3.5, the
-# first 4 greedy tokens agree on each prompt and the first log-probabilities differ by 0.03-0.05
-BF16_TOKENS = 3
-BF16_LOGPROB_ATOL = 0.1
+# bf16 on both sides with different kernels (8 bits of mantissa): served vs reference on the tiny
+# Qwen3.5 measured 0.03-0.05 on the first token here and 0-3e-3 in CI; the reference's input
+# embeddings times (1 + 2^-8 noise) move its log-probs by up to 0.073 on the first token and 0.11
+# on any step, with greedy deficits up to 0.12 (BENCHMARKS.md, "Served vs reference across
+# machines"). At these tolerances the unquantized model passes too (all 3 prompts): in bf16 this
+# checks the family's wiring end to end, not the quantization; that the SplitQ layers are the ones
+# served is test_server_loaded_every_quantized_linear, their arithmetic test_linear_method.py.
+BF16_FIRST_ATOL = 0.1
+BF16_ATOL = 0.2
 
 
 def calibrated_checkpoint(src: Path, tmp: Path) -> Path:
@@ -94,12 +99,9 @@ def test_chat_with_an_image(server):
 @pytest.mark.parametrize("name", PROMPTS)
 def test_vllm_greedy_answers_equal_the_transformers_loader(server, reference, serve_dtype, name):
     msgs, pngs = CONVERSATIONS[name]
-    served, expected = served_chat(server, msgs), reference.generate(msgs, pngs)
+    served = served_chat(server, msgs)
     print(f"\n{name}: served {served.token_ids} {[round(x, 4) for x in served.logprobs]}")
-    print(f"{name}: reference {expected.token_ids} {[round(x, 4) for x in expected.logprobs]}")
     if serve_dtype == "float32":
-        assert_same_generation(served, expected, name)
-    else:  # a weaker check (bf16 noise is of the size of a mask error): the first tokens
-        assert served.prompt_ids == expected.prompt_ids
-        assert served.token_ids[:BF16_TOKENS] == expected.token_ids[:BF16_TOKENS], (served.token_ids, expected.token_ids)
-        assert abs(served.logprobs[0] - expected.logprobs[0]) <= BF16_LOGPROB_ATOL
+        assert_matches_reference(served, reference, msgs, pngs, name)
+    else:  # a weaker check: bf16 noise is of the size of a mask error
+        assert_matches_reference(served, reference, msgs, pngs, name, first_atol=BF16_FIRST_ATOL, atol=BF16_ATOL)

@@ -84,7 +84,7 @@ def test_served_w4a16_decode_matches_the_reference_in_that_mode(tiny_qwen_dir, t
     from splitq_vllm.testing.conversations import CONVERSATIONS
     from splitq_vllm.testing.synthetic import synthesize_checkpoint
     from tests.helpers.engine import OpenAIServer, server_env
-    from tests.plugin.generation import Reference, assert_same_generation, max_logprob_gap, served_chat, server_args
+    from tests.plugin.generation import Reference, assert_matches_reference, max_logprob_gap, served_chat, server_args
 
     ckpt = synthesize_checkpoint(tiny_qwen_dir, tmp_path / "qwen-w3a2", W3A2)
     reference = Reference(ckpt)
@@ -95,8 +95,8 @@ def test_served_w4a16_decode_matches_the_reference_in_that_mode(tiny_qwen_dir, t
     env = server_env(tmp_path, SPLITQ_DECODE_MODE="w4a16")
     # one prefill step per prompt (no chunk of <= 16 rows, which would run W4A16 where the reference does not)
     with OpenAIServer(ckpt, server_args(max_num_batched_tokens=2048), env=env) as server:
-        for name, (msgs, _) in CONVERSATIONS.items():
+        for name, (msgs, pngs) in CONVERSATIONS.items():
             got = served_chat(server, msgs)
             assert len(got.prompt_ids) > 16, name
-            assert_same_generation(got, expected[name], name)
+            assert_matches_reference(got, reference, msgs, pngs, name)  # the reference still in w4a16 mode
 

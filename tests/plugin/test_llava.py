@@ -16,7 +16,7 @@ from tests.plugin.generation import (
     LOGPROB_ATOL,
     MAX_TOKENS,
     Reference,
-    assert_same_generation,
+    assert_matches_reference,
     max_logprob_gap,
     served_chat,
     server_args,
@@ -83,9 +83,7 @@ def test_streamed_chat(server, served):
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_served_tokens_match_the_reference(served, reference, name):
     msgs, pngs = CONVERSATIONS[name]
-    expected = reference.generate(msgs, pngs)
-    print(f"\n{name}: max |logprob served - reference| = {max_logprob_gap(served[name], expected):.1e}")
-    assert_same_generation(served[name], expected, name)
+    assert_matches_reference(served[name], reference, msgs, pngs, name)
     if pngs:  # and the mask matters on this model too
         wrong = reference.generate(msgs, pngs, mask="text")
         assert max_logprob_gap(served[name], wrong) > 2 * LOGPROB_ATOL

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def serve_dtype():
     """vLLM's CPU Gated DeltaNet kernel refuses float32 ("CPU GDN attention requires BF16"), so the
-    server and the transformers loader run in bfloat16 and the comparison is the first greedy tokens
-    and the first log-probability (family_server.BF16_*); the float32 comparison is owed on a GPU
+    server and the transformers loader run in bfloat16 and the comparison's tolerances are bf16's
+    (family_server.BF16_*); the float32 comparison is owed on a GPU
     (this fixture returning "float32")."""
     return "bfloat16"
 

@@ -5,7 +5,7 @@ Both engines serve the same synthetic W4A4 checkpoint of the tiny Qwen2.5-VL in 
 part of the format non-trivial). The kernels and the reference compute the same integer products;
 the float32 transforms are summed in another order, so a code can flip where a value sits on a
 rounding boundary (tests/kernels/ bound this): tokens must be identical and
-log-probabilities within plugin_utils.LOGPROB_ATOL, the same standard as served vs reference.
+log-probabilities within generation.LOGPROB_ATOL (served vs served, one machine).
 """
 
 from __future__ import annotations

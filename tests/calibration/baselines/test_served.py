@@ -11,7 +11,7 @@ from splitq_vllm.checkpoint.reader import read_checkpoint
 from splitq_vllm.testing.conversations import CONVERSATIONS
 from splitq_vllm.testing.images import write_sharegpt
 from tests.helpers.engine import OpenAIServer, server_env
-from tests.plugin.generation import Reference, assert_same_generation, served_chat, server_args
+from tests.plugin.generation import Reference, assert_matches_reference, served_chat, server_args
 
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("single_thread")]
 
@@ -29,8 +29,7 @@ def ckpt(tiny_qwen_dir, tmp_path_factory):
 
 def test_mbq_checkpoint_is_served_like_the_reference(ckpt, tmp_path):
     reference = Reference(ckpt)
-    expected = {name: reference.generate(msgs, pngs) for name, (msgs, pngs) in CONVERSATIONS.items()}
     with OpenAIServer(ckpt, server_args(), env=server_env(tmp_path)) as server:
         assert "SplitQ:" in server.logs()
-        for name, (msgs, _) in CONVERSATIONS.items():
-            assert_same_generation(served_chat(server, msgs), expected[name], name)
+        for name, (msgs, pngs) in CONVERSATIONS.items():
+            assert_matches_reference(served_chat(server, msgs), reference, msgs, pngs, name)

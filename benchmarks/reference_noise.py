@@ -32,7 +32,7 @@ from splitq_vllm.testing.conversations import CONVERSATIONS  # noqa: E402
 from splitq_vllm.testing.models import TINY_BUILDERS, build_tiny_qwen25vl  # noqa: E402
 from splitq_vllm.testing.synthetic import synthesize_checkpoint  # noqa: E402
 from tests.plugin.family_server import calibrated_checkpoint  # noqa: E402
-from tests.plugin.generation import Generation, Reference  # noqa: E402
+from tests.plugin.generation import Generation, Reference, greedy_deficits, max_logprob_gap  # noqa: E402
 
 PROMPTS = ("one_image", "two_images", "text_only")
 SEEDS = 4
@@ -51,8 +51,7 @@ def build(which: str, work: Path) -> tuple[Path, Path]:
 
 def gaps(run: Generation, base: Generation) -> tuple[float, float, float]:
     """(largest gap, first token's gap, largest greedy deficit) of a teacher-forced run."""
-    d = [abs(a - b) for a, b in zip(run.logprobs, base.logprobs, strict=True)]
-    return max(d), d[0], max(t - lp for t, lp in zip(run.top_logprobs, run.logprobs))
+    return max_logprob_gap(run, base), abs(run.logprobs[0] - base.logprobs[0]), max(greedy_deficits(run))
 
 
 def main(argv: list[str] | None = None) -> int:

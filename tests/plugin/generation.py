@@ -134,14 +134,6 @@ class Reference:
         self.generation_config.output_logits = True  # raw logits, like vLLM's default logprobs
         self.generation_config.return_dict_in_generate = True
 
-    def _inputs(self, messages: list[dict], pngs: list[bytes]):
-        text = self.processor.apply_chat_template(_hf_messages(messages), add_generation_prompt=True)
-        images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs] or None
-        return self.processor(text=[text], images=images, return_tensors="pt")
-
-    def prompt_ids(self, messages: list[dict], pngs: list[bytes]) -> list[int]:
-        return self._inputs(messages, pngs)["input_ids"][0].tolist()
-
     def generate(
         self,
         messages: list[dict],
@@ -159,7 +151,9 @@ class Reference:
         another machine's float kernels."""
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        inputs = self._inputs(messages, pngs)
+        text = self.processor.apply_chat_template(_hf_messages(messages), add_generation_prompt=True)
+        images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs] or None
+        inputs = self.processor(text=[text], images=images, return_tensors="pt")
         n = inputs["input_ids"].shape[1]
         update = type(self.text_mask).update.__get__(self.text_mask)
 
@@ -174,11 +168,11 @@ class Reference:
                 out[:, follow[input_ids.shape[1] - n]] = 0.0
                 return out
 
-        hooks = []
+        hook = None
         if noise:
             gen = torch.Generator().manual_seed(seed)
-            hooks.append(self.model.get_input_embeddings().register_forward_hook(
-                lambda _m, _i, out: out * (1 + noise * torch.randn(out.shape, generator=gen, dtype=torch.float64)).to(out.dtype)))
+            hook = self.model.get_input_embeddings().register_forward_hook(
+                lambda _m, _i, out: out * (1 + noise * torch.randn(out.shape, generator=gen, dtype=torch.float64)).to(out.dtype))
         self.text_mask.update = forced
         try:
             self.generation_config.max_new_tokens = len(follow) if follow is not None else max_tokens
@@ -187,8 +181,8 @@ class Reference:
                 out = self.model.generate(**inputs, generation_config=self.generation_config, logits_processor=processors)
         finally:
             self.text_mask.update = update
-            for h in hooks:
-                h.remove()
+            if hook is not None:
+                hook.remove()
         tokens = out.sequences[0, n:].tolist()
         steps = [torch.log_softmax(lg[0].double(), -1) for lg in out.logits]
         logprobs = [float(lp[t]) for lp, t in zip(steps, tokens)]
@@ -198,6 +192,11 @@ class Reference:
 def max_logprob_gap(a: Generation, b: Generation) -> float:
     n = min(len(a.logprobs), len(b.logprobs))
     return max(abs(x - y) for x, y in zip(a.logprobs[:n], b.logprobs[:n]))
+
+
+def greedy_deficits(g: Generation) -> list[float]:
+    """How far each token of a Reference.generate run is below that step's greedy choice."""
+    return [top - lp for top, lp in zip(g.top_logprobs, g.logprobs, strict=True)]
 
 
 def assert_same_generation(served: Generation, ref: Generation, what: str, atol: float = LOGPROB_ATOL) -> None:
@@ -221,10 +220,10 @@ def assert_matches_reference(
     token's log-probability within first_atol; then, with the reference following the served
     tokens, each served token the reference's greedy choice up to atol and its log-probability
     the reference's within atol. Returns the reference's teacher-forced generation."""
-    assert served.prompt_ids == reference.prompt_ids(messages, pngs), f"{what}: the served prompt is not the reference's"
     ref = reference.generate(messages, pngs, follow=served.token_ids)
+    assert served.prompt_ids == ref.prompt_ids, f"{what}: the served prompt is not the reference's"
     gaps = [abs(a - b) for a, b in zip(served.logprobs, ref.logprobs, strict=True)]
-    deficits = [top - lp for top, lp in zip(ref.top_logprobs, ref.logprobs)]
+    deficits = greedy_deficits(ref)
     print(f"\n{what}: served vs reference: first token {gaps[0]:.1e}, decode up to {max(gaps[1:], default=0):.1e}; "
           f"greedy deficit up to {max(deficits):.1e} ({sum(d > 0 for d in deficits)} of {len(deficits)} served tokens not the reference's own greedy choice)")
     assert gaps[0] <= first_atol and deficits[0] <= first_atol, (

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.vllm
 def serve_dtype():
     """vLLM's CPU Gated DeltaNet kernel refuses float32 ("CPU GDN attention requires BF16"), so the
     server and the transformers loader run in bfloat16 and the comparison's tolerances are bf16's
-    (family_server.BF16_*); the float32 comparison is owed on a GPU
+    (family_server.BF16_*); the float32 comparison is owed on a CUDA machine with vLLM
     (this fixture returning "float32")."""
     return "bfloat16"
 
